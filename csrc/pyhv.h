@@ -1,0 +1,51 @@
+/*
+ * pyhv C core: the declarations shared by the C sources and the cffi cdef.
+ *
+ * Every function returns a value >= 0 on success or -errno on failure; none
+ * prints, exits (except the watchdog, whose job it is) or keeps global state.
+ */
+#ifndef PYHV_H
+#define PYHV_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* One userfaultfd message, flattened.  For PAGEFAULT: a = address,
+ * b = fault flags, tid = faulting thread.  For REMOVE/UNMAP: a = start,
+ * b = end.  For FORK: a = the child's new uffd.  For REMAP: a = from, b = to. */
+struct pyhv_fault {
+	uint8_t event;
+	uint8_t pad[3];
+	uint32_t tid;
+	uint64_t a;
+	uint64_t b;
+};
+
+int pyhv_uffd_open(int flags);
+int pyhv_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
+int pyhv_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
+int pyhv_uffd_unregister(int fd, uint64_t start, uint64_t len);
+int64_t pyhv_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode);
+int64_t pyhv_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int pyhv_uffd_wake(int fd, uint64_t start, uint64_t len);
+int pyhv_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int64_t pyhv_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int64_t pyhv_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int pyhv_uffd_read(int fd, struct pyhv_fault *out, int max);
+
+int pyhv_memfd_new(const char *name, uint64_t size);
+int pyhv_punch_hole(int fd, uint64_t offset, uint64_t len);
+int64_t pyhv_blkdev_size(int fd);
+
+/* Worker watchdog: a thread that ends the process with _exit(status) when
+ * fd reports end-of-file or an error (the hypervisor is gone). */
+struct pyhv_watchdog;
+struct pyhv_watchdog *pyhv_watchdog_start(int fd, int status);
+int pyhv_watchdog_stop(struct pyhv_watchdog *w);
+
+/* Benchmark-only baselines (csrc/bench.c). */
+int pyhv_bench_kernel_touch(uint64_t npages, uint64_t *ns_out);
+int pyhv_bench_uffd_touch(uint64_t npages, int shared, int zeropage, int devfd,
+			  int handler_cpu, int toucher_cpu, uint64_t *ns_out);
+
+#endif

@@ -1,0 +1,239 @@
+"""The one thin layer over pyhv's C core (``pyhv._core``).
+
+Every other module imports this one, never ``ffi``/``lib``.  C returns
+``-errno``; here it becomes ``OSError(errno, strerror, what)``, except for the
+outcomes of a page-resolving ioctl that are events rather than errors, which
+are sorted in one place (:func:`_outcome`), as CRIU's lazy-pages daemon does:
+EEXIST/EAGAIN mean someone else already resolved the page (wake it), ESRCH
+means the faulting process is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+from pyhv._core import ffi, lib
+
+PAGE_SIZE = mmap.PAGESIZE
+
+EVENT_PAGEFAULT = lib.UFFD_EVENT_PAGEFAULT
+EVENT_FORK = lib.UFFD_EVENT_FORK
+EVENT_REMAP = lib.UFFD_EVENT_REMAP
+EVENT_REMOVE = lib.UFFD_EVENT_REMOVE
+EVENT_UNMAP = lib.UFFD_EVENT_UNMAP
+FLAG_WRITE = lib.UFFD_PAGEFAULT_FLAG_WRITE
+FLAG_WP = lib.UFFD_PAGEFAULT_FLAG_WP
+FLAG_MINOR = lib.UFFD_PAGEFAULT_FLAG_MINOR
+
+MODE_MISSING = lib.UFFDIO_REGISTER_MODE_MISSING
+MODE_WP = lib.UFFDIO_REGISTER_MODE_WP
+MODE_MINOR = lib.UFFDIO_REGISTER_MODE_MINOR
+COPY_DONTWAKE = lib.UFFDIO_COPY_MODE_DONTWAKE
+COPY_WP = lib.UFFDIO_COPY_MODE_WP
+WP_PROTECT = lib.UFFDIO_WRITEPROTECT_MODE_WP
+WP_DONTWAKE = lib.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+
+USER_MODE_ONLY = lib.UFFD_USER_MODE_ONLY
+
+#: Feature bits by name, for probing and for messages.
+FEATURES = {
+    "PAGEFAULT_FLAG_WP": lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+    "EVENT_FORK": lib.UFFD_FEATURE_EVENT_FORK,
+    "EVENT_REMAP": lib.UFFD_FEATURE_EVENT_REMAP,
+    "EVENT_REMOVE": lib.UFFD_FEATURE_EVENT_REMOVE,
+    "EVENT_UNMAP": lib.UFFD_FEATURE_EVENT_UNMAP,
+    "MISSING_SHMEM": lib.UFFD_FEATURE_MISSING_SHMEM,
+    "SIGBUS": lib.UFFD_FEATURE_SIGBUS,
+    "THREAD_ID": lib.UFFD_FEATURE_THREAD_ID,
+    "MINOR_SHMEM": lib.UFFD_FEATURE_MINOR_SHMEM,
+    "EXACT_ADDRESS": lib.UFFD_FEATURE_EXACT_ADDRESS,
+    "WP_HUGETLBFS_SHMEM": lib.UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    "WP_UNPOPULATED": lib.UFFD_FEATURE_WP_UNPOPULATED,
+    "POISON": lib.UFFD_FEATURE_POISON,
+    "WP_ASYNC": lib.UFFD_FEATURE_WP_ASYNC,
+    "MOVE": lib.UFFD_FEATURE_MOVE,
+}
+
+#: What a worker's uffd needs for pyhv: faults on shmem holes, and
+#: write-protection of shmem pages (eviction and dirty tracking).
+WORKER_FEATURES = ("MISSING_SHMEM", "WP_HUGETLBFS_SHMEM", "PAGEFAULT_FLAG_WP", "THREAD_ID")
+
+# Outcomes of an ioctl that resolves or wakes a range.
+OK = 0
+EXISTS = 1  # already resolved by someone else: wake the range
+GONE = 2  # the process behind the uffd has exited
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        raise OSError(-ret, os.strerror(-ret), what)
+    return ret
+
+
+def _outcome(ret: int, what: str) -> int:
+    if ret >= 0:
+        return OK
+    if ret in (-errno.EEXIST, -errno.EAGAIN):
+        return EXISTS
+    if ret == -errno.ESRCH:
+        return GONE
+    raise OSError(-ret, os.strerror(-ret), what)
+
+
+def open_uffd(nonblock: bool = True, user_mode_only: bool = False) -> int:
+    """A new userfaultfd (close-on-exec), by the system call or /dev/userfaultfd."""
+    flags = os.O_CLOEXEC | (os.O_NONBLOCK if nonblock else 0)
+    if user_mode_only:
+        flags |= USER_MODE_ONLY
+    return _check(lib.pyhv_uffd_open(flags), "userfaultfd")
+
+
+def api(fd: int, features: int = 0) -> tuple[int, int]:
+    """UFFDIO_API handshake; returns the kernel's (features, ioctls) masks."""
+    f = ffi.new("uint64_t *")
+    i = ffi.new("uint64_t *")
+    _check(lib.pyhv_uffd_api(fd, features, f, i), "UFFDIO_API")
+    return f[0], i[0]
+
+
+def probe_features() -> int:
+    """Every feature bit this kernel offers (a throwaway fd, no request)."""
+    fd = open_uffd()
+    try:
+        return api(fd, 0)[0]
+    finally:
+        os.close(fd)
+
+
+def feature_mask(names) -> int:
+    mask = 0
+    for name in names:
+        mask |= FEATURES[name]
+    return mask
+
+
+def missing_features(names, offered: int | None = None) -> list[str]:
+    """The named features this kernel lacks (empty when all are there)."""
+    offered = probe_features() if offered is None else offered
+    return [n for n in names if not offered & FEATURES[n]]
+
+
+def register(fd: int, start: int, length: int, mode: int) -> int:
+    """UFFDIO_REGISTER; returns the mask of ioctls allowed on the range."""
+    i = ffi.new("uint64_t *")
+    _check(lib.pyhv_uffd_register(fd, start, length, mode, i), "UFFDIO_REGISTER")
+    return i[0]
+
+
+def unregister(fd: int, start: int, length: int) -> None:
+    _check(lib.pyhv_uffd_unregister(fd, start, length), "UFFDIO_UNREGISTER")
+
+
+def copy(fd: int, dst: int, src: int, length: int, mode: int = 0) -> int:
+    """UFFDIO_COPY from address src; returns OK, EXISTS or GONE."""
+    return _outcome(lib.pyhv_uffd_copy(fd, dst, src, length, mode), "UFFDIO_COPY")
+
+
+def zeropage(fd: int, start: int, length: int, mode: int = 0) -> int:
+    """UFFDIO_ZEROPAGE; returns OK, EXISTS or GONE."""
+    return _outcome(lib.pyhv_uffd_zeropage(fd, start, length, mode), "UFFDIO_ZEROPAGE")
+
+
+def wake(fd: int, start: int, length: int) -> int:
+    """UFFDIO_WAKE; returns OK or GONE."""
+    return _outcome(lib.pyhv_uffd_wake(fd, start, length), "UFFDIO_WAKE")
+
+
+def writeprotect(fd: int, start: int, length: int, protect: bool, wake: bool = True) -> int:
+    """UFFDIO_WRITEPROTECT on or off; returns OK or GONE."""
+    mode = (WP_PROTECT if protect else 0) | (0 if wake else WP_DONTWAKE)
+    return _outcome(lib.pyhv_uffd_writeprotect(fd, start, length, mode), "UFFDIO_WRITEPROTECT")
+
+
+def continue_(fd: int, start: int, length: int, mode: int = 0) -> int:
+    """UFFDIO_CONTINUE; returns OK, EXISTS or GONE."""
+    return _outcome(lib.pyhv_uffd_continue(fd, start, length, mode), "UFFDIO_CONTINUE")
+
+
+def poison(fd: int, start: int, length: int, mode: int = 0) -> int:
+    """UFFDIO_POISON (a later access raises SIGBUS); returns OK, EXISTS or GONE."""
+    return _outcome(lib.pyhv_uffd_poison(fd, start, length, mode), "UFFDIO_POISON")
+
+
+class FaultBuffer:
+    """A reusable array of flattened uffd messages, filled by :meth:`drain`."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self.msgs = ffi.new("struct pyhv_fault[]", capacity)
+
+    def drain(self, fd: int) -> int:
+        """Read all pending messages (up to capacity); returns how many."""
+        return _check(lib.pyhv_uffd_read(fd, self.msgs, self.capacity), "read(uffd)")
+
+
+def memfd(name: str, size: int) -> int:
+    """A close-on-exec memfd of `size` bytes."""
+    return _check(lib.pyhv_memfd_new(name.encode(), size), "memfd_create")
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Drop [offset, offset+length) from a memfd or file (all mappings zapped)."""
+    _check(lib.pyhv_punch_hole(fd, offset, length), "fallocate(PUNCH_HOLE)")
+
+
+def blkdev_size(fd: int) -> int:
+    """Size in bytes of the block device open on fd."""
+    return _check(lib.pyhv_blkdev_size(fd), "BLKGETSIZE64")
+
+
+def address_of(buf) -> int:
+    """Start address of a writable buffer (an mmap), without keeping it exported."""
+    p = ffi.from_buffer(buf, require_writable=True)
+    try:
+        return int(ffi.cast("uintptr_t", p))
+    finally:
+        ffi.release(p)
+
+
+class Watchdog:
+    """A C thread that ends this process with ``_exit(status)`` when fd hits EOF."""
+
+    def __init__(self, fd: int, status: int):
+        w = lib.pyhv_watchdog_start(fd, status)
+        if w == ffi.NULL:
+            e = ffi.errno
+            raise OSError(e, os.strerror(e), "watchdog")
+        self._w = w
+
+    def stop(self) -> None:
+        if self._w is not None:
+            w, self._w = self._w, None
+            _check(lib.pyhv_watchdog_stop(w), "watchdog stop")
+
+
+def bench_kernel_touch(npages: int) -> list[int]:
+    """Per-touch ns of kernel anonymous first-touch faults (benchmark baseline)."""
+    out = ffi.new("uint64_t[]", npages)
+    _check(lib.pyhv_bench_kernel_touch(npages, out), "bench kernel touch")
+    return list(out)
+
+
+def bench_uffd_touch(
+    npages: int,
+    *,
+    shared: bool = True,
+    zeropage: bool = True,
+    devfd: int = -1,
+    handler_cpu: int = -1,
+    toucher_cpu: int = -1,
+) -> list[int]:
+    """Per-touch ns with a minimal C uffd handler thread (benchmark baseline)."""
+    out = ffi.new("uint64_t[]", npages)
+    ret = lib.pyhv_bench_uffd_touch(
+        npages, int(shared), int(zeropage), devfd, handler_cpu, toucher_cpu, out
+    )
+    _check(ret, "bench uffd touch")
+    return list(out)
