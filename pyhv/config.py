@@ -1,0 +1,361 @@
+"""The system's configuration: TOML in, validated dataclasses out.
+
+Every check happens here, before anything is started; a failure is one
+:class:`ConfigError` whose message is a single line fit for stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import stat
+import tomllib
+from pathlib import Path
+
+from pyhv.uffd import PAGE_SIZE
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+    "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ISOLATIONS = ("process", "partition")
+
+
+class ConfigError(ValueError):
+    """A configuration or command-line value that cannot be used."""
+
+
+def parse_size(value, what: str = "size") -> int:
+    """Bytes from an integer or a string such as ``"16MiB"``; > 0."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: {value!r} is not a size")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        m = _SIZE.match(value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(f"{what}: {value!r} is not a size (use e.g. 4096, \"64MiB\", \"1GiB\")")
+        n = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    else:
+        raise ConfigError(f"{what}: {value!r} is not a size")
+    if n <= 0:
+        raise ConfigError(f"{what}: must be positive, got {value!r}")
+    return n
+
+
+def parse_pages(value, what: str) -> int:
+    """A size that must be a whole number of pages; returns bytes."""
+    n = parse_size(value, what)
+    if n % PAGE_SIZE:
+        raise ConfigError(f"{what}: {value!r} is not a multiple of the page size ({PAGE_SIZE})")
+    return n
+
+
+def format_size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+@dataclasses.dataclass
+class ServiceConfig:
+    name: str
+    restart: bool = False
+
+
+@dataclasses.dataclass
+class DeviceConfig:
+    id: str
+    path: Path
+    size: int  # bytes
+    kind: str  # "file" or "block"
+    services: list[str]
+    direct: bool
+
+    @property
+    def pages(self) -> int:
+        return self.size // PAGE_SIZE
+
+
+@dataclasses.dataclass
+class PartitionConfig:
+    name: str
+    memory: int  # bytes
+    paging: list[str]
+    device: str
+    isolation: str = "process"
+    weight: int = 128
+
+    @property
+    def pages(self) -> int:
+        return self.memory // PAGE_SIZE
+
+
+@dataclasses.dataclass
+class Config:
+    pool_size: int
+    services: list[ServiceConfig]
+    devices: list[DeviceConfig]
+    partitions: list[PartitionConfig]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for dev in d["devices"]:
+            dev["path"] = str(dev["path"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return cls(
+            pool_size=d["pool_size"],
+            services=[ServiceConfig(**s) for s in d["services"]],
+            devices=[DeviceConfig(**{**x, "path": Path(x["path"])}) for x in d["devices"]],
+            partitions=[PartitionConfig(**p) for p in d["partitions"]],
+        )
+
+
+def _table_list(doc: dict, key: str) -> list[dict]:
+    items = doc.get(key, [])
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ConfigError(f"[[{key}]] must be an array of tables")
+    return items
+
+
+def _name(entry: dict, key: str, where: str) -> str:
+    v = entry.get(key)
+    if not isinstance(v, str) or not _NAME.match(v):
+        raise ConfigError(f"{where}: {key} {v!r} must be a name of letters, digits, '_', '.', '-'")
+    return v
+
+
+def _unknown_keys(entry: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(entry) - allowed)
+    if extra:
+        raise ConfigError(f"{where}: unknown key {extra[0]!r}")
+
+
+def _unique(names: list[str], what: str) -> None:
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise ConfigError(f"duplicate {what} name {n!r}")
+        seen.add(n)
+
+
+def _device(entry: dict, run_dir: Path, service_names: list[str]) -> DeviceConfig:
+    did = _name(entry, "id", "[[device]]")
+    where = f"device {did!r}"
+    _unknown_keys(entry, {"id", "path", "size", "services", "direct"}, where)
+    raw = entry.get("path")
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(f"{where}: path is required")
+    path = Path(raw) if os.path.isabs(raw) else run_dir / raw
+    services = entry.get("services", list(service_names))
+    if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
+        raise ConfigError(f"{where}: services must be a list of service names")
+    for s in services:
+        if s not in service_names:
+            raise ConfigError(f"{where}: unknown paging service {s!r}")
+    if not services:
+        raise ConfigError(f"{where}: no paging service can reach it")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise ConfigError(f"{where}: {path}: {e.strerror}") from None
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        kind = "block"
+        try:
+            size = _block_size(path)
+        except OSError as e:
+            raise ConfigError(f"{where}: {path}: {e.strerror}") from None
+        if "size" in entry and parse_size(entry["size"], f"{where}: size") > size:
+            raise ConfigError(f"{where}: size is larger than the block device {path}")
+    else:
+        if st is None and str(path).startswith("/dev/"):
+            raise ConfigError(f"{where}: block device {path} does not exist")
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{where}: {path} is neither a regular file nor a block device")
+        kind = "file"
+        if "size" in entry:
+            size = parse_pages(entry["size"], f"{where}: size")
+        elif st is not None:
+            size = st.st_size
+        else:
+            raise ConfigError(f"{where}: {path} does not exist and no size is given")
+    size -= size % PAGE_SIZE
+    if size <= 0:
+        raise ConfigError(f"{where}: {path} is smaller than one page")
+    direct = entry.get("direct", kind == "block")
+    if not isinstance(direct, bool):
+        raise ConfigError(f"{where}: direct must be true or false")
+    return DeviceConfig(did, path, size, kind, list(services), direct)
+
+
+def _block_size(path: Path) -> int:
+    from pyhv.uffd import blkdev_size
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return blkdev_size(fd)
+    finally:
+        os.close(fd)
+
+
+def _partition(entry: dict, service_names: list[str]) -> dict:
+    name = _name(entry, "name", "[[partition]]")
+    where = f"partition {name!r}"
+    _unknown_keys(entry, {"name", "memory", "paging", "device", "isolation", "weight"}, where)
+    if "memory" not in entry:
+        raise ConfigError(f"{where}: memory is required")
+    memory = parse_pages(entry["memory"], f"{where}: memory")
+    paging = entry.get("paging", service_names[:1])
+    if isinstance(paging, str):
+        paging = [paging]
+    if not isinstance(paging, list) or not all(isinstance(s, str) for s in paging):
+        raise ConfigError(f"{where}: paging must be a list of one or two service names")
+    if not 1 <= len(paging) <= 2 or len(set(paging)) != len(paging):
+        raise ConfigError(f"{where}: paging must name one or two different services")
+    for s in paging:
+        if s not in service_names:
+            raise ConfigError(f"{where}: unknown paging service {s!r}")
+    device = entry.get("device")
+    if device is not None and not isinstance(device, str):
+        raise ConfigError(f"{where}: device must be a device id")
+    isolation = entry.get("isolation", "process")
+    if isolation not in ISOLATIONS:
+        raise ConfigError(f"{where}: isolation must be one of {', '.join(ISOLATIONS)}")
+    weight = entry.get("weight", 128)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1024:
+        raise ConfigError(f"{where}: weight must be an integer from 1 to 1024")
+    return dict(name=name, memory=memory, paging=list(paging), device=device,
+                isolation=isolation, weight=weight)  # fmt: skip
+
+
+def parse_config(doc: dict, run_dir: Path) -> Config:
+    """Validate a parsed TOML document; raises ConfigError on the first problem."""
+    _unknown_keys(doc, {"pool", "paging_service", "device", "partition"}, "config")
+    pool = doc.get("pool")
+    if not isinstance(pool, dict) or "size" not in pool:
+        raise ConfigError("[pool] size is required")
+    _unknown_keys(pool, {"size"}, "[pool]")
+    pool_size = parse_pages(pool["size"], "[pool] size")
+
+    services = []
+    for entry in _table_list(doc, "paging_service"):
+        name = _name(entry, "name", "[[paging_service]]")
+        _unknown_keys(entry, {"name", "restart"}, f"paging service {name!r}")
+        restart = entry.get("restart", False)
+        if not isinstance(restart, bool):
+            raise ConfigError(f"paging service {name!r}: restart must be true or false")
+        services.append(ServiceConfig(name, restart))
+    if not services:
+        raise ConfigError("at least one [[paging_service]] is required")
+    service_names = [s.name for s in services]
+    _unique(service_names, "paging service")
+
+    raw_devices = _table_list(doc, "device")
+    _unique([_name(d, "id", "[[device]]") for d in raw_devices], "device")
+    devices = [_device(d, run_dir, service_names) for d in raw_devices]
+    paths = [os.path.realpath(d.path) for d in devices]
+    for i, p in enumerate(paths):
+        if p in paths[:i]:
+            raise ConfigError(f"device {devices[i].id!r}: path {devices[i].path} is used twice")
+
+    raw_parts = _table_list(doc, "partition")
+    if not raw_parts:
+        raise ConfigError("at least one [[partition]] is required")
+    parts = [_partition(p, service_names) for p in raw_parts]
+    _unique([p["name"] for p in parts], "partition")
+
+    by_id = {d.id: d for d in devices}
+    taken: dict[str, str] = {}
+    for p in parts:  # explicit assignments first, then best fit for the rest
+        if p["device"] is None:
+            continue
+        dev = by_id.get(p["device"])
+        if dev is None:
+            raise ConfigError(f"partition {p['name']!r}: unknown device {p['device']!r}")
+        if dev.id in taken:
+            raise ConfigError(f"partition {p['name']!r}: device {dev.id!r} is already "
+                              f"assigned to partition {taken[dev.id]!r}")  # fmt: skip
+        _check_fit(p, dev)
+        taken[dev.id] = p["name"]
+    for p in parts:
+        if p["device"] is not None:
+            continue
+        fits = [d for d in devices if d.id not in taken and d.size >= p["memory"]
+                and all(s in d.services for s in p["paging"])]  # fmt: skip
+        if not fits:
+            raise ConfigError(f"partition {p['name']!r}: no free device of at least "
+                              f"{format_size(p['memory'])} reachable by {', '.join(p['paging'])}")
+        dev = min(fits, key=lambda d: d.size)
+        p["device"] = dev.id
+        taken[dev.id] = p["name"]
+    return Config(pool_size, services, devices, [PartitionConfig(**p) for p in parts])
+
+
+def _check_fit(p: dict, dev: DeviceConfig) -> None:
+    if dev.size < p["memory"]:
+        raise ConfigError(f"partition {p['name']!r}: device {dev.id!r} ({format_size(dev.size)}) "
+                          f"is smaller than its memory ({format_size(p['memory'])})")
+    for s in p["paging"]:
+        if s not in dev.services:
+            raise ConfigError(f"partition {p['name']!r}: paging service {s!r} cannot reach "
+                              f"device {dev.id!r}")
+
+
+def load_config(path: str | os.PathLike, run_dir: Path) -> Config:
+    """Read and validate a TOML config file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    return load_config_text(text, run_dir, str(path))
+
+
+def load_config_text(text: str, run_dir: Path, source: str = "config") -> Config:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    return parse_config(doc, Path(run_dir))
+
+
+#: The embedded default that ``pyhv demo`` runs: a pool four times smaller
+#: than its two partitions' memory together.
+DEMO_CONFIG = """
+[pool]
+size = "8MiB"
+
+[[paging_service]]
+name = "vios1"
+
+[[device]]
+id = "pgdev0"
+path = "pg0.img"
+size = "16MiB"
+
+[[device]]
+id = "pgdev1"
+path = "pg1.img"
+size = "16MiB"
+
+[[partition]]
+name = "lpar1"
+memory = "16MiB"
+paging = ["vios1"]
+
+[[partition]]
+name = "lpar2"
+memory = "16MiB"
+paging = ["vios1"]
+"""
