@@ -147,8 +147,10 @@ def wake(fd: int, start: int, length: int) -> int:
 
 
 def writeprotect(fd: int, start: int, length: int, protect: bool, wake: bool = True) -> int:
-    """UFFDIO_WRITEPROTECT on or off; returns OK or GONE."""
-    mode = (WP_PROTECT if protect else 0) | (0 if wake else WP_DONTWAKE)
+    """UFFDIO_WRITEPROTECT on or off; returns OK or GONE.  `wake` applies to
+    removing protection only (protecting never wakes, and the kernel refuses
+    WP with DONTWAKE)."""
+    mode = WP_PROTECT if protect else (0 if wake else WP_DONTWAKE)
     return _outcome(lib.pyhv_uffd_writeprotect(fd, start, length, mode), "UFFDIO_WRITEPROTECT")
 
 

@@ -1,0 +1,116 @@
+"""The worker side: ``pyhv.attach()`` maps the partition's memory into this
+process and hands its page faults to the hypervisor.
+
+Steps: connect to the hypervisor's control socket, ask to attach (the reply
+carries the partition's memfd), map it shared, open a userfaultfd, register
+the mapping for MISSING and WP faults, send the uffd over, and wait for the
+acknowledgement before touching anything.  Then a C watchdog thread watches
+the connection: if the hypervisor dies, this process exits with
+:data:`EXIT_HYPERVISOR_LOST` instead of hanging in a fault or reading zeros.
+The mapping is not inherited by fork() (MADV_DONTFORK): a child could not
+fault through the hypervisor, so it must not see the memory at all.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from pyhv import uffd, wire
+
+#: Exit status of a worker whose hypervisor went away.
+EXIT_HYPERVISOR_LOST = 70
+
+_sessions: dict[int, "_Session"] = {}
+
+
+class AttachError(RuntimeError):
+    """The partition's memory cannot be attached."""
+
+
+class _Session:
+    def __init__(self, sock, mem, uffd_fd, watchdog, worker, partition):
+        self.sock = sock
+        self.mem = mem
+        self.uffd = uffd_fd
+        self.watchdog = watchdog
+        self.worker = worker
+        self.partition = partition
+
+
+def _run_dir(run_dir: str | None) -> str:
+    run_dir = run_dir or os.environ.get("PYHV_RUN_DIR")
+    if not run_dir:
+        raise AttachError("no run directory: pass run_dir or set PYHV_RUN_DIR")
+    return run_dir
+
+
+def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mmap:
+    """Map the partition's memory; returns a writable buffer of its size.
+
+    ``partition`` and ``run_dir`` default to ``PYHV_PARTITION`` and
+    ``PYHV_RUN_DIR``, which ``pyhv run`` sets."""
+    run_dir = _run_dir(run_dir)
+    partition = partition or os.environ.get("PYHV_PARTITION")
+    if not partition:
+        raise AttachError("no partition: pass partition or set PYHV_PARTITION")
+    path = os.path.join(run_dir, "control.sock")
+    try:
+        sock = wire.connect(path, timeout=30)
+    except OSError as e:
+        raise AttachError(f"no hypervisor at {path}: {e.strerror or e}") from None
+    ok = False
+    uffd_fd = -1
+    mem = None
+    try:
+        wire.send_control(sock, {"op": "attach", "partition": partition, "pid": os.getpid()})
+        reply, fds = wire.recv_control(sock)
+        if not reply or not reply.get("ok") or len(fds) != 1:
+            wire.close_fds(fds)
+            raise AttachError((reply or {}).get("error", "the hypervisor refused to attach"))
+        memfd = fds[0]
+        try:
+            mem = mmap.mmap(memfd, reply["size"], mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+        finally:
+            os.close(memfd)
+        mem.madvise(mmap.MADV_DONTFORK)
+        base = uffd.address_of(mem)
+        uffd_fd = uffd.open_uffd(nonblock=True)
+        features = reply["features"]
+        offered, _ = uffd.api(uffd_fd, features)
+        missing = [n for n in uffd.WORKER_FEATURES if not offered & uffd.FEATURES[n]]
+        if missing:
+            raise AttachError(f"this kernel's userfaultfd lacks {', '.join(missing)}")
+        uffd.register(uffd_fd, base, len(mem), uffd.MODE_MISSING | uffd.MODE_WP)
+        wire.send_control(sock, {"op": "register", "base": base}, [uffd_fd])
+        reply, fds = wire.recv_control(sock)
+        wire.close_fds(fds)
+        if not reply or not reply.get("ok"):
+            raise AttachError((reply or {}).get("error", "the hypervisor refused the uffd"))
+        sock.setblocking(True)
+        watchdog = uffd.Watchdog(sock.fileno(), EXIT_HYPERVISOR_LOST)
+        _sessions[id(mem)] = _Session(sock, mem, uffd_fd, watchdog, reply.get("worker"), partition)
+        ok = True
+        return mem
+    except OSError as e:
+        raise AttachError(f"attach to partition {partition!r}: {e}") from None
+    finally:
+        if not ok:
+            sock.close()
+            if uffd_fd >= 0:
+                os.close(uffd_fd)
+            if mem is not None:
+                mem.close()
+
+
+def detach(mem: mmap.mmap) -> None:
+    """Let go of an attached partition's memory (the partition keeps it)."""
+    s = _sessions.pop(id(mem), None)
+    if s is None:
+        raise ValueError("not an attached partition memory")
+    s.watchdog.stop()
+    uffd.unregister(s.uffd, uffd.address_of(s.mem), len(s.mem))
+    s.mem.close()
+    os.close(s.uffd)
+    s.sock.close()

@@ -1,0 +1,303 @@
+"""The ``pyhv`` command line: the control point.
+
+Errors in what the user gave (config, arguments, names) print one line on
+stderr and exit 2, before anything is started; a system that is not there or
+fails at run time exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from pyhv import wire
+from pyhv.config import ConfigError, load_config
+from pyhv.hypervisor import CONTROL_SOCKET, LOG_FILE, PID_FILE
+
+EXIT_USAGE = 2
+EXIT_FAIL = 1
+
+
+class Fail(Exception):
+    """A one-line error; code is the exit status."""
+
+    def __init__(self, msg: str, code: int = EXIT_FAIL):
+        super().__init__(msg)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise Fail(f"{message} (see '{self.prog} --help')", EXIT_USAGE)
+
+
+def _run_dir(args, must_exist: bool = True) -> str:
+    run_dir = args.run_dir or os.environ.get("PYHV_RUN_DIR")
+    if not run_dir:
+        raise Fail("--run-dir is required (or set PYHV_RUN_DIR)", EXIT_USAGE)
+    run_dir = os.path.abspath(run_dir)
+    if must_exist and not os.path.isdir(run_dir):
+        raise Fail(f"run directory {run_dir} does not exist", EXIT_USAGE)
+    return run_dir
+
+
+def _running_pid(run_dir: str) -> int | None:
+    """The pid of a live hypervisor in run_dir, or None."""
+    try:
+        with open(os.path.join(run_dir, PID_FILE)) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid if os.path.exists(os.path.join(run_dir, CONTROL_SOCKET)) else None
+
+
+def control(run_dir: str, msg: dict, timeout: float = 30.0) -> dict:
+    path = os.path.join(run_dir, CONTROL_SOCKET)
+    try:
+        return wire.request(path, msg, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise Fail(f"no hypervisor is running in {run_dir}") from None
+    except (OSError, wire.ProtocolError) as e:
+        raise Fail(f"hypervisor in {run_dir}: {e}") from None
+
+
+# --- up ------------------------------------------------------------------------
+
+
+def start_system(config_path: str | None, run_dir: str, detach: bool, config=None) -> int:
+    """Validate, then start the hypervisor (and through it the paging services)."""
+    os.makedirs(run_dir, exist_ok=True)
+    if config is None:
+        config = load_config(config_path, run_dir)
+    pid = _running_pid(run_dir)
+    if pid is not None:
+        raise Fail(f"a hypervisor is already running in {run_dir} (pid {pid})", EXIT_USAGE)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=1)
+    if not detach:
+        from pyhv import hypervisor
+
+        return hypervisor.main(["--run-dir", run_dir])
+    r, w = os.pipe()
+    with open(os.path.join(run_dir, LOG_FILE), "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pyhv.hypervisor", "--run-dir", run_dir, "--ready-fd", str(w)],
+            pass_fds=[w], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            start_new_session=True, cwd=run_dir,
+        )  # fmt: skip
+    os.close(w)
+    with os.fdopen(r) as ready:
+        line = ready.readline().strip()
+    if line != "ready":
+        proc.wait(10)
+        why = line[len("error ") :] if line.startswith("error ") else "exited during start-up"
+        raise Fail(f"the hypervisor did not start: {why} (see {os.path.join(run_dir, LOG_FILE)})")
+    return 0
+
+
+def cmd_up(args) -> int:
+    run_dir = _run_dir(args, must_exist=False)
+    return start_system(args.config, run_dir, args.detach)
+
+
+# --- run -------------------------------------------------------------------------
+
+
+def spawn_workers(run_dir: str, partition: str, n: int, cmd: list[str], **popen) -> list:
+    procs = []
+    for i in range(n):
+        env = dict(os.environ, PYHV_RUN_DIR=run_dir, PYHV_PARTITION=partition,
+                   PYHV_WORKER=str(i), PYHV_WORKERS=str(n))  # fmt: skip
+        try:
+            procs.append(subprocess.Popen(cmd, env=env, **popen))
+        except OSError as e:
+            for p in procs:
+                p.kill()
+            raise Fail(f"cannot run {cmd[0]}: {e.strerror}", EXIT_USAGE) from None
+    return procs
+
+
+def wait_workers(procs: list) -> int:
+    """Wait for all; 0 if all exited 0, else the first failure's status
+    (128+N for a worker killed by signal N)."""
+    first = 0
+    left = {p.pid: p for p in procs}
+    while left:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        p = left.pop(pid, None)
+        if p is None:
+            continue
+        p.returncode = os.waitstatus_to_exitcode(status)
+        code = p.returncode if p.returncode >= 0 else 128 - p.returncode
+        if code and not first:
+            first = code
+    return first
+
+
+def cmd_run(args) -> int:
+    run_dir = _run_dir(args)
+    cmd = args.command
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise Fail("run: no command given (pyhv run ... -- CMD [ARG...])", EXIT_USAGE)
+    if args.workers < 1:
+        raise Fail("run: --workers must be at least 1", EXIT_USAGE)
+    reply = control(run_dir, {"op": "partition", "name": args.partition})
+    if not reply.get("ok"):
+        raise Fail(reply.get("error", "unknown partition"), EXIT_USAGE)
+    procs = spawn_workers(run_dir, args.partition, args.workers, cmd)
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.returncode is None:
+                try:
+                    p.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    return wait_workers(procs)
+
+
+# --- status and shutdown -------------------------------------------------------------------
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f}{unit}"
+    return f"{n}B"
+
+
+def format_status(st: dict) -> str:
+    pool = st["pool"]
+    lines = [
+        f"hypervisor pid {st['pid']}  {st['state']}  up {st['uptime']:.0f}s  run dir {st['run_dir']}",
+        f"pool {_fmt_bytes(pool['size_bytes'])}: {pool['resident_pages']}/{pool['pages']} pages "
+        f"resident (high water {pool['frames_high_water']}), {pool['fault_waiters']} faults "
+        "waiting for a frame",
+        "",
+        f"{'PARTITION':<12}{'MEMORY':>9}{'RESIDENT':>10}{'FAULTS':>10}{'PAGE-INS':>10}"
+        f"{'PAGE-OUTS':>11}{'DROPS':>8}{'WORKERS':>9}  DEVICE",
+    ]
+    for p in st["partitions"]:
+        lines.append(
+            f"{p['name']:<12}{_fmt_bytes(p['memory_bytes']):>9}{p['resident_pages']:>10}"
+            f"{p['faults']:>10}{p['page_ins']:>10}{p['page_outs']:>11}{p['clean_drops']:>8}"
+            f"{len(p['workers']):>9}  {p['device']}"
+        )
+    lines.append("")
+    lines.append(f"{'SERVICE':<12}{'PID':>8}  {'STATE':<10}{'IN-FLIGHT':>10}  STREAMS")
+    for s in st["paging_services"]:
+        streams = ", ".join(f"{x['partition']}:{x['state']}" for x in s["streams"]) or "-"
+        lines.append(f"{s['name']:<12}{s['pid'] or '-':>8}  {s['state']:<10}{s['in_flight']:>10}  {streams}")
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    run_dir = _run_dir(args)
+    st = control(run_dir, {"op": "status"})
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+def stop_system(run_dir: str, timeout: float = 30.0) -> None:
+    reply = control(run_dir, {"op": "shutdown"})
+    pid = reply.get("pid")
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if os.path.exists(f"/proc/{pid}/status"):
+            with open(f"/proc/{pid}/status") as f:
+                if "State:\tZ" in f.read():
+                    return
+        time.sleep(0.05)
+    if pid:
+        raise Fail(f"the hypervisor (pid {pid}) did not stop within {timeout:.0f}s")
+
+
+def cmd_shutdown(args) -> int:
+    stop_system(_run_dir(args))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pyhv import demo
+
+    return demo.run(json_output=args.json)
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="pyhv", description="Paging of Linux process memory by a user-space hypervisor.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+
+    def run_dir_opt(p):
+        p.add_argument("--run-dir", help="the system's run directory (or PYHV_RUN_DIR)")
+
+    p = sub.add_parser("up", help="start the hypervisor and its paging services")
+    p.add_argument("-c", "--config", required=True, help="TOML config file")
+    run_dir_opt(p)
+    p.add_argument("--detach", action="store_true", help="return once the system accepts work")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("run", help="run worker processes in a partition")
+    run_dir_opt(p)
+    p.add_argument("--partition", required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="show the pool, partitions and paging services")
+    run_dir_opt(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("shutdown", help="stop everything in order")
+    run_dir_opt(p)
+    p.set_defaults(func=cmd_shutdown)
+
+    p = sub.add_parser("demo", help="run a small system on an embedded config")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except Fail as e:
+        print(f"pyhv: error: {e}", file=sys.stderr)
+        return e.code
+    except ConfigError as e:
+        print(f"pyhv: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("pyhv: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The shared memory pool: a budget of resident pages (frames) for all
+partitions, the queue of partitions' faults waiting for a frame, and the
+order in which resident pages become eviction victims.
+
+Invariant: ``used <= pages`` at all times, where a frame is held by every
+page that is resident, being filled, or being paged out.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable
+
+
+class Pool:
+    def __init__(self, pages: int):
+        self.pages = pages
+        self.used = 0
+        self.high_water = 0
+        self.waiters: collections.deque[Callable[[], None]] = collections.deque()
+        # resident pages, oldest first: (partition, page index)
+        self.victims: collections.deque = collections.deque()
+        self.evicting = 0  # frames that a page-out in flight will free
+
+    def try_take(self) -> bool:
+        if self.used < self.pages and not self.waiters:
+            self._take()
+            return True
+        return False
+
+    def _take(self) -> None:
+        self.used += 1
+        if self.used > self.high_water:
+            self.high_water = self.used
+        assert self.used <= self.pages, "pool invariant broken"
+
+    def release(self) -> None:
+        """Give a frame back and hand it to the oldest waiter, if any."""
+        self.used -= 1
+        while self.waiters and self.used < self.pages:
+            self._take()
+            self.waiters.popleft()()
+
+    def shortfall(self, reserve: int) -> int:
+        """How many more pages must start eviction to serve every waiter
+        and keep `reserve` frames coming."""
+        free = self.pages - self.used
+        return len(self.waiters) + reserve - free - self.evicting

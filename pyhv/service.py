@@ -1,0 +1,143 @@
+"""The paging service: a separate process that owns paging devices.
+
+Started by the hypervisor with one end of a SEQPACKET socketpair.  It runs
+one loop: take a request frame, convert it into the device's own operation,
+answer with the status (0 or -errno) and, for READ, the pages.  Requests of
+every stream arrive on the one socket and are answered in arrival order;
+the hypervisor keeps many in flight.  End-of-file on the socket means the
+hypervisor is gone, and the service exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import mmap
+import os
+import signal
+import socket
+import sys
+
+from pyhv import wire
+from pyhv.device import PagingDevice
+from pyhv.uffd import PAGE_SIZE
+
+log = logging.getLogger("pyhv.service")
+
+
+class PagingService:
+    def __init__(self, name: str, sock: socket.socket):
+        self.name = name
+        self.sock = sock
+        self.streams: dict[int, PagingDevice] = {}
+        # page-aligned, as O_DIRECT wants
+        self.buf = mmap.mmap(-1, wire.MAX_PAGES * PAGE_SIZE)
+        self.view = memoryview(self.buf)
+        self.hdr = bytearray(wire.HEADER.size)
+        self.handlers = {
+            wire.OP_OPEN: self.op_open,
+            wire.OP_CLOSE: self.op_close,
+            wire.OP_READ: self.op_read,
+            wire.OP_WRITE: self.op_write,
+            wire.OP_FLUSH: self.op_flush,
+            wire.OP_DISCARD: self.op_discard,
+            wire.OP_QUERY: self.op_query,
+        }
+
+    def serve(self) -> None:
+        log.info("paging service %s: serving (pid %d)", self.name, os.getpid())
+        while True:
+            try:
+                n, _, flags, _ = self.sock.recvmsg_into([self.hdr, self.view])
+            except InterruptedError:
+                continue
+            except ConnectionError:
+                break
+            if n == 0:
+                break
+            self.handle(n, flags)
+        log.info("paging service %s: hypervisor gone, exiting", self.name)
+        for dev in self.streams.values():
+            dev.close()
+
+    def handle(self, n: int, flags: int) -> None:
+        req, stream, op, _fl, _st, slot, count, _crc = wire.unpack_header(self.hdr)
+        payload = n - wire.HEADER.size
+        status, reply = 0, b""
+        try:
+            if flags & socket.MSG_TRUNC:
+                raise OSError(errno.EMSGSIZE, "request too large")
+            handler = self.handlers.get(op)
+            if handler is None:
+                raise OSError(errno.EOPNOTSUPP, f"unknown op {op}")
+            reply = handler(stream, slot, count, payload) or b""
+        except OSError as e:
+            status = -(e.errno or errno.EIO)
+            dev = self.streams.get(stream)
+            if dev is not None:
+                dev.errors += 1
+            log.warning("paging service %s: stream %d %s slot %d+%d: %s", self.name, stream,
+                        wire.OP_NAMES.get(op, op), slot, count, e)  # fmt: skip
+        header = wire.pack_header(req, stream, op, status, slot, count)
+        self.sock.sendmsg([header, reply] if reply else [header])
+
+    def device(self, stream: int) -> PagingDevice:
+        dev = self.streams.get(stream)
+        if dev is None:
+            raise OSError(errno.EBADF, f"stream {stream} is not open")
+        return dev
+
+    def op_open(self, stream, slot, count, payload):
+        spec = json.loads(bytes(self.view[:payload]))
+        old = self.streams.pop(stream, None)
+        if old is not None:
+            old.close()
+        dev = PagingDevice(spec["id"], spec["path"], spec["kind"], spec["size"], spec["direct"])
+        dev.open()
+        self.streams[stream] = dev
+        log.info("paging service %s: stream %d opened device %s (%s %s, %d pages)", self.name,
+                 stream, dev.id, dev.kind, dev.path, dev.pages)  # fmt: skip
+
+    def op_close(self, stream, slot, count, payload):
+        dev = self.streams.pop(stream, None)
+        if dev is not None:
+            dev.close()
+
+    def op_read(self, stream, slot, count, payload):
+        if count > wire.MAX_PAGES:
+            raise OSError(errno.EINVAL, "too many pages")
+        self.device(stream).read(slot, count, self.view)
+        return self.view[: count * PAGE_SIZE]
+
+    def op_write(self, stream, slot, count, payload):
+        if payload != count * PAGE_SIZE:
+            raise OSError(errno.EINVAL, f"WRITE of {count} pages carries {payload} bytes")
+        self.device(stream).write(slot, count, self.view)
+
+    def op_flush(self, stream, slot, count, payload):
+        self.device(stream).flush()
+
+    def op_discard(self, stream, slot, count, payload):
+        self.device(stream).discard(slot, count)
+
+    def op_query(self, stream, slot, count, payload):
+        return json.dumps(self.device(stream).query()).encode()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="pyhv-service")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--fd", type=int, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the hypervisor decides when we stop
+    sock = socket.socket(fileno=args.fd)
+    PagingService(args.name, sock).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

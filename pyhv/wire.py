@@ -1,0 +1,149 @@
+"""Every byte pyhv puts on a socket is defined here.
+
+Two kinds of connection, both ``AF_UNIX``/``SOCK_SEQPACKET`` so that one
+message is one ``recvmsg`` and a peer can never leave half a frame behind:
+
+* **Control** (control point and workers <-> hypervisor): a UTF-8 JSON object
+  per message, file descriptors alongside as ``SCM_RIGHTS``.  A message that
+  does not parse costs the sender its connection.
+* **Paging stream** (hypervisor <-> paging service): a fixed binary header
+  (:data:`HEADER`) followed by page data for READ replies and WRITE requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+
+MAX_CONTROL = 1 << 16
+MAX_FDS = 4
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid message."""
+
+
+def seqpacket() -> socket.socket:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+
+
+def listen(path: str) -> socket.socket:
+    """A control socket at path, mode 0600, non-blocking."""
+    sock = seqpacket()
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def connect(path: str, timeout: float | None = 10.0) -> socket.socket:
+    sock = seqpacket()
+    sock.settimeout(timeout)
+    sock.connect(path)
+    return sock
+
+
+# --- control messages -------------------------------------------------------
+
+
+def encode_control(msg: dict) -> bytes:
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    if len(data) > MAX_CONTROL:
+        raise ProtocolError(f"control message of {len(data)} bytes is too large")
+    return data
+
+
+def decode_control(data: bytes) -> dict:
+    try:
+        msg = json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("message is not JSON") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("message is not a JSON object")
+    return msg
+
+
+def send_control(sock: socket.socket, msg: dict, fds: list[int] = ()) -> None:
+    data = encode_control(msg)
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.sendall(data)
+
+
+def recv_control(sock: socket.socket) -> tuple[dict | None, list[int]]:
+    """One message and the fds that came with it; (None, []) at end-of-file.
+
+    Raises ProtocolError on a malformed message (its fds are closed)."""
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_CONTROL + 1, MAX_FDS)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_CONTROL:
+        close_fds(fds)
+        raise ProtocolError("message too large")
+    if not data and not fds:
+        return None, []
+    try:
+        return decode_control(data), fds
+    except ProtocolError:
+        close_fds(fds)
+        raise
+
+
+def close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def request(path: str, msg: dict, timeout: float = 30.0) -> dict:
+    """One request/reply exchange with the hypervisor's control socket."""
+    with connect(path, timeout) as sock:
+        send_control(sock, msg)
+        reply, fds = recv_control(sock)
+        close_fds(fds)
+    if reply is None:
+        raise ProtocolError("the hypervisor closed the connection")
+    return reply
+
+
+# --- paging stream frames ---------------------------------------------------
+
+#: request id, stream id, op, flags, status (-errno or 0), slot, page count, crc32
+HEADER = struct.Struct("<QHBBiIII")
+
+OP_OPEN = 1  # payload: JSON {"device": {...}}: open the device for this stream
+OP_CLOSE = 2
+OP_READ = 3  # slot, count -> reply payload: count pages
+OP_WRITE = 4  # slot, count, payload: count pages
+OP_FLUSH = 5  # make every completed WRITE durable
+OP_DISCARD = 6  # slot, count: the slots hold nothing of value any more
+OP_QUERY = 7  # reply payload: JSON {capacity, type, health, ...}
+
+OP_NAMES = {
+    OP_OPEN: "OPEN", OP_CLOSE: "CLOSE", OP_READ: "READ", OP_WRITE: "WRITE",
+    OP_FLUSH: "FLUSH", OP_DISCARD: "DISCARD", OP_QUERY: "QUERY",
+}  # fmt: skip
+
+MAX_PAGES = 64  # pages in one READ or WRITE
+PAGE = 4096
+MAX_FRAME = HEADER.size + MAX_PAGES * PAGE
+
+
+def pack_header(req: int, stream: int, op: int, status: int = 0, slot: int = 0,
+                count: int = 0, crc: int = 0, flags: int = 0) -> bytes:  # fmt: skip
+    return HEADER.pack(req, stream, op, flags, status, slot, count, crc)
+
+
+def unpack_header(data) -> tuple:
+    """(req, stream, op, flags, status, slot, count, crc); ProtocolError if short."""
+    if len(data) < HEADER.size:
+        raise ProtocolError(f"stream frame of {len(data)} bytes is shorter than its header")
+    return HEADER.unpack_from(data)
