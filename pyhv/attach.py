@@ -13,6 +13,7 @@ fault through the hypervisor, so it must not see the memory at all.
 
 from __future__ import annotations
 
+import atexit
 import mmap
 import os
 
@@ -22,6 +23,17 @@ from pyhv import uffd, wire
 EXIT_HYPERVISOR_LOST = 70
 
 _sessions: dict[int, "_Session"] = {}
+
+
+@atexit.register
+def _detach_all() -> None:
+    # A clean exit must not look like a lost hypervisor: stop the watchdogs
+    # before the interpreter unmaps the memory.
+    for s in list(_sessions.values()):
+        try:
+            detach(s.mem)
+        except (OSError, ValueError):
+            pass
 
 
 class AttachError(RuntimeError):

@@ -297,7 +297,3 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pyhv: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

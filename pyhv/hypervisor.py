@@ -364,7 +364,7 @@ class Hypervisor:
             self.listener = None
         for part in self.partitions:
             for w in list(part.workers.values()):
-                self._drop_worker(w)
+                self._drop_worker(w, "its memory is gone")
         for part in self.partitions:
             svc = part.service
             if svc is not None and svc.sock is not None and part.stream_state == "ENABLED":
@@ -435,10 +435,10 @@ class Hypervisor:
             return
         except (wire.ProtocolError, OSError) as e:
             log.warning("control: dropping a connection: %s", e)
-            self._drop_conn(conn)
+            self._drop_conn(conn, f"protocol error: {e}")
             return
         if msg is None:
-            self._drop_conn(conn)
+            self._drop_conn(conn, "connection closed")
             return
         op = msg.get("op")
         handler = self.control_handlers.get(op) if isinstance(op, str) else None
@@ -464,11 +464,11 @@ class Hypervisor:
         except OSError as e:
             log.warning("control: reply lost: %s", e)
 
-    def _drop_conn(self, conn: socket.socket) -> None:
+    def _drop_conn(self, conn: socket.socket, why: str = "connection dropped") -> None:
         for part in self.partitions:
             for w in list(part.workers.values()):
                 if w.conn is conn:
-                    self._drop_worker(w)
+                    self._drop_worker(w, why)
                     return
         self._close_conn(conn)
 
@@ -520,7 +520,7 @@ class Hypervisor:
         log.info("partition %s: worker %d (pid %d) attached", part.name, w.id, w.pid)
         return {"ok": True}, ()
 
-    def _drop_worker(self, w: Worker) -> None:
+    def _drop_worker(self, w: Worker, why: str = "gone") -> None:
         if not w.alive:
             return
         w.alive = False
@@ -533,7 +533,7 @@ class Hypervisor:
                 pass
             os.close(w.uffd)
         self._close_conn(w.conn)
-        log.info("partition %s: worker %d (pid %d) detached", part.name, w.id, w.pid)
+        log.info("partition %s: worker %d (pid %d) detached: %s", part.name, w.id, w.pid, why)
 
     # --- the fault path -----------------------------------------------------
 
@@ -542,7 +542,7 @@ class Hypervisor:
             n = self.faults.drain(w.uffd)
         except OSError as e:
             log.warning("partition %s: worker %d: uffd read: %s", w.partition.name, w.pid, e)
-            self._drop_worker(w)
+            self._drop_worker(w, "its memory is gone")
             return
         msgs = self.faults.msgs
         for i in range(n):
@@ -567,11 +567,11 @@ class Hypervisor:
             if st == CLEAN or st == DIRTY:
                 part.table[page] = DIRTY
                 if uffd.writeprotect(w.uffd, start, PAGE_SIZE, False) == uffd.GONE:
-                    self._drop_worker(w)
+                    self._drop_worker(w, "its memory is gone")
             elif st == PAGING_OUT or st == FILLING:
                 part.waiters[page].append((w, True))
             elif uffd.wake(w.uffd, start, PAGE_SIZE) == uffd.GONE:
-                self._drop_worker(w)
+                self._drop_worker(w, "its memory is gone")
             return
         if st == UNTOUCHED or st == ON_DEVICE:
             part.table[page] = FILLING
@@ -588,9 +588,9 @@ class Hypervisor:
             part.waiters[page].append((w, bool(flags & uffd.FLAG_WRITE)))
         elif st == POISONED:
             if uffd.poison(w.uffd, start, PAGE_SIZE) == uffd.GONE:
-                self._drop_worker(w)
+                self._drop_worker(w, "its memory is gone")
         elif uffd.wake(w.uffd, start, PAGE_SIZE) == uffd.GONE:  # raced with an install
-            self._drop_worker(w)
+            self._drop_worker(w, "its memory is gone")
 
     def _zero_fill(self, part: Partition, page: int) -> None:
         self._install(part, page, None)
@@ -619,7 +619,7 @@ class Hypervisor:
             for w in list(part.workers.values()):
                 if w is not first and w.uffd >= 0:
                     if uffd.writeprotect(w.uffd, w.base + off, PAGE_SIZE, True) == uffd.GONE:
-                        self._drop_worker(w)
+                        self._drop_worker(w, "its memory is gone")
         installer = None
         candidates = [w for w, _ in waiters if w.alive] + list(part.workers.values())
         for w in candidates:
@@ -631,7 +631,7 @@ class Hypervisor:
             else:
                 r = uffd.copy(w.uffd, dst, src, PAGE_SIZE, uffd.COPY_WP if clean else 0)
             if r == uffd.GONE:
-                self._drop_worker(w)
+                self._drop_worker(w, "its memory is gone")
                 continue
             installer = w
             break
@@ -645,7 +645,7 @@ class Hypervisor:
         for w, _ in waiters:
             if w is not installer and w.alive:
                 if uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
-                    self._drop_worker(w)
+                    self._drop_worker(w, "its memory is gone")
 
     def _page_in_failed(self, part: Partition, page: int, err: int) -> None:
         """The device cannot deliver the page: never hand out zeros.  The
@@ -659,7 +659,7 @@ class Hypervisor:
         self.pool.release()
         for w, _ in waiters:
             if w.alive and uffd.poison(w.uffd, w.base + page * PAGE_SIZE, PAGE_SIZE) == uffd.GONE:
-                self._drop_worker(w)
+                self._drop_worker(w, "its memory is gone")
 
     def _evict_for_waiters(self) -> None:
         pool = self.pool
@@ -673,7 +673,7 @@ class Hypervisor:
         off = page * PAGE_SIZE
         for w in list(part.workers.values()):
             if w.uffd >= 0 and uffd.writeprotect(w.uffd, w.base + off, PAGE_SIZE, True) == uffd.GONE:
-                self._drop_worker(w)
+                self._drop_worker(w, "its memory is gone")
         part.resident -= 1
         if part.table[page] == CLEAN:
             uffd.punch_hole(part.memfd, off, PAGE_SIZE)
@@ -695,7 +695,7 @@ class Hypervisor:
             part.counters["page_outs"] += 1
             for w, _ in part.waiters.pop(page, []):
                 if w.alive and uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
-                    self._drop_worker(w)
+                    self._drop_worker(w, "its memory is gone")
             self.pool.release()
             if self.pool.waiters:
                 self._evict_for_waiters()
@@ -714,7 +714,7 @@ class Hypervisor:
         off = page * PAGE_SIZE
         for w, _ in part.waiters.pop(page, []):
             if w.alive and uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
-                self._drop_worker(w)
+                self._drop_worker(w, "its memory is gone")
         if self.pool.waiters:
             self._evict_for_waiters()
 

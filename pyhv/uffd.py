@@ -5,7 +5,8 @@ Every other module imports this one, never ``ffi``/``lib``.  C returns
 outcomes of a page-resolving ioctl that are events rather than errors, which
 are sorted in one place (:func:`_outcome`), as CRIU's lazy-pages daemon does:
 EEXIST/EAGAIN mean someone else already resolved the page (wake it), ESRCH
-means the faulting process is gone.
+means the faulting process is gone, and ENOENT that its registered range is
+(it is exiting, or unmapped the memory): for us both are the worker leaving.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ WORKER_FEATURES = ("MISSING_SHMEM", "WP_HUGETLBFS_SHMEM", "PAGEFAULT_FLAG_WP", "
 # Outcomes of an ioctl that resolves or wakes a range.
 OK = 0
 EXISTS = 1  # already resolved by someone else: wake the range
-GONE = 2  # the process behind the uffd has exited
+GONE = 2  # the process behind the uffd has exited or dropped the range
 
 
 def _check(ret: int, what: str) -> int:
@@ -77,7 +78,7 @@ def _outcome(ret: int, what: str) -> int:
         return OK
     if ret in (-errno.EEXIST, -errno.EAGAIN):
         return EXISTS
-    if ret == -errno.ESRCH:
+    if ret in (-errno.ESRCH, -errno.ENOENT):
         return GONE
     raise OSError(-ret, os.strerror(-ret), what)
 
