@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     ap.add_argument("--random", action="store_true", help="visit pages in random order")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", type=int, default=0, help="print progress every N pages")
+    ap.add_argument("--read-first", action="store_true",
+                    help="write: read each page before writing it (a clean page-in, then a "
+                    "write-protect fault)")  # fmt: skip
     args = ap.parse_args(argv)
 
     mem = pyhv.attach()
@@ -57,6 +60,8 @@ def main(argv=None) -> int:
         want = page_pattern(name, page, args.generation)
         if args.action == "write":
             t0 = clock()
+            if args.read_first:
+                view[off]
             view[off] = want[0]  # the faulting access, timed alone
             lat.append(clock() - t0)
             view[off : off + PAGE_SIZE] = want
