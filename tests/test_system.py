@@ -105,12 +105,13 @@ def test_a_page_written_after_a_clean_page_in_is_paged_out_again(system):
 TWO_VIEWS = textwrap.dedent("""
     import pyhv
     from pyhv.pattern import page_pattern
-    a = memoryview(pyhv.attach())   # two attachments: two mappings, two uffds,
-    b = memoryview(pyhv.attach())   # as two workers of one partition have
+    a = memoryview(pyhv.attach())
     P = 4096
     n = len(a) // P
-    for page in range(n):
+    for page in range(n):           # most pages end up on the device
         a[page * P:(page + 1) * P] = page_pattern("p1", page, 1)
+    b = memoryview(pyhv.attach())   # a second mapping with its own uffd, as a
+                                    # second worker has; it never saw those pages
     for page in range(n):           # paged in clean through a, written through b
         assert a[page * P] == page_pattern("p1", page, 1)[0]
         b[page * P:(page + 1) * P] = page_pattern("p1", page, 2)
