@@ -46,8 +46,11 @@ class PagingService:
             wire.OP_QUERY: self.op_query,
         }
 
-    def serve(self) -> None:
+    def serve(self) -> int:
+        """Serve until the hypervisor goes; 0, or 1 if it sent a malformed frame
+        (which costs it the connection)."""
         log.info("paging service %s: serving (pid %d)", self.name, os.getpid())
+        code = 0
         while True:
             try:
                 n, _, flags, _ = self.sock.recvmsg_into([self.hdr, self.view])
@@ -56,11 +59,18 @@ class PagingService:
             except ConnectionError:
                 break
             if n == 0:
+                log.info("paging service %s: hypervisor gone, exiting", self.name)
+                break
+            if n < wire.HEADER.size:
+                log.error("paging service %s: a %d-byte frame is shorter than a header; "
+                          "closing the connection", self.name, n)  # fmt: skip
+                code = 1
                 break
             self.handle(n, flags)
-        log.info("paging service %s: hypervisor gone, exiting", self.name)
+        self.sock.close()
         for dev in self.streams.values():
             dev.close()
+        return code
 
     def handle(self, n: int, flags: int) -> None:
         req, stream, op, _fl, _st, slot, count, _crc = wire.unpack_header(self.hdr)
@@ -135,8 +145,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the hypervisor decides when we stop
     sock = socket.socket(fileno=args.fd)
-    PagingService(args.name, sock).serve()
-    return 0
+    return PagingService(args.name, sock).serve()
 
 
 if __name__ == "__main__":
