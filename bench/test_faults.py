@@ -61,7 +61,7 @@ import struct
 
 import pytest
 
-from conftest import PAGE, PLACEMENTS, pins, placements
+from benchlib import PAGE, PLACEMENTS, pins, placements
 from pyhv import uffd
 
 C_PAGES = 500  # touches per call of a C baseline
@@ -131,16 +131,6 @@ def test_c_copy(benchmark, placement):
     benchmark.extra_info.update(handler_cpu=handler, toucher_cpu=toucher)
     _run_c(benchmark, lambda n: uffd.bench_uffd_touch(
         n, shared=True, zeropage=False, handler_cpu=handler, toucher_cpu=toucher))  # fmt: skip
-
-
-@pytest.fixture
-def direct_file(tmp_path):
-    """An fd open O_DIRECT on a page-aligned 1 MiB file of non-zero bytes."""
-    path = tmp_path / "page-in.img"
-    path.write_bytes(bytes(range(256)) * (1 << 12))
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    yield fd
-    os.close(fd)
 
 
 @pytest.mark.benchmark(group="page-in")
@@ -227,11 +217,18 @@ def test_pyhv_first_touch(benchmark, pyhv_system, attach_to, placement):
 
 
 @pytest.mark.benchmark(group="page-in")
-@pytest.mark.parametrize("dirty", [False, True], ids=["read", "write"])
 @pytest.mark.parametrize("placement", placements())
-def test_pyhv_page_in(benchmark, pyhv_system, attach_to, placement, dirty):
-    if dirty:
-        benchmark.name = benchmark.name.replace("test_pyhv_page_in", "test_pyhv_page_in_dirty")
+def test_pyhv_page_in(benchmark, pyhv_system, attach_to, placement):
+    _page_in(benchmark, pyhv_system, attach_to, placement, dirty=False)
+
+
+@pytest.mark.benchmark(group="page-in")
+@pytest.mark.parametrize("placement", placements())
+def test_pyhv_page_in_dirty(benchmark, pyhv_system, attach_to, placement):
+    _page_in(benchmark, pyhv_system, attach_to, placement, dirty=True)
+
+
+def _page_in(benchmark, pyhv_system, attach_to, placement, dirty: bool) -> None:
     system, a = _start(pyhv_system, attach_to, placement, pool="4MiB", memory="64MiB")
     view = a.view
     pool_pages = system.partition()["pool"]["pages"]
@@ -268,8 +265,8 @@ def test_pyhv_page_in(benchmark, pyhv_system, attach_to, placement, dirty):
 
     def check(page):
         (got,) = STAMP.unpack_from(view, page * PAGE)  # resident now: no fault
-        want = MAGIC | (gen << 24 if dirty else 0) | page
-        assert got == want, f"page {page}: read {got:#x}, wrote {want:#x}"
+        want = MAGIC | gen << 24 | page
+        assert got == want, f"page {page}: read {got:#x}, want {want:#x}"
 
     # Warm-up past the pool: the pages still resident from the fill (dirty)
     # are all evicted, so a read round is a pure page-in (clean drops only).
@@ -284,8 +281,8 @@ def test_pyhv_page_in(benchmark, pyhv_system, attach_to, placement, dirty):
     after = _counters(system)
     n = len(pages_done) - n0
     d = _record(benchmark, system, placement, before, after, n)
-    benchmark.extra_info.update(pool_pages=pool_pages, partition_pages=a.pages, access=
-                                "write" if dirty else "read")  # fmt: skip
+    benchmark.extra_info.update(pool_pages=pool_pages, partition_pages=a.pages,
+                                access="write" if dirty else "read")  # fmt: skip
     assert n == rounds
     assert d["page_ins"] >= n, d
     assert d["faults"] >= n, d
