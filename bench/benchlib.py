@@ -148,6 +148,10 @@ class PyhvSystem:
 
     def shutdown(self) -> None:
         """Stop the system; never leaves a process of it running."""
+        if not self.pids:  # up did not get as far as status
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(self.run_dir, "hypervisor.pid")) as f:
+                    self.pids = [int(f.read())]
         try:
             r = pyhv_cli("shutdown", "--run-dir", self.run_dir, timeout=45)
             ok = r.returncode == 0
@@ -160,6 +164,8 @@ class PyhvSystem:
             if _alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):  # 64 MiB each; tmp_path keeps 3 runs
+            os.unlink(os.path.join(self.run_dir, "pg0.img"))
         if not ok:
             raise RuntimeError(f"pyhv shutdown failed; killed {self.pids}\n{self.log()}")
 
@@ -199,11 +205,13 @@ def attached(system: PyhvSystem, partition: str = "p1", cpu: int | None = None):
             pin_process(me, cpu)  # after attach: the watchdog thread too
         yield a
     finally:
-        a.view.release()  # an exported buffer would make mmap.close() fail
         try:
-            pyhv.detach(a.mem)
+            a.view.release()  # an exported buffer would make mmap.close() fail
         finally:
-            for tid, cpus in saved.items():
-                with contextlib.suppress(ProcessLookupError, OSError):
-                    os.sched_setaffinity(tid, cpus)
-            # threads started meanwhile (the watchdog) are gone after detach
+            try:
+                pyhv.detach(a.mem)  # stops the watchdog first, whatever follows
+            finally:
+                for tid, cpus in saved.items():
+                    with contextlib.suppress(ProcessLookupError, OSError):
+                        os.sched_setaffinity(tid, cpus)
+                # threads started meanwhile (the watchdog) are gone after detach

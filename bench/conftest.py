@@ -71,3 +71,36 @@ def direct_file(tmp_path):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     yield fd
     os.close(fd)
+
+
+# --- a summary of every row's extra_info at the end of the run -----------------------------
+
+_ROWS: list[tuple[str, str, dict]] = []
+
+
+@pytest.fixture(autouse=True)
+def _keep_extra_info(request):
+    yield
+    bm = request.node.funcargs.get("benchmark")
+    if bm is not None and getattr(bm, "stats", None) and bm.extra_info:
+        _ROWS.append((bm.group or "", request.node.name, dict(bm.extra_info)))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    if not _ROWS:
+        return
+    tr = terminalreporter
+    tr.section("per-fault p50 / p99 (µs), from extra_info")
+    tr.write_line(f"{'group':<12}{'row':<34}{'p50':>9}{'p99':>9}{'mean':>9}  notes")
+    for group, name, x in sorted(_ROWS, key=lambda r: (r[0], r[2].get("p50_us", 0))):
+        if "delta" in x:
+            d = x["delta"]
+            notes = ("faults +{faults} first_touches +{first_touches} page_ins +{page_ins} "
+                     "page_outs +{page_outs} clean_drops +{clean_drops}").format(**d)  # fmt: skip
+        elif "wall_us_per_touch" in x:
+            notes = f"wall/touch incl. set-up {x['wall_us_per_touch']}"
+        else:
+            notes = ""
+        tr.write_line(f"{group:<12}{name:<34}{x.get('p50_us', '-'):>9}{x.get('p99_us', '-'):>9}"
+                      f"{x.get('mean_us', '-'):>9}  {notes}")  # fmt: skip

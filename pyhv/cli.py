@@ -77,9 +77,10 @@ def control(run_dir: str, msg: dict, timeout: float = 30.0) -> dict:
 
 def start_system(config_path: str | None, run_dir: str, detach: bool, config=None) -> int:
     """Validate, then start the hypervisor (and through it the paging services)."""
-    os.makedirs(run_dir, exist_ok=True)
     if config is None:
         config = load_config(config_path, run_dir)
+    check_kernel()
+    os.makedirs(run_dir, exist_ok=True)
     pid = _running_pid(run_dir)
     if pid is not None:
         raise Fail(f"a hypervisor is already running in {run_dir} (pid {pid})", EXIT_USAGE)
@@ -104,6 +105,19 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
         why = line[len("error ") :] if line.startswith("error ") else "exited during start-up"
         raise Fail(f"the hypervisor did not start: {why} (see {os.path.join(run_dir, LOG_FILE)})")
     return 0
+
+
+def check_kernel() -> None:
+    """Refuse to start where workers could not fault through the hypervisor."""
+    from pyhv import uffd
+
+    try:
+        missing = uffd.missing_features(uffd.WORKER_FEATURES)
+    except OSError as e:
+        raise Fail(f"userfaultfd is not available here: {e.strerror} (pyhv needs root, or "
+                   "read-write access to /dev/userfaultfd)") from None  # fmt: skip
+    if missing:
+        raise Fail(f"this kernel's userfaultfd lacks {', '.join(missing)} (pyhv needs Linux 6.1+)")
 
 
 def cmd_up(args) -> int:

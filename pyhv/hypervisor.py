@@ -257,6 +257,8 @@ class Hypervisor:
         self.config = config
         self.sel = selectors.DefaultSelector()
         self.pool = Pool(config.pool_size // PAGE_SIZE)
+        # frames kept free (or being freed) ahead of demand once the pool is full
+        self.reserve = min(EVICT_AHEAD, max(1, self.pool.pages // 8))
         self.devices = {d.id: d for d in config.devices}
         self.services = {s.name: PagingService(self, s) for s in config.services}
         self.partitions = [
@@ -579,11 +581,14 @@ class Hypervisor:
             if st == UNTOUCHED:
                 part.counters["first_touches"] += 1
             fill = self._zero_fill if st == UNTOUCHED else self._page_in
-            if self.pool.try_take():
-                fill(part, page)
+            pool = self.pool
+            if pool.try_take():
+                fill(part, page)  # the worker runs on while eviction keeps frames free
+                if pool.pages - pool.used < self.reserve:
+                    self._replenish()
             else:
-                self.pool.waiters.append(lambda: fill(part, page))
-                self._evict_for_waiters()
+                pool.waiters.append(lambda: fill(part, page))
+                self._replenish()
         elif st == FILLING or st == PAGING_OUT:
             part.waiters[page].append((w, bool(flags & uffd.FLAG_WRITE)))
         elif st == POISONED:
@@ -661,9 +666,11 @@ class Hypervisor:
             if w.alive and uffd.poison(w.uffd, w.base + page * PAGE_SIZE, PAGE_SIZE) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
 
-    def _evict_for_waiters(self) -> None:
+    def _replenish(self) -> None:
+        """Start evicting the oldest resident pages until every waiting fault
+        and `reserve` more will have a frame."""
         pool = self.pool
-        want = pool.shortfall(min(EVICT_AHEAD, max(1, pool.pages // 8)))
+        want = pool.shortfall(self.reserve)
         while want > 0 and pool.victims:
             part, page = pool.victims.popleft()
             self._evict(part, page)
@@ -697,8 +704,7 @@ class Hypervisor:
                 if w.alive and uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
                     self._drop_worker(w, "its memory is gone")
             self.pool.release()
-            if self.pool.waiters:
-                self._evict_for_waiters()
+            self._replenish()
 
         self._submit(part, wire.OP_WRITE, page, 1, part.view[off : off + PAGE_SIZE], done)
 
@@ -715,8 +721,7 @@ class Hypervisor:
         for w, _ in part.waiters.pop(page, []):
             if w.alive and uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
-        if self.pool.waiters:
-            self._evict_for_waiters()
+        self._replenish()
 
     # --- status ---------------------------------------------------------------
 

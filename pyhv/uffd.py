@@ -143,7 +143,8 @@ def zeropage(fd: int, start: int, length: int, mode: int = 0) -> int:
 
 
 def wake(fd: int, start: int, length: int) -> int:
-    """UFFDIO_WAKE; returns OK or GONE."""
+    """UFFDIO_WAKE; returns OK (the kernel accepts a wake for a range or a
+    process that is gone, so this never reports GONE)."""
     return _outcome(lib.pyhv_uffd_wake(fd, start, length), "UFFDIO_WAKE")
 
 
