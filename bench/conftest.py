@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-from benchlib import Attached, PyhvSystem, attached
+from .benchlib import Attached, PyhvSystem, attached
 
 
 @pytest.fixture
@@ -65,9 +65,10 @@ def attach_to(pyhv_system):
 
 @pytest.fixture
 def direct_file(tmp_path):
-    """An fd open O_DIRECT on a page-aligned 1 MiB file of non-zero bytes."""
+    """An fd open O_DIRECT on a page-aligned 16 MiB file of non-zero bytes
+    (each faulting page reads its own slot, as from a paging device)."""
     path = tmp_path / "page-in.img"
-    path.write_bytes(bytes(range(256)) * (1 << 12))
+    path.write_bytes(os.urandom(16 << 20))
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     yield fd
     os.close(fd)

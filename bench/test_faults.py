@@ -61,7 +61,7 @@ import struct
 
 import pytest
 
-from benchlib import PAGE, PLACEMENTS, pins, placements
+from .benchlib import PAGE, PLACEMENTS, pins, placements
 from pyhv import uffd
 
 C_PAGES = 500  # touches per call of a C baseline

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -67,6 +68,8 @@ struct handler {
 	int uffd;
 	int zeropage;
 	int devfd;
+	uint64_t dev_pages;
+	uint64_t base;
 	int cpu;
 	int stopfd[2];
 	char *page;
@@ -95,7 +98,10 @@ static void *serve(void *arg)
 		if (h->zeropage) {
 			r = pyhv_uffd_zeropage(h->uffd, addr, PAGE, 0);
 		} else {
-			if (h->devfd >= 0 && pread(h->devfd, h->page, PAGE, 0) != (ssize_t)PAGE) {
+			/* page i of the mapping reads slot i of the device (mod its size),
+			 * as a paging device does: not one cached block over and over */
+			off_t off = (off_t)(((addr - h->base) / PAGE) % h->dev_pages * PAGE);
+			if (h->devfd >= 0 && pread(h->devfd, h->page, PAGE, off) != (ssize_t)PAGE) {
 				h->err = -EIO;
 				return NULL;
 			}
@@ -110,8 +116,8 @@ static void *serve(void *arg)
 
 /* First touches served by a minimal handler thread.  shared: a memfd mapped
  * MAP_SHARED (what pyhv partitions are) instead of private anonymous memory.
- * devfd >= 0: each COPY first preads a page from it (use O_DIRECT for a
- * device read that reaches the disk).  CPUs < 0 leave placement to the
+ * devfd >= 0: each COPY first preads the page's own slot from it (mod its
+ * size; use O_DIRECT for a device read that reaches the disk).  CPUs < 0 leave placement to the
  * scheduler.  Returns 0 or -errno. */
 int pyhv_bench_uffd_touch(uint64_t npages, int shared, int zeropage, int devfd,
 			  int handler_cpu, int toucher_cpu, uint64_t *ns_out)
@@ -150,6 +156,15 @@ int pyhv_bench_uffd_touch(uint64_t npages, int shared, int zeropage, int devfd,
 	if (mem == MAP_FAILED) {
 		ret = -errno;
 		goto out_memfd;
+	}
+	h.base = (uint64_t)mem;
+	if (devfd >= 0) {
+		struct stat st;
+		if (fstat(devfd, &st) < 0 || st.st_size < (off_t)PAGE) {
+			ret = -EINVAL;
+			goto out_map;
+		}
+		h.dev_pages = (uint64_t)st.st_size / PAGE;
 	}
 	ret = pyhv_uffd_register(h.uffd, (uint64_t)mem, len, UFFDIO_REGISTER_MODE_MISSING, &ioctls);
 	if (ret < 0)

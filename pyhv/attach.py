@@ -32,6 +32,8 @@ def _detach_all() -> None:
     for s in list(_sessions.values()):
         try:
             detach(s.mem)
+        except BufferError:  # still viewed: keep it registered, only stand down
+            s.watchdog.stop()
         except (OSError, ValueError):
             pass
 
@@ -117,12 +119,23 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
 
 
 def detach(mem: mmap.mmap) -> None:
-    """Let go of an attached partition's memory (the partition keeps it)."""
-    s = _sessions.pop(id(mem), None)
+    """Let go of an attached partition's memory (the partition keeps it).
+
+    Raises BufferError, and changes nothing, while a memoryview of `mem` is
+    alive: the mapping must go before its registration does, or a touch in
+    between would read a paged-out page as zeros."""
+    s = _sessions.get(id(mem))
     if s is None:
         raise ValueError("not an attached partition memory")
+    # The watchdog stands down first: once the mapping is gone the
+    # hypervisor may drop this connection, which is no hypervisor death.
     s.watchdog.stop()
-    uffd.unregister(s.uffd, uffd.address_of(s.mem), len(s.mem))
-    s.mem.close()
+    try:
+        mem.close()  # munmap: the registration goes with the mapping
+    except BufferError:
+        s.watchdog = uffd.Watchdog(s.sock.fileno(), EXIT_HYPERVISOR_LOST)
+        raise BufferError("detach: release every memoryview of the partition's memory "
+                          "first") from None  # fmt: skip
+    del _sessions[id(mem)]
     os.close(s.uffd)
     s.sock.close()

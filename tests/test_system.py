@@ -298,3 +298,32 @@ def test_demo_runs_and_verifies(tmp_path):
     assert not any(n.startswith("pyhv-demo-") for n in os.listdir(os.environ.get("TMPDIR", "/tmp"))
                    if os.path.exists(os.path.join("/tmp", n, "control.sock")))  # fmt: skip
     assert sys.executable
+
+
+DETACH_WHILE_VIEWED = textwrap.dedent("""
+    import pyhv
+    mem = pyhv.attach()
+    view = memoryview(mem)
+    n = len(mem) // 4096
+    for page in range(n):
+        view[page * 4096] = page % 251 + 1
+    try:
+        pyhv.detach(mem)
+    except BufferError as e:
+        print("refused:", e)
+    # still attached: paged-out pages come back, never as zeros
+    bad = [p for p in range(n) if view[p * 4096] != p % 251 + 1]
+    print("bad", len(bad))
+    view.release()
+    pyhv.detach(mem)
+    print("detached")
+""")
+
+
+def test_detach_while_a_view_is_alive_changes_nothing(system):
+    system.up(config_text(pool="1MiB", partitions=[("p1", "8MiB")]))
+    rc, out, err = finish(system.run("p1", PY, "-c", DETACH_WHILE_VIEWED))
+    assert rc == 0, err
+    assert "refused: detach: release every memoryview" in out
+    assert "bad 0" in out and "detached" in out
+    assert system.partition("p1")["workers"] == []
