@@ -67,7 +67,8 @@ def format_size(n: int) -> str:
 @dataclasses.dataclass
 class ServiceConfig:
     name: str
-    restart: bool = False
+    restart: bool = False  # start it again by itself when it dies
+    timeout: float = 10.0  # seconds a request may go unanswered before it counts as dead
 
 
 @dataclasses.dataclass
@@ -149,7 +150,8 @@ def _unique(names: list[str], what: str) -> None:
         seen.add(n)
 
 
-def _device(entry: dict, run_dir: Path, service_names: list[str]) -> DeviceConfig:
+def parse_device(entry: dict, run_dir: Path, service_names: list[str]) -> DeviceConfig:
+    """One [[device]] table, validated (and its size read for a block device)."""
     did = _name(entry, "id", "[[device]]")
     where = f"device {did!r}"
     _unknown_keys(entry, {"id", "path", "size", "services", "direct"}, where)
@@ -210,7 +212,8 @@ def _block_size(path: Path) -> int:
         os.close(fd)
 
 
-def _partition(entry: dict, service_names: list[str]) -> dict:
+def parse_partition(entry: dict, service_names: list[str]) -> dict:
+    """One [[partition]] table, validated on its own; its device is not resolved yet."""
     name = _name(entry, "name", "[[partition]]")
     where = f"partition {name!r}"
     _unknown_keys(entry, {"name", "memory", "paging", "device", "isolation", "weight"}, where)
@@ -252,11 +255,15 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
     services = []
     for entry in _table_list(doc, "paging_service"):
         name = _name(entry, "name", "[[paging_service]]")
-        _unknown_keys(entry, {"name", "restart"}, f"paging service {name!r}")
+        _unknown_keys(entry, {"name", "restart", "timeout"}, f"paging service {name!r}")
         restart = entry.get("restart", False)
         if not isinstance(restart, bool):
             raise ConfigError(f"paging service {name!r}: restart must be true or false")
-        services.append(ServiceConfig(name, restart))
+        timeout = entry.get("timeout", 10.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ConfigError(f"paging service {name!r}: timeout must be a positive number "
+                              "of seconds")  # fmt: skip
+        services.append(ServiceConfig(name, restart, float(timeout)))
     if not services:
         raise ConfigError("at least one [[paging_service]] is required")
     service_names = [s.name for s in services]
@@ -264,7 +271,7 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
 
     raw_devices = _table_list(doc, "device")
     _unique([_name(d, "id", "[[device]]") for d in raw_devices], "device")
-    devices = [_device(d, run_dir, service_names) for d in raw_devices]
+    devices = [parse_device(d, run_dir, service_names) for d in raw_devices]
     paths = [os.path.realpath(d.path) for d in devices]
     for i, p in enumerate(paths):
         if p in paths[:i]:
@@ -273,34 +280,38 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
     raw_parts = _table_list(doc, "partition")
     if not raw_parts:
         raise ConfigError("at least one [[partition]] is required")
-    parts = [_partition(p, service_names) for p in raw_parts]
+    parts = [parse_partition(p, service_names) for p in raw_parts]
     _unique([p["name"] for p in parts], "partition")
 
     by_id = {d.id: d for d in devices}
     taken: dict[str, str] = {}
-    for p in parts:  # explicit assignments first, then best fit for the rest
-        if p["device"] is None:
-            continue
-        dev = by_id.get(p["device"])
+    # explicit assignments first, then the best fit for the rest
+    for p in sorted(parts, key=lambda p: p["device"] is None):
+        taken[assign_device(p, by_id, taken).id] = p["name"]
+    return Config(pool_size, services, devices, [PartitionConfig(**p) for p in parts])
+
+
+def assign_device(p: dict, devices: dict[str, DeviceConfig], taken: dict[str, str]) -> DeviceConfig:
+    """The device for partition p: the one it names, or else the smallest free
+    one that fits and that all its paging services reach.  Sets p["device"];
+    `taken` maps device ids in use to their partitions."""
+    if p["device"] is not None:
+        dev = devices.get(p["device"])
         if dev is None:
             raise ConfigError(f"partition {p['name']!r}: unknown device {p['device']!r}")
         if dev.id in taken:
             raise ConfigError(f"partition {p['name']!r}: device {dev.id!r} is already "
                               f"assigned to partition {taken[dev.id]!r}")  # fmt: skip
         _check_fit(p, dev)
-        taken[dev.id] = p["name"]
-    for p in parts:
-        if p["device"] is not None:
-            continue
-        fits = [d for d in devices if d.id not in taken and d.size >= p["memory"]
-                and all(s in d.services for s in p["paging"])]  # fmt: skip
-        if not fits:
-            raise ConfigError(f"partition {p['name']!r}: no free device of at least "
-                              f"{format_size(p['memory'])} reachable by {', '.join(p['paging'])}")
-        dev = min(fits, key=lambda d: d.size)
-        p["device"] = dev.id
-        taken[dev.id] = p["name"]
-    return Config(pool_size, services, devices, [PartitionConfig(**p) for p in parts])
+        return dev
+    fits = [d for d in devices.values() if d.id not in taken and d.size >= p["memory"]
+            and all(s in d.services for s in p["paging"])]  # fmt: skip
+    if not fits:
+        raise ConfigError(f"partition {p['name']!r}: no free device of at least "
+                          f"{format_size(p['memory'])} reachable by {', '.join(p['paging'])}")
+    dev = min(fits, key=lambda d: d.size)
+    p["device"] = dev.id
+    return dev
 
 
 def _check_fit(p: dict, dev: DeviceConfig) -> None:

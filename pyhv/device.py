@@ -3,14 +3,17 @@
 A device has an identifier, a type (``file`` or ``block``) and a capacity in
 pages; the paging commands of :mod:`pyhv.wire` become its own operations
 here: pread/pwrite (O_DIRECT where configured, always for block devices),
-fdatasync, and fallocate(PUNCH_HOLE) or BLKDISCARD.  Each slot written keeps a
-CRC32, so that a page that changed on the device behind our back is reported
-as an error (EBADMSG), never returned.
+fdatasync, and fallocate(PUNCH_HOLE) or BLKDISCARD (the table is
+``wire.COMMANDS``).  Every page travels with its CRC32: a WRITE whose page
+does not match it is refused, and a READ checks what the device returned
+against the CRC32 the hypervisor expects, so that a page that changed on the
+device behind our back is an error (EBADMSG), never returned.  The service
+keeps no state per slot: a redundant service can take over a stream at any
+moment.
 """
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import os
@@ -29,8 +32,6 @@ class PagingDevice:
         self.kind = kind
         self.direct = direct or kind == "block"
         self.pages = size // PAGE_SIZE
-        self.crc = array.array("I", bytes(4 * self.pages))
-        self.written = bytearray(self.pages)  # 1 where the slot holds a page
         self.errors = 0
         self.fd = -1
 
@@ -55,40 +56,36 @@ class PagingDevice:
         if count < 1 or slot + count > self.pages:
             raise OSError(errno.EINVAL, f"slots {slot}+{count} outside device of {self.pages}")
 
-    def read(self, slot: int, count: int, buf: memoryview) -> None:
-        """Read count pages from slot into buf (page-aligned for O_DIRECT)."""
+    @staticmethod
+    def _check_crcs(slot: int, buf: memoryview, crcs: list[int]) -> None:
+        for i, want in enumerate(crcs):
+            if zlib.crc32(buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) != want:
+                raise OSError(errno.EBADMSG, f"checksum mismatch at slot {slot + i}")
+
+    def read(self, slot: int, count: int, buf: memoryview, crcs: list[int]) -> None:
+        """Read count pages from slot into buf (page-aligned for O_DIRECT) and
+        check each against the CRC32 expected of it."""
         self._check_range(slot, count)
         n = count * PAGE_SIZE
-        for i in range(slot, slot + count):
-            if not self.written[i]:
-                raise OSError(errno.ENODATA, f"slot {i} was never written")
         got = os.preadv(self.fd, [buf[:n]], slot * PAGE_SIZE)
         if got != n:
             raise OSError(errno.EIO, f"short read: {got} of {n} bytes")
-        for i in range(count):
-            if zlib.crc32(buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) != self.crc[slot + i]:
-                raise OSError(errno.EBADMSG, f"checksum mismatch at slot {slot + i}")
+        self._check_crcs(slot, buf, crcs)
 
-    def write(self, slot: int, count: int, buf: memoryview) -> None:
-        """Write count pages from buf to slot."""
+    def write(self, slot: int, count: int, buf: memoryview, crcs: list[int]) -> None:
+        """Write count pages from buf to slot, each checked against its CRC32."""
         self._check_range(slot, count)
+        self._check_crcs(slot, buf, crcs)
         n = count * PAGE_SIZE
-        for i in range(count):  # invalid until the write is known complete
-            self.written[slot + i] = 0
         put = os.pwritev(self.fd, [buf[:n]], slot * PAGE_SIZE)
         if put != n:
             raise OSError(errno.ENOSPC, f"short write: {put} of {n} bytes")
-        for i in range(count):
-            self.crc[slot + i] = zlib.crc32(buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
-            self.written[slot + i] = 1
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
     def discard(self, slot: int, count: int) -> None:
         self._check_range(slot, count)
-        for i in range(slot, slot + count):
-            self.written[i] = 0
         if self.kind == "block":
             fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", slot * PAGE_SIZE, count * PAGE_SIZE))
         else:
@@ -100,7 +97,6 @@ class PagingDevice:
             "type": self.kind,
             "path": self.path,
             "capacity_pages": self.pages,
-            "used_pages": self.pages - self.written.count(0),
             "direct": self.direct,
             "errors": self.errors,
             "health": "ok" if not self.errors else "degraded",

@@ -24,8 +24,10 @@ out of the memfd, and wakes whoever blocked on it meanwhile.
 from __future__ import annotations
 
 import argparse
+import array
 import collections
 import errno
+import fcntl
 import json
 import logging
 import mmap
@@ -36,10 +38,13 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 
-from pyhv import uffd, wire
+from pyhv import uffd, vcp, wire
 from pyhv.config import Config
 from pyhv.pool import Pool
+from pyhv.stream import ABORTED, COMPLETED, ENABLED, FLOWING, INVALID, RESUMED, SUSPENDED, \
+    SUSPENDING, Request, ServiceLink, Stream  # fmt: skip
 from pyhv.uffd import PAGE_SIZE
 
 log = logging.getLogger("pyhv.hypervisor")
@@ -48,7 +53,6 @@ log = logging.getLogger("pyhv.hypervisor")
 UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED = range(7)
 STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device", "poisoned")
 
-STREAM_STATES = ("INVALID", "ENABLED", "ABORTED", "SUSPENDING", "SUSPENDED", "RESUMED", "COMPLETED")
 
 CONTROL_SOCKET = "control.sock"
 PID_FILE = "hypervisor.pid"
@@ -81,22 +85,18 @@ class Partition:
         # the page is resident (reading a hole would silently fill it).
         self.mem = mmap.mmap(self.memfd, cfg.memory, mmap.MAP_SHARED, mmap.PROT_READ)
         self.view = memoryview(self.mem)
-        self.table = bytearray(self.pages)
+        self.table = bytearray(self.pages)  # page state, one byte a page
+        self.crc = array.array("I", bytes(4 * self.pages))  # CRC32 of each page on the device
         self.waiters: dict[int, list] = {}  # page -> [(worker, write)] while filling/out
         self.workers: dict[int, Worker] = {}
-        self.service: "PagingService | None" = None
-        self.stream_state = "INVALID"
-        self.stream_transitions = 0
-        self.stream_changed = time.time()
+        self.stream = Stream(index, cfg.name, device_spec(device), list(cfg.paging))
         self.resident = 0
         self.counters = collections.Counter()
 
-    def set_stream_state(self, state: str) -> None:
-        if state != self.stream_state:
-            log.info("partition %s: stream %s -> %s", self.name, self.stream_state, state)
-            self.stream_state = state
-            self.stream_transitions += 1
-            self.stream_changed = time.time()
+    def close(self) -> None:
+        self.view.release()
+        self.mem.close()
+        os.close(self.memfd)
 
     def status(self) -> dict:
         c = self.counters
@@ -115,6 +115,8 @@ class Partition:
             "machine_checks": c["machine_checks"],
             "device": self.cfg.device,
             "paging": self.cfg.paging,
+            "stream": self.stream.state,
+            "service": self.stream.service.name if self.stream.service else None,
             "workers": sorted(w.pid for w in self.workers.values()),
             "pages_by_state": {
                 STATE_NAMES[s]: n
@@ -124,131 +126,14 @@ class Partition:
         }
 
 
-class PagingService:
-    """The hypervisor's end of one paging service process and its streams."""
+def device_spec(dev) -> dict:
+    """What a paging service needs to open a device for a stream."""
+    return {"id": dev.id, "path": str(dev.path), "kind": dev.kind, "size": dev.size,
+            "direct": dev.direct}  # fmt: skip
 
-    def __init__(self, hv: "Hypervisor", cfg):
-        self.hv = hv
-        self.cfg = cfg
-        self.name = cfg.name
-        self.proc: subprocess.Popen | None = None
-        self.sock: socket.socket | None = None
-        self.state = "stopped"
-        self.pending: dict[int, tuple] = {}
-        self.outq: collections.deque = collections.deque()
-        self.next_req = 1
-        self.requests = 0
-        self.scratch = mmap.mmap(-1, wire.MAX_FRAME)
-        self.scratch_view = memoryview(self.scratch)
-        self.scratch_addr = uffd.address_of(self.scratch)
-        self.hdr = bytearray(wire.HEADER.size)
 
-    def start(self) -> None:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        logf = open(os.path.join(self.hv.run_dir, f"service-{self.name}.log"), "ab")
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pyhv.service", "--name", self.name,
-                 "--fd", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-            )  # fmt: skip
-        finally:
-            theirs.close()
-            logf.close()
-        mine.setblocking(False)
-        self.sock = mine
-        self.state = "running"
-        self.hv.sel.register(mine, selectors.EVENT_READ, self.on_event)
-        log.info("paging service %s: started, pid %d", self.name, self.proc.pid)
-
-    def submit(self, stream: int, op: int, slot: int, count: int, payload, callback) -> None:
-        """Queue one request; callback(status, count, data_addr, data_len) on reply."""
-        req = self.next_req
-        self.next_req += 1
-        self.requests += 1
-        self.pending[req] = (callback, stream, op)
-        frame = [wire.pack_header(req, stream, op, 0, slot, count)]
-        if payload is not None:
-            frame.append(payload)
-        if self.outq:
-            self.outq.append(frame)
-            return
-        try:
-            self.sock.sendmsg(frame)
-        except BlockingIOError:
-            self.outq.append(frame)
-            self.hv.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                               self.on_event)  # fmt: skip
-
-    def on_event(self, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
-            self._flush_out()
-        if mask & selectors.EVENT_READ:
-            self._drain()
-
-    def _flush_out(self) -> None:
-        while self.outq:
-            try:
-                self.sock.sendmsg(self.outq[0])
-            except BlockingIOError:
-                return
-            except OSError:
-                self.outq.clear()
-                return
-            self.outq.popleft()
-        self.hv.sel.modify(self.sock, selectors.EVENT_READ, self.on_event)
-
-    def _drain(self) -> None:
-        while self.sock is not None:
-            try:
-                n, _, _, _ = self.sock.recvmsg_into([self.hdr, self.scratch_view])
-            except BlockingIOError:
-                return
-            except OSError:
-                n = 0
-            if n == 0:
-                self.died()
-                return
-            req, stream, op, _f, status, slot, count, _crc = wire.unpack_header(self.hdr)
-            entry = self.pending.pop(req, None)
-            if entry is None:
-                log.error("paging service %s: reply to unknown request %d", self.name, req)
-                continue
-            entry[0](status, count, self.scratch_addr, n - wire.HEADER.size)
-
-    def died(self) -> None:
-        if self.sock is None:
-            return
-        self.hv.sel.unregister(self.sock)
-        self.sock.close()
-        self.sock = None
-        self.state = "dead" if not self.hv.stopping else "stopped"
-        self.outq.clear()
-        if self.pending and not self.hv.stopping:
-            log.error("paging service %s: gone with %d requests in flight", self.name,
-                      len(self.pending))  # fmt: skip
-        for p in self.hv.partitions:
-            if p.service is self:
-                p.set_stream_state("ABORTED" if not self.hv.stopping else "COMPLETED")
-
-    def status(self) -> dict:
-        return {
-            "name": self.name,
-            "pid": self.proc.pid if self.proc else None,
-            "state": self.state,
-            "requests": self.requests,
-            "in_flight": len(self.pending),
-            "streams": [
-                {
-                    "partition": p.name,
-                    "state": p.stream_state,
-                    "transitions": p.stream_transitions,
-                    "last_transition": p.stream_changed,
-                }
-                for p in self.hv.partitions
-                if p.service is self
-            ],
-        }
+class Refused(Exception):
+    """A control-point operation that is not valid now; nothing was changed."""
 
 
 class Hypervisor:
@@ -257,34 +142,45 @@ class Hypervisor:
         self.config = config
         self.sel = selectors.DefaultSelector()
         self.pool = Pool(config.pool_size // PAGE_SIZE)
-        # frames kept free (or being freed) ahead of demand once the pool is full
-        self.reserve = min(EVICT_AHEAD, max(1, self.pool.pages // 8))
         self.devices = {d.id: d for d in config.devices}
-        self.services = {s.name: PagingService(self, s) for s in config.services}
+        self.services = {s.name: ServiceLink(self, s) for s in config.services}
         self.partitions = [
             Partition(i, p, self.devices[p.device]) for i, p in enumerate(config.partitions)
         ]
         self.by_name = {p.name: p for p in self.partitions}
+        self.next_index = len(self.partitions)
+        self.locks: dict[str, int] = {}  # device id -> fd holding its flock
         self.faults = uffd.FaultBuffer(256)
         self.stopping = False
         self.done = False
         self.started = time.time()
         self.next_worker = 1
         self.ready_fd = -1
-        self.opening = 0
         self.listener: socket.socket | None = None
+        self.pending_ops: list = []  # (predicate, action) of operations still under way
         self.control_handlers = {
             "status": self.op_status,
             "shutdown": self.op_shutdown,
             "attach": self.op_attach,
             "register": self.op_register,
             "partition": self.op_partition,
+            **vcp.handlers(self),
         }
+
+    @property
+    def reserve(self) -> int:
+        """Frames kept free (or being freed) ahead of demand once the pool is full."""
+        return min(EVICT_AHEAD, max(1, self.pool.pages // 8))
+
+    def streams(self) -> list[Stream]:
+        return [p.stream for p in self.partitions]
 
     # --- start and stop ---------------------------------------------------
 
     def start(self, ready_fd: int = -1) -> None:
         self.ready_fd = ready_fd
+        for dev in self.devices.values():
+            self.lock_device(dev)
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
@@ -302,30 +198,38 @@ class Hypervisor:
         for svc in self.services.values():
             svc.start()
         for part in self.partitions:
-            self.open_stream(part, self.services[part.cfg.paging[0]])
+            self.place(part.stream)
+        self.after(lambda: all(s.state in FLOWING or s.state == ABORTED for s in self.streams()),
+                   self._started)  # fmt: skip
         log.info("hypervisor: pid %d, pool %d pages, %d partitions", os.getpid(), self.pool.pages,
                  len(self.partitions))  # fmt: skip
 
-    def open_stream(self, part: Partition, svc: PagingService) -> None:
-        dev = part.device
-        spec = {"id": dev.id, "path": str(dev.path), "kind": dev.kind, "size": dev.size,
-                "direct": dev.direct}  # fmt: skip
-        part.service = svc
-        self.opening += 1
+    def lock_device(self, dev) -> None:
+        """Hold an exclusive lock on the device for as long as this system
+        uses it: a second system cannot page to it."""
+        flags = os.O_RDONLY | os.O_CLOEXEC
+        if dev.kind == "file":
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(dev.path, flags, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Refused(f"device {dev.id!r} ({dev.path}) is in use by another system") from None
+        self.locks[dev.id] = fd
 
-        def opened(status, count, addr, n):
-            self.opening -= 1
-            if status:
-                msg = f"partition {part.name}: device {dev.id} ({dev.path}): {os.strerror(-status)}"
-                log.error("%s", msg)
-                part.set_stream_state("ABORTED")
-                self._not_ready(msg)
-                return
-            part.set_stream_state("ENABLED")
-            if self.opening == 0:
-                self._ready()
+    def unlock_device(self, dev) -> None:
+        fd = self.locks.pop(dev.id, None)
+        if fd is not None:
+            os.close(fd)
 
-        svc.submit(part.index, wire.OP_OPEN, 0, 0, json.dumps(spec).encode(), opened)
+    def _started(self) -> None:
+        bad = [s for s in self.streams() if s.state == ABORTED]
+        if bad:
+            self._not_ready(f"partition {bad[0].name}: its device cannot be opened by "
+                            f"{', '.join(bad[0].paging)} (see the service log)")  # fmt: skip
+        else:
+            self._ready()
 
     def _ready(self) -> None:
         if self.ready_fd >= 0:
@@ -335,62 +239,80 @@ class Hypervisor:
         log.info("hypervisor: ready")
 
     def _not_ready(self, msg: str) -> None:
+        log.error("hypervisor: %s", msg)
         if self.ready_fd >= 0:
             os.write(self.ready_fd, f"error {msg}\n".encode())
             os.close(self.ready_fd)
             self.ready_fd = -1
         self.shutdown()
 
+    def after(self, predicate, action) -> None:
+        """Run action once predicate() holds (checked after every event)."""
+        if predicate():
+            action()
+        else:
+            self.pending_ops.append((predicate, action))
+
+    def _run_pending(self) -> None:
+        while True:
+            ready = [op for op in self.pending_ops if op[0]()]
+            if not ready:
+                return
+            for op in ready:
+                self.pending_ops.remove(op)
+                op[1]()
+
     def run(self) -> None:
         while not self.done:
-            timeout = 0.5 if self.stopping else None
-            for key, mask in self.sel.select(timeout):
+            for key, mask in self.sel.select(1.0):
                 try:
                     key.data(mask)
                 except Exception:  # a bug must not take every partition down
                     log.exception("hypervisor: handler for fd %d failed", key.fd)
-            if self.stopping:
-                self._stop_progress()
+            self._check_deadlines()
+            try:
+                self._run_pending()
+            except Exception:
+                log.exception("hypervisor: a pending operation failed")
         self._finish()
 
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for svc in self.services.values():
+            if svc.running and svc.sent and svc.oldest_age(now) > svc.cfg.timeout:
+                self.service_failed(svc, f"no answer within {svc.cfg.timeout:g}s")
+
     def shutdown(self) -> None:
-        """Begin an orderly stop: workers go, streams flush and complete."""
+        """Begin an orderly stop: workers go, then every stream completes its
+        paging in flight, is flushed and ends COMPLETED; then the services."""
         if self.stopping:
             return
         log.info("hypervisor: shutting down")
         self.stopping = True
-        self.stop_deadline = time.monotonic() + 15
         if self.listener is not None:
             self.sel.unregister(self.listener)
             self.listener.close()
             self.listener = None
         for part in self.partitions:
             for w in list(part.workers.values()):
-                self._drop_worker(w, "its memory is gone")
-        for part in self.partitions:
-            svc = part.service
-            if svc is not None and svc.sock is not None and part.stream_state == "ENABLED":
-                part.set_stream_state("SUSPENDING")
-                svc.submit(part.index, wire.OP_FLUSH, 0, 0, None,
-                           lambda st, c, a, n, part=part: part.set_stream_state("COMPLETED"))  # fmt: skip
+                self._drop_worker(w, "the system is shutting down")
+        deadline = time.monotonic() + 15
+        for svc in self.services.values():
+            if svc.running:
+                self.stop_service(svc, final=True)
+        self.after(lambda: time.monotonic() > deadline or not any(
+            s.state == "stopping" for s in self.services.values()), self._stopped)  # fmt: skip
 
-    def _stop_progress(self) -> None:
-        busy = any(s.pending for s in self.services.values() if s.sock is not None)
-        if busy and time.monotonic() < self.stop_deadline:
-            return
+    def _stopped(self) -> None:
         for svc in self.services.values():
             if svc.sock is not None:
-                svc.died()
+                svc.close(kill=True)
+                svc.state = "stopped"
         self.done = True
 
     def _finish(self) -> None:
         for svc in self.services.values():
-            if svc.proc is not None:
-                try:
-                    svc.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    svc.proc.kill()
-                    svc.proc.wait()
+            svc.close(kill=False)
         for name in (CONTROL_SOCKET, PID_FILE):
             try:
                 os.unlink(os.path.join(self.run_dir, name))
@@ -406,12 +328,131 @@ class Hypervisor:
         for signum in data:
             if signum == signal.SIGCHLD:
                 for svc in self.services.values():
-                    if svc.proc is not None and svc.proc.poll() is not None and svc.state == "running":
-                        log.error("paging service %s: exited with %s", svc.name, svc.proc.returncode)
-                        svc.died()
+                    if svc.proc is not None and svc.proc.poll() is not None and svc.sock:
+                        self.service_failed(svc, f"exited with status {svc.proc.returncode}")
             else:
                 log.info("hypervisor: signal %d", signum)
                 self.shutdown()
+
+    # --- paging services and streams ------------------------------------------
+
+    def place(self, stream: Stream, avoid: ServiceLink | None = None) -> None:
+        """Give a stream without a service the first running one it may use."""
+        if stream.service is not None or self.stopping:
+            return
+        for name in stream.paging:
+            svc = self.services[name]
+            if svc.running and svc is not avoid and name not in stream.open_failed:
+                self.bind(stream, svc)
+                return
+        log.warning("partition %s: no paging service of %s is running; paging waits",
+                    stream.name, ", ".join(stream.paging))  # fmt: skip
+
+    def bind(self, stream: Stream, svc: ServiceLink) -> None:
+        """Open the partition's device on svc; the stream flows once it is open."""
+        stream.service = svc
+        stream.bound_to(svc)
+
+        def opened(status, count, addr, n):
+            if stream.service is not svc:
+                return
+            if status:
+                log.error("partition %s: paging service %s cannot open device %s: %s",
+                          stream.name, svc.name, stream.device_spec["id"],
+                          os.strerror(-status))  # fmt: skip
+                stream.service = None
+                stream.set_state(ABORTED)
+                stream.open_failed.add(svc.name)
+                self.place(stream)
+                return
+            stream.open_failed.clear()
+            stream.set_state(ENABLED if stream.state == INVALID else RESUMED)
+            stream.pump()
+
+        svc.send(stream, Request(wire.OP_OPEN, 0, 0, json.dumps(stream.device_spec).encode(),
+                                 opened))  # fmt: skip
+
+    def service_failed(self, svc: ServiceLink, why: str) -> None:
+        """A service died, closed its socket or stopped answering: fence it,
+        move its streams, with every request they had in flight, to their
+        other service, and restart it if its config says so."""
+        if svc.sock is None:
+            return
+        log.error("paging service %s: failed: %s", svc.name, why)
+        streams = svc.streams()
+        svc.close(kill=True)  # fencing: it can never complete an old write later
+        if svc.state == "stopping" or self.stopping:
+            svc.state = "stopped"
+        else:
+            svc.state = "dead"
+            svc.deaths += 1
+        for stream in streams:
+            n = len(stream.take_back())
+            stream.service = None
+            stream.set_state(ABORTED)
+            stream.mark_failover(svc.name, n)
+            self.place(stream)
+        if svc.state == "dead" and svc.cfg.restart and not self.stopping:
+            log.info("paging service %s: restarting (restart = true)", svc.name)
+            self.start_service(svc)
+
+    def start_service(self, svc: ServiceLink) -> None:
+        svc.start()
+        for stream in self.streams():
+            if stream.service is None and svc.name in stream.paging:
+                self.bind(stream, svc)
+
+    def suspend(self, stream: Stream, final_state: str, then) -> None:
+        """Controlled end of a stream on its service: no new request goes
+        out, the ones in flight complete, writes are flushed and synced; then
+        the stream is `final_state` (SUSPENDED or COMPLETED), holds no
+        service, and then() runs."""
+        svc = stream.service
+        stream.set_state(SUSPENDING)
+
+        def flushed(status, count, addr, n):
+            if status:
+                log.error("partition %s: flush on %s failed: %s", stream.name, svc.name,
+                          os.strerror(-status))  # fmt: skip
+            stream.service = None
+            stream.set_state(final_state)
+            then()
+
+        def drained():
+            if stream.service is not svc:  # the service failed meanwhile: moved already
+                then()
+                return
+            req = Request(wire.OP_FLUSH, 0, 0, None, flushed)
+            svc.send(stream, req)
+            stream.inflight[req.id] = req
+
+        self.after(lambda: not stream.inflight or stream.service is not svc, drained)
+
+    def stop_service(self, svc: ServiceLink, final: bool = False, then=None) -> None:
+        """Controlled shutdown of a paging service (see `suspend`); each of
+        its streams moves to the partition's other service if one runs, and
+        only then does the service exit."""
+        svc.state = "stopping"
+        streams = svc.streams()
+        left = [len(streams)]
+
+        def one_done(stream=None):
+            if stream is not None and not final:
+                self.place(stream, avoid=svc)
+            left[0] -= 1
+            if left[0] <= 0:
+                if svc.sock is not None:
+                    svc.close(kill=False)
+                svc.state = "stopped"
+                log.info("paging service %s: stopped", svc.name)
+                if then:
+                    then()
+
+        if not streams:
+            one_done()
+        for stream in streams:
+            self.suspend(stream, COMPLETED if final else SUSPENDED,
+                         lambda stream=stream: one_done(stream))  # fmt: skip
 
     # --- control connections ----------------------------------------------
 
@@ -448,16 +489,21 @@ class Hypervisor:
             if handler is None:
                 raise wire.ProtocolError(f"unknown op {op!r}")
             reply, reply_fds = handler(conn, msg, fds)
+        except Refused as e:
+            wire.close_fds(fds)
+            log.warning("control: %s refused: %s", op, e)
+            self.reply(conn, {"ok": False, "refused": True, "error": str(e)})
+            return
         except (wire.ProtocolError, KeyError, TypeError, ValueError) as e:
             wire.close_fds(fds)
             log.warning("control: bad request %r: %s", op, e)
-            self._reply(conn, {"ok": False, "error": str(e)})
+            self.reply(conn, {"ok": False, "error": str(e)})
             self._drop_conn(conn)
             return
         if reply is not None:
-            self._reply(conn, reply, reply_fds)
+            self.reply(conn, reply, reply_fds)
 
-    def _reply(self, conn: socket.socket, reply: dict, fds=()) -> None:
+    def reply(self, conn: socket.socket, reply: dict, fds=()) -> None:
         try:
             conn.setblocking(True)
             conn.settimeout(2)
@@ -537,6 +583,36 @@ class Hypervisor:
         self._close_conn(w.conn)
         log.info("partition %s: worker %d (pid %d) detached: %s", part.name, w.id, w.pid, why)
 
+    # --- partitions ------------------------------------------------------------
+
+    def add_partition(self, cfg, dev) -> Partition:
+        part = Partition(self.next_index, cfg, dev)
+        self.next_index += 1
+        self.partitions.append(part)
+        self.by_name[part.name] = part
+        log.info("partition %s: added (%d pages, device %s, paging %s)", part.name, part.pages,
+                 dev.id, ", ".join(cfg.paging))  # fmt: skip
+        self.place(part.stream)
+        return part
+
+    def remove_partition(self, part: Partition) -> None:
+        """Deactivate a partition that has no worker and nothing in flight:
+        its frames go back to the pool, its memory and device are let go."""
+        pool = self.pool
+        pool.victims = collections.deque(v for v in pool.victims if v[0] is not part)
+        for page in range(part.pages):
+            if part.table[page] in (DIRTY, CLEAN):
+                pool.release()
+        svc = part.stream.service
+        if svc is not None and svc.sock is not None:
+            svc.send(part.stream, Request(wire.OP_CLOSE, 0, 0, None, lambda *a: None))
+        part.stream.service = None
+        part.stream.set_state(COMPLETED)
+        self.partitions.remove(part)
+        del self.by_name[part.name]
+        part.close()
+        log.info("partition %s: removed", part.name)
+
     # --- the fault path -----------------------------------------------------
 
     def on_uffd(self, w: Worker) -> None:
@@ -585,10 +661,10 @@ class Hypervisor:
             if pool.try_take():
                 fill(part, page)  # the worker runs on while eviction keeps frames free
                 if pool.pages - pool.used < self.reserve:
-                    self._replenish()
+                    self.replenish()
             else:
                 pool.waiters.append(lambda: fill(part, page))
-                self._replenish()
+                self.replenish()
         elif st == FILLING or st == PAGING_OUT:
             part.waiters[page].append((w, bool(flags & uffd.FLAG_WRITE)))
         elif st == POISONED:
@@ -608,10 +684,7 @@ class Hypervisor:
             else:
                 self._page_in_failed(part, page, -status if status else errno.EIO)
 
-        self._submit(part, wire.OP_READ, page, 1, None, done)
-
-    def _submit(self, part: Partition, op: int, slot: int, count: int, payload, done) -> None:
-        part.service.submit(part.index, op, slot, count, payload, done)
+        part.stream.submit(wire.OP_READ, page, 1, wire.CRC.pack(part.crc[page]), done)
 
     def _install(self, part: Partition, page: int, src: int | None) -> None:
         """Map the page (zeros if src is None, else PAGE_SIZE bytes at src) and
@@ -666,7 +739,7 @@ class Hypervisor:
             if w.alive and uffd.poison(w.uffd, w.base + page * PAGE_SIZE, PAGE_SIZE) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
 
-    def _replenish(self) -> None:
+    def replenish(self) -> None:
         """Start evicting the oldest resident pages until every waiting fault
         and `reserve` more will have a frame."""
         pool = self.pool
@@ -704,9 +777,11 @@ class Hypervisor:
                 if w.alive and uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
                     self._drop_worker(w, "its memory is gone")
             self.pool.release()
-            self._replenish()
+            self.replenish()
 
-        self._submit(part, wire.OP_WRITE, page, 1, part.view[off : off + PAGE_SIZE], done)
+        data = part.view[off : off + PAGE_SIZE]
+        part.crc[page] = zlib.crc32(data)
+        part.stream.submit(wire.OP_WRITE, page, 1, [data, wire.CRC.pack(part.crc[page])], done)
 
     def _page_out_failed(self, part: Partition, page: int, err: int) -> None:
         """Nothing is lost: the page stays resident (dirty) and goes to the
@@ -721,7 +796,7 @@ class Hypervisor:
         for w, _ in part.waiters.pop(page, []):
             if w.alive and uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
-        self._replenish()
+        self.replenish()
 
     # --- status ---------------------------------------------------------------
 
@@ -744,12 +819,7 @@ class Hypervisor:
             },
             "partitions": [p.status() for p in self.partitions],
             "paging_services": [s.status() for s in self.services.values()],
-            "devices": [
-                {"id": d.id, "path": str(d.path), "type": d.kind, "size_bytes": d.size,
-                 "services": d.services,
-                 "partition": next((p.name for p in self.partitions if p.device is d), None)}
-                for d in self.devices.values()
-            ],  # fmt: skip
+            "devices": [vcp.device_row(self, d) for d in self.devices.values()],
         }
 
 
@@ -765,7 +835,7 @@ def main(argv=None) -> int:
     hv = Hypervisor(os.path.abspath(args.run_dir), config)
     try:
         hv.start(args.ready_fd)
-    except OSError as e:
+    except (OSError, Refused) as e:
         msg = f"cannot start: {e}"
         log.error("hypervisor: %s", msg)
         if args.ready_fd >= 0:

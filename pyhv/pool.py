@@ -37,6 +37,10 @@ class Pool:
     def release(self) -> None:
         """Give a frame back and hand it to the oldest waiter, if any."""
         self.used -= 1
+        self.serve()
+
+    def serve(self) -> None:
+        """Hand free frames to waiting faults, oldest first."""
         while self.waiters and self.used < self.pages:
             self._take()
             self.waiters.popleft()()

@@ -36,15 +36,8 @@ class PagingService:
         self.buf = mmap.mmap(-1, wire.MAX_PAGES * PAGE_SIZE)
         self.view = memoryview(self.buf)
         self.hdr = bytearray(wire.HEADER.size)
-        self.handlers = {
-            wire.OP_OPEN: self.op_open,
-            wire.OP_CLOSE: self.op_close,
-            wire.OP_READ: self.op_read,
-            wire.OP_WRITE: self.op_write,
-            wire.OP_FLUSH: self.op_flush,
-            wire.OP_DISCARD: self.op_discard,
-            wire.OP_QUERY: self.op_query,
-        }
+        # the device interface definition, command by command
+        self.handlers = {c.op: getattr(self, f"op_{c.name.lower()}") for c in wire.COMMANDS}
 
     def serve(self) -> int:
         """Serve until the hypervisor goes; 0, or 1 if it sent a malformed frame
@@ -115,16 +108,21 @@ class PagingService:
         if dev is not None:
             dev.close()
 
+    def _crcs(self, at: int, count: int) -> list[int]:
+        return [wire.CRC.unpack_from(self.view, at + i * wire.CRC.size)[0] for i in range(count)]
+
     def op_read(self, stream, slot, count, payload):
-        if count > wire.MAX_PAGES:
-            raise OSError(errno.EINVAL, "too many pages")
-        self.device(stream).read(slot, count, self.view)
+        if not 1 <= count <= wire.MAX_PAGES or payload != count * wire.CRC.size:
+            raise OSError(errno.EINVAL, f"READ of {count} pages carries {payload} bytes")
+        crcs = self._crcs(0, count)
+        self.device(stream).read(slot, count, self.view, crcs)
         return self.view[: count * PAGE_SIZE]
 
     def op_write(self, stream, slot, count, payload):
-        if payload != count * PAGE_SIZE:
+        if not 1 <= count <= wire.MAX_PAGES or payload != count * (PAGE_SIZE + wire.CRC.size):
             raise OSError(errno.EINVAL, f"WRITE of {count} pages carries {payload} bytes")
-        self.device(stream).write(slot, count, self.view)
+        crcs = self._crcs(count * PAGE_SIZE, count)
+        self.device(stream).write(slot, count, self.view, crcs)
 
     def op_flush(self, stream, slot, count, payload):
         self.device(stream).flush()

@@ -12,6 +12,7 @@ message is one ``recvmsg`` and a peer can never leave half a frame behind:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -119,22 +120,44 @@ def request(path: str, msg: dict, timeout: float = 30.0) -> dict:
 #: request id, stream id, op, flags, status (-errno or 0), slot, page count, crc32
 HEADER = struct.Struct("<QHBBiIII")
 
-OP_OPEN = 1  # payload: JSON {"device": {...}}: open the device for this stream
-OP_CLOSE = 2
-OP_READ = 3  # slot, count -> reply payload: count pages
-OP_WRITE = 4  # slot, count, payload: count pages
-OP_FLUSH = 5  # make every completed WRITE durable
-OP_DISCARD = 6  # slot, count: the slots hold nothing of value any more
-OP_QUERY = 7  # reply payload: JSON {capacity, type, health, ...}
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One paging command of the device interface definition."""
 
-OP_NAMES = {
-    OP_OPEN: "OPEN", OP_CLOSE: "CLOSE", OP_READ: "READ", OP_WRITE: "WRITE",
-    OP_FLUSH: "FLUSH", OP_DISCARD: "DISCARD", OP_QUERY: "QUERY",
-}  # fmt: skip
+    op: int
+    name: str
+    request: str  # what the header's slot and count, and the payload, carry
+    reply: str  # what a reply carries besides its status (0 or -errno)
+    device: dict  # what the paging service turns it into, per device type
+
+
+#: The device interface definition: every paging command, its arguments and
+#: its reply, and the device operation it becomes.  The paging service
+#: dispatches from this table; the README prints it.
+COMMANDS = (
+    Command(1, "OPEN", "payload: JSON {id, path, kind, size, direct}", "-",
+            {"file": "open(O_CREAT), ftruncate to size", "block": "open(O_DIRECT), size check"}),
+    Command(2, "CLOSE", "-", "-", {"file": "close", "block": "close"}),
+    Command(3, "READ", "slot, count; payload: count expected CRC32s",
+            "count pages; EBADMSG if a page does not match its CRC32, EIO on a short read",
+            {"file": "preadv", "block": "preadv (O_DIRECT)"}),
+    Command(4, "WRITE", "slot, count; payload: count pages, then their CRC32s",
+            "-; EBADMSG if a page does not match its CRC32, ENOSPC on a short write",
+            {"file": "pwritev", "block": "pwritev (O_DIRECT)"}),
+    Command(5, "FLUSH", "-", "-", {"file": "fdatasync", "block": "fdatasync"}),
+    Command(6, "DISCARD", "slot, count", "-",
+            {"file": "fallocate(PUNCH_HOLE)", "block": "ioctl(BLKDISCARD)"}),
+    Command(7, "QUERY", "-", "JSON {id, type, path, capacity_pages, health, errors}",
+            {"file": "fstat", "block": "ioctl(BLKGETSIZE64)"}),
+)  # fmt: skip
+BY_OP = {c.op: c for c in COMMANDS}
+OP_OPEN, OP_CLOSE, OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_QUERY = (c.op for c in COMMANDS)
+OP_NAMES = {c.op: c.name for c in COMMANDS}
 
 MAX_PAGES = 64  # pages in one READ or WRITE
 PAGE = 4096
-MAX_FRAME = HEADER.size + MAX_PAGES * PAGE
+CRC = struct.Struct("<I")  # one page's CRC32, as READ and WRITE carry them
+MAX_FRAME = HEADER.size + MAX_PAGES * (PAGE + CRC.size)
 
 
 def pack_header(req: int, stream: int, op: int, status: int = 0, slot: int = 0,

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import zlib
 
 import pytest
 
@@ -139,30 +140,34 @@ def test_device_write_read_and_checksum(tmp_path, direct):
     dev = PagingDevice("d0", path, "file", 8 * P, direct)
     dev.open()
     assert path.stat().st_size == 8 * P  # created at its size
+    pages = [page_pattern("p", 3, 1), page_pattern("p", 4, 1)]
+    crcs = [zlib.crc32(x) for x in pages]
     buf = _aligned(2)
-    buf[:P] = page_pattern("p", 3, 1)
-    buf[P:] = page_pattern("p", 4, 1)
-    dev.write(3, 2, buf)
+    buf[:] = b"".join(pages)
+    with pytest.raises(OSError) as e:  # a page that does not match its CRC is not written
+        dev.write(3, 2, buf, [crcs[0], crcs[1] ^ 1])
+    assert e.value.errno == errno.EBADMSG
+    dev.write(3, 2, buf, crcs)
     out = _aligned(2)
-    dev.read(3, 2, out)
-    assert out[:P] == page_pattern("p", 3, 1) and out[P:] == page_pattern("p", 4, 1)
-    with pytest.raises(OSError) as e:
-        dev.read(5, 1, out)  # never written: an error, never zeros
-    assert e.value.errno == errno.ENODATA
+    dev.read(3, 2, out, crcs)
+    assert out[:P] == pages[0] and out[P:] == pages[1]
+    with pytest.raises(OSError) as e:  # never written: zeros do not match, never returned
+        dev.read(5, 1, out, [crcs[0]])
+    assert e.value.errno == errno.EBADMSG
     with open(path, "r+b") as f:  # a byte changes behind the service's back
         f.seek(4 * P + 100)
-        f.write(b"\x00" if page_pattern("p", 4, 1)[100] else b"\x01")
+        f.write(b"\x00" if pages[1][100] else b"\x01")
     with pytest.raises(OSError) as e:
-        dev.read(3, 2, out)
+        dev.read(3, 2, out, crcs)
     assert e.value.errno == errno.EBADMSG
     with pytest.raises(OSError) as e:
-        dev.read(7, 2, out)
+        dev.read(7, 2, out, crcs)
     assert e.value.errno == errno.EINVAL
     dev.discard(3, 1)
     with pytest.raises(OSError):
-        dev.read(3, 1, out)
+        dev.read(3, 1, out, crcs[:1])
     q = dev.query()
-    assert q["capacity_pages"] == 8 and q["type"] == "file" and q["used_pages"] == 1
+    assert q["capacity_pages"] == 8 and q["type"] == "file" and q["health"] == "ok"
     dev.close()
 
 
@@ -197,20 +202,29 @@ def test_paging_service_executes_commands(tmp_path):
             "direct": True}  # fmt: skip
     assert svc.call(0, wire.OP_OPEN, payload=json.dumps(spec).encode())[0] == 0
     page = page_pattern("x", 1, 1)
-    assert svc.call(0, wire.OP_WRITE, 5, 1, page) == (0, b"")
-    assert svc.call(0, wire.OP_READ, 5, 1) == (0, page)
-    assert svc.call(0, wire.OP_READ, 6, 1)[0] == -errno.ENODATA
-    assert svc.call(0, wire.OP_WRITE, 5, 2, page)[0] == -errno.EINVAL  # payload != count pages
+    crc = wire.CRC.pack(zlib.crc32(page))
+    assert svc.call(0, wire.OP_WRITE, 5, 1, page + crc) == (0, b"")
+    assert svc.call(0, wire.OP_READ, 5, 1, crc) == (0, page)
+    assert svc.call(0, wire.OP_READ, 6, 1, crc)[0] == -errno.EBADMSG  # zeros there
+    assert svc.call(0, wire.OP_WRITE, 5, 2, page + crc)[0] == -errno.EINVAL  # 1 page for 2
+    assert svc.call(0, wire.OP_READ, 5, 1)[0] == -errno.EINVAL  # no CRC to check against
     assert svc.call(0, wire.OP_FLUSH)[0] == 0
     status, q = svc.call(0, wire.OP_QUERY)
     q = json.loads(q)
     assert status == 0 and q["capacity_pages"] == 16 and q["health"] == "degraded"
-    assert svc.call(1, wire.OP_READ, 0, 1)[0] == -errno.EBADF  # stream 1 is not open
+    assert svc.call(1, wire.OP_READ, 0, 1, crc)[0] == -errno.EBADF  # stream 1 is not open
     assert svc.call(0, 99)[0] == -errno.EOPNOTSUPP
     assert svc.call(0, wire.OP_DISCARD, 5, 1)[0] == 0
-    assert svc.call(0, wire.OP_READ, 5, 1)[0] == -errno.ENODATA
+    assert svc.call(0, wire.OP_READ, 5, 1, crc)[0] == -errno.EBADMSG
     # end-of-file: the hypervisor is gone, and the service exits
     assert svc.close() == 0
+
+
+def test_every_paging_command_has_one_definition():
+    assert sorted(c.name for c in wire.COMMANDS) == sorted(wire.OP_NAMES.values())
+    assert len({c.op for c in wire.COMMANDS}) == len(wire.COMMANDS)
+    for c in wire.COMMANDS:
+        assert set(c.device) == {"file", "block"}
 
 
 def test_a_malformed_frame_costs_the_sender_its_connection(tmp_path):

@@ -1,0 +1,298 @@
+"""Paging streams and paging service processes, the hypervisor's side.
+
+A :class:`Stream` is one partition's asynchronous request stream.  It has a
+state (the VASI states), the paging service that holds it, and every request
+that has not been answered yet -- so that when that service dies, is hung,
+or is stopped, the same requests can be sent again to the partition's other
+service, in their original order, and no fault fails.
+
+A :class:`ServiceLink` is one paging service process: it starts it, carries
+request frames to it over a SEQPACKET socket and hands replies back to their
+streams.  Fencing: before a stream leaves a service that failed, that process
+is killed and reaped, so it can never complete an old write after the other
+service has written a newer one.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import mmap
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from pyhv import uffd, wire
+
+log = logging.getLogger("pyhv.stream")
+
+INVALID = "INVALID"
+ENABLED = "ENABLED"
+ABORTED = "ABORTED"
+SUSPENDING = "SUSPENDING"
+SUSPENDED = "SUSPENDED"
+RESUMED = "RESUMED"
+COMPLETED = "COMPLETED"
+STATES = (INVALID, ENABLED, ABORTED, SUSPENDING, SUSPENDED, RESUMED, COMPLETED)
+FLOWING = (ENABLED, RESUMED)  # states in which requests go out
+
+
+class Request:
+    __slots__ = ("op", "slot", "count", "payload", "done", "id", "sent")
+
+    def __init__(self, op: int, slot: int, count: int, payload, done: Callable):
+        self.op = op
+        self.slot = slot
+        self.count = count
+        self.payload = payload  # bytes-like or a list of them
+        self.done = done  # done(status, count, data_addr, data_len)
+        self.id = 0
+        self.sent = 0.0
+
+
+class Stream:
+    def __init__(self, index: int, name: str, device_spec: dict, paging: list[str]):
+        self.index = index
+        self.name = name  # the partition's
+        self.device_spec = device_spec
+        self.paging = paging  # service names: primary, then the redundant one
+        self.state = INVALID
+        self.transitions = collections.Counter()
+        self.changed = time.time()
+        self.service: ServiceLink | None = None
+        self.inflight: dict[int, Request] = {}  # sent to self.service, unanswered
+        self.queued: collections.deque[Request] = collections.deque()  # not sent yet
+        self.requests = 0
+        self.failovers: list[dict] = []
+        self._failover: dict | None = None  # the one in progress
+        self.open_failed: set[str] = set()  # services that could not open the device
+
+    # --- state ------------------------------------------------------------------
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            log.info("partition %s: stream %s -> %s%s", self.name, self.state, state,
+                     f" on {self.service.name}" if self.service else "")  # fmt: skip
+            self.transitions[f"{self.state}->{state}"] += 1
+            self.state = state
+            self.changed = time.time()
+
+    @property
+    def busy(self) -> int:
+        return len(self.inflight) + len(self.queued)
+
+    # --- requests ------------------------------------------------------------------
+
+    def submit(self, op: int, slot: int, count: int, payload, done: Callable) -> None:
+        self.requests += 1
+        self.queued.append(Request(op, slot, count, payload, done))
+        self.pump()
+
+    def pump(self) -> None:
+        """Send what is queued, if the stream flows."""
+        svc = self.service
+        if svc is None or self.state not in FLOWING:
+            return
+        while self.queued:
+            req = self.queued.popleft()
+            svc.send(self, req)
+            self.inflight[req.id] = req
+
+    def answered(self, req: Request, status: int, count: int, addr: int, n: int) -> None:
+        if self._failover is not None and req.op != wire.OP_OPEN:  # first served after failover
+            fo, self._failover = self._failover, None
+            fo["seconds"] = time.monotonic() - fo.pop("t0")
+            self.failovers.append(fo)
+            log.warning("partition %s: failover %s -> %s took %.1f ms, %d requests were in "
+                        "flight", self.name, fo["from"], fo["to"], fo["seconds"] * 1e3,
+                        fo["in_flight"])  # fmt: skip
+        req.done(status, count, addr, n)
+
+    def take_back(self) -> list[Request]:
+        """Unsent again: every in-flight request returns to the queue, oldest
+        first, ready to go to another service."""
+        back = sorted(self.inflight.values(), key=lambda r: r.id)
+        self.inflight.clear()
+        self.queued.extendleft(reversed(back))
+        return back
+
+    def mark_failover(self, old: str, in_flight: int) -> None:
+        self._failover = {"from": old, "to": None, "in_flight": in_flight,
+                          "t0": time.monotonic(), "at": time.time()}  # fmt: skip
+
+    def bound_to(self, svc: "ServiceLink") -> None:
+        if self._failover is not None:
+            self._failover["to"] = svc.name
+
+    def status(self) -> dict:
+        return {
+            "partition": self.name,
+            "state": self.state,
+            "service": self.service.name if self.service else None,
+            "paging": self.paging,
+            "in_flight": len(self.inflight),
+            "queued": len(self.queued),
+            "requests": self.requests,
+            "transitions": dict(self.transitions),
+            "transition_count": sum(self.transitions.values()),
+            "last_transition": self.changed,
+            "failovers": [dict(f) for f in self.failovers],
+        }
+
+
+class ServiceLink:
+    """One paging service process and the socket to it."""
+
+    def __init__(self, hv, cfg):
+        self.hv = hv
+        self.cfg = cfg
+        self.name = cfg.name
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self.state = "stopped"  # running, stopping, stopped, dead
+        self.outq: collections.deque = collections.deque()
+        self.sent: dict[int, tuple[Stream, Request]] = {}
+        self.next_id = 1
+        self.requests = 0
+        self.starts = 0
+        self.deaths = 0
+        self.scratch = mmap.mmap(-1, wire.MAX_FRAME)
+        self.scratch_view = memoryview(self.scratch)
+        self.scratch_addr = uffd.address_of(self.scratch)
+        self.hdr = bytearray(wire.HEADER.size)
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def streams(self) -> list[Stream]:
+        return [s for s in self.hv.streams() if s.service is self]
+
+    def start(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        logf = open(os.path.join(self.hv.run_dir, f"service-{self.name}.log"), "ab")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pyhv.service", "--name", self.name,
+                 "--fd", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+            logf.close()
+        mine.setblocking(False)
+        self.sock = mine
+        self.state = "running"
+        self.starts += 1
+        self.outq.clear()
+        self.hv.sel.register(mine, selectors.EVENT_READ, self.on_event)
+        log.info("paging service %s: started, pid %d", self.name, self.proc.pid)
+
+    def send(self, stream: Stream, req: Request) -> None:
+        req.id = self.next_id
+        self.next_id += 1
+        req.sent = time.monotonic()
+        self.requests += 1
+        self.sent[req.id] = (stream, req)
+        frame = [wire.pack_header(req.id, stream.index, req.op, 0, req.slot, req.count)]
+        if isinstance(req.payload, list):
+            frame += req.payload
+        elif req.payload is not None:
+            frame.append(req.payload)
+        if self.outq:
+            self.outq.append(frame)
+            return
+        try:
+            self.sock.sendmsg(frame)
+        except BlockingIOError:
+            self.outq.append(frame)
+            self.hv.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                               self.on_event)  # fmt: skip
+        except OSError:
+            self.outq.append(frame)  # the death shows up as EOF; the request is resent
+
+    def on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush_out()
+        if mask & selectors.EVENT_READ:
+            self._drain()
+
+    def _flush_out(self) -> None:
+        while self.outq and self.sock is not None:
+            try:
+                self.sock.sendmsg(self.outq[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            self.outq.popleft()
+        if self.sock is not None:
+            self.hv.sel.modify(self.sock, selectors.EVENT_READ, self.on_event)
+
+    def _drain(self) -> None:
+        while self.sock is not None:
+            try:
+                n, _, _, _ = self.sock.recvmsg_into([self.hdr, self.scratch_view])
+            except BlockingIOError:
+                return
+            except OSError:
+                n = 0
+            if n < wire.HEADER.size:
+                self.hv.service_failed(self, "connection closed" if n == 0 else "short frame")
+                return
+            rid, _stream, _op, _f, status, _slot, count, _crc = wire.unpack_header(self.hdr)
+            entry = self.sent.pop(rid, None)
+            if entry is None:
+                log.error("paging service %s: reply to unknown request %d", self.name, rid)
+                continue
+            stream, req = entry
+            if stream.inflight.pop(rid, None) is None and req.op != wire.OP_OPEN:
+                continue  # taken back from this service meanwhile: answered elsewhere
+            stream.answered(req, status, count, self.scratch_addr, n - wire.HEADER.size)
+
+    def oldest_age(self, now: float) -> float:
+        oldest = min((r.sent for _, r in self.sent.values()), default=now)
+        return now - oldest
+
+    def close(self, kill: bool) -> None:
+        """Close the socket; with kill, fence: SIGKILL and reap the process."""
+        if self.sock is not None:
+            try:
+                self.hv.sel.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.sock.close()
+            self.sock = None
+        self.outq.clear()
+        self.sent.clear()
+        if self.proc is not None:
+            if kill and self.proc.poll() is None:
+                try:
+                    self.proc.send_signal(signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def status(self) -> dict:
+        streams = self.streams()
+        return {
+            "name": self.name,
+            "pid": self.proc.pid if self.proc and self.state != "stopped" else None,
+            "state": self.state,
+            "role": ("active" if streams else "standby") if self.running else None,
+            "restart": self.cfg.restart,
+            "starts": self.starts,
+            "deaths": self.deaths,
+            "requests": self.requests,
+            "in_flight": len(self.sent),
+            "streams": [s.status() for s in streams],
+        }

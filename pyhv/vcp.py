@@ -1,0 +1,264 @@
+"""The live control point: the config file's operations on a running system.
+
+Each operation is validated completely before anything changes; a refusal is
+a :class:`~pyhv.hypervisor.Refused` with a one-line reason, and the command
+line exits 2 on it.  Operations that take time (shrinking the pool, removing
+a partition, stopping or switching a paging service) answer when done.
+
+The handlers run in the hypervisor's loop; each takes (hv, conn, msg) and
+returns a reply dict, or None when it will answer later through hv.reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pyhv.config import ConfigError, DeviceConfig, PartitionConfig, assign_device, \
+    format_size, parse_device, parse_pages, parse_partition  # fmt: skip
+from pyhv.uffd import PAGE_SIZE
+
+log = logging.getLogger("pyhv.vcp")
+
+#: The smallest pool: enough frames for a fault to find one while others page out.
+MIN_POOL_PAGES = 16
+
+
+def handlers(hv) -> dict:
+    ops = {
+        "pool_resize": pool_resize,
+        "partition_add": partition_add,
+        "partition_remove": partition_remove,
+        "partition_list": partition_list,
+        "device_add": device_add,
+        "device_remove": device_remove,
+        "device_list": device_list,
+        "service_start": service_start,
+        "service_stop": service_stop,
+        "service_list": service_list,
+        "service_switch": service_switch,
+    }
+    return {name: (lambda conn, msg, fds, fn=fn: (fn(hv, conn, msg), ())) for name, fn in ops.items()}
+
+
+def _refused(msg: str):
+    from pyhv.hypervisor import Refused
+
+    return Refused(msg)
+
+
+def _str(msg: dict, key: str) -> str:
+    v = msg.get(key)
+    if not isinstance(v, str) or not v:
+        raise _refused(f"{key} is required")
+    return v
+
+
+def _partition(hv, name: str):
+    part = hv.by_name.get(name)
+    if part is None:
+        raise _refused(f"unknown partition {name!r}")
+    return part
+
+
+def _service(hv, name: str):
+    svc = hv.services.get(name)
+    if svc is None:
+        raise _refused(f"unknown paging service {name!r}")
+    return svc
+
+
+def _device(hv, did: str):
+    dev = hv.devices.get(did)
+    if dev is None:
+        raise _refused(f"unknown device {did!r}")
+    return dev
+
+
+def _config_errors(fn, *args):
+    try:
+        return fn(*args)
+    except ConfigError as e:
+        raise _refused(str(e)) from None
+
+
+def _no_stop(hv) -> None:
+    if hv.stopping:
+        raise _refused("the system is shutting down")
+
+
+# --- pool ------------------------------------------------------------------------------------
+
+
+def pool_resize(hv, conn, msg):
+    """Grow at once; shrink by evicting down to the new size first."""
+    _no_stop(hv)
+    new = _config_errors(parse_pages, msg.get("size"), "pool size") // PAGE_SIZE
+    pool = hv.pool
+    if new < MIN_POOL_PAGES:
+        raise _refused(f"the pool cannot be smaller than {MIN_POOL_PAGES} pages")
+    if new < pool.used:
+        # what cannot be evicted now: pages in flight, and dirty pages of
+        # partitions whose stream has no service to write them to
+        stuck = pool.used - sum(
+            1 for part, page in pool.victims
+            if part.table[page] == 2 or part.stream.service is not None  # 2: CLEAN
+        )  # fmt: skip
+        if new < stuck:
+            raise _refused(f"cannot shrink the pool to {new} pages: {stuck} resident pages "
+                           "cannot be evicted now (in flight, or dirty with no paging service)")
+    old = pool.pages
+    pool.pages = new
+    log.info("pool: %d -> %d pages", old, new)
+    if new >= old:
+        pool.serve()
+        return {"ok": True, "pages": new, "old_pages": old}
+    hv.replenish()
+    hv.after(lambda: pool.used <= pool.pages,
+             lambda: hv.reply(conn, {"ok": True, "pages": new, "old_pages": old}))  # fmt: skip
+    return None
+
+
+# --- partitions ----------------------------------------------------------------------------------
+
+
+def partition_add(hv, conn, msg):
+    _no_stop(hv)
+    entry = {k: msg[k] for k in ("name", "memory", "paging", "device") if msg.get(k) is not None}
+    p = _config_errors(parse_partition, entry, list(hv.services))
+    if p["name"] in hv.by_name:
+        raise _refused(f"partition {p['name']!r} exists already")
+    taken = {part.device.id: part.name for part in hv.partitions}
+    dev = _config_errors(assign_device, p, hv.devices, taken)
+    if not any(hv.services[n].running for n in p["paging"]):
+        raise _refused(f"partition {p['name']!r}: no paging service of {', '.join(p['paging'])} "
+                       "is running")  # fmt: skip
+    part = hv.add_partition(PartitionConfig(**p), dev)
+
+    def opened():
+        s = part.stream
+        if s.service is None:
+            hv.remove_partition(part)
+            hv.reply(conn, {"ok": False, "refused": True, "error": f"partition {part.name!r}: "
+                            f"device {dev.id!r} cannot be opened by {', '.join(s.paging)}"})
+        else:
+            hv.reply(conn, {"ok": True, "partition": part.status()})
+
+    hv.after(lambda: part.stream.state in ("ENABLED", "RESUMED") or part.stream.service is None,
+             opened)  # fmt: skip
+    return None
+
+
+def partition_remove(hv, conn, msg):
+    _no_stop(hv)
+    part = _partition(hv, _str(msg, "name"))
+    if part.workers:
+        raise _refused(f"partition {part.name!r} has {len(part.workers)} live worker(s)")
+    part.removing = True
+    hv.after(lambda: not part.stream.inflight and not part.waiters,
+             lambda: (hv.remove_partition(part),
+                      hv.reply(conn, {"ok": True, "removed": part.name})))  # fmt: skip
+    return None
+
+
+def partition_list(hv, conn, msg):
+    return {"ok": True, "partitions": [p.status() for p in hv.partitions]}
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+
+def device_add(hv, conn, msg):
+    _no_stop(hv)
+    entry = {k: msg[k] for k in ("id", "path", "size", "services") if msg.get(k) is not None}
+    dev: DeviceConfig = _config_errors(parse_device, entry, hv.run_dir, list(hv.services))
+    if dev.id in hv.devices:
+        raise _refused(f"device {dev.id!r} exists already")
+    real = os.path.realpath(dev.path)
+    for other in hv.devices.values():
+        if os.path.realpath(other.path) == real:
+            raise _refused(f"device {dev.id!r}: {dev.path} is device {other.id!r} already")
+    hv.lock_device(dev)  # refuses a device another system uses
+    hv.devices[dev.id] = dev
+    log.info("device %s: added (%s %s, %s, services %s)", dev.id, dev.kind, dev.path,
+             format_size(dev.size), ", ".join(dev.services))  # fmt: skip
+    return {"ok": True, "device": device_row(hv, dev)}
+
+
+def device_remove(hv, conn, msg):
+    _no_stop(hv)
+    dev = _device(hv, _str(msg, "id"))
+    user = next((p.name for p in hv.partitions if p.device is dev), None)
+    if user is not None:
+        raise _refused(f"device {dev.id!r} serves partition {user!r}")
+    hv.unlock_device(dev)
+    del hv.devices[dev.id]
+    log.info("device %s: removed", dev.id)
+    return {"ok": True, "removed": dev.id}
+
+
+def device_row(hv, dev) -> dict:
+    part = next((p for p in hv.partitions if p.device is dev), None)
+    active = part.stream.service.name if part and part.stream.service else None
+    return {"id": dev.id, "path": str(dev.path), "type": dev.kind, "size_bytes": dev.size,
+            "direct": dev.direct, "services": dev.services,
+            "partition": part.name if part else None,
+            "paging": part.stream.paging if part else [],
+            "active_service": active,
+            "stream": part.stream.state if part else None}  # fmt: skip
+
+
+def device_list(hv, conn, msg):
+    return {"ok": True, "devices": [device_row(hv, d) for d in hv.devices.values()]}
+
+
+# --- paging services -------------------------------------------------------------------------------
+
+
+def service_start(hv, conn, msg):
+    _no_stop(hv)
+    svc = _service(hv, _str(msg, "name"))
+    if svc.state in ("running", "stopping"):
+        raise _refused(f"paging service {svc.name!r} is {svc.state} already")
+    hv.start_service(svc)
+    return {"ok": True, "service": svc.status()}
+
+
+def service_stop(hv, conn, msg):
+    _no_stop(hv)
+    svc = _service(hv, _str(msg, "name"))
+    if svc.state != "running":
+        raise _refused(f"paging service {svc.name!r} is {svc.state}")
+    moved = {s.name: s for s in svc.streams()}
+    hv.stop_service(svc, then=lambda: hv.reply(conn, {
+        "ok": True, "service": svc.status(),
+        "streams": {n: {"state": s.state, "service": s.service.name if s.service else None}
+                    for n, s in moved.items()}}))  # fmt: skip
+    return None
+
+
+def service_list(hv, conn, msg):
+    return {"ok": True, "services": [s.status() for s in hv.services.values()]}
+
+
+def service_switch(hv, conn, msg):
+    _no_stop(hv)
+    part = _partition(hv, _str(msg, "partition"))
+    stream = part.stream
+    if len(stream.paging) < 2:
+        raise _refused(f"partition {part.name!r} has no redundant paging service")
+    current = stream.service
+    if current is None:
+        raise _refused(f"partition {part.name!r}: its stream has no paging service now")
+    other = hv.services[next(n for n in stream.paging if n != current.name)]
+    if not other.running:
+        raise _refused(f"paging service {other.name!r} is {other.state}")
+
+    def moved():
+        hv.bind(stream, other)
+        hv.after(lambda: stream.state in ("RESUMED", "ABORTED"), lambda: hv.reply(conn, {
+            "ok": stream.state == "RESUMED", "partition": part.name, "from": current.name,
+            "to": other.name, "state": stream.state}))  # fmt: skip
+
+    hv.suspend(stream, "SUSPENDED", moved)
+    return None
