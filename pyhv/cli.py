@@ -217,10 +217,24 @@ def format_status(st: dict) -> str:
             f"{len(p['workers']):>9}  {p['device']}"
         )
     lines.append("")
-    lines.append(f"{'SERVICE':<12}{'PID':>8}  {'STATE':<10}{'IN-FLIGHT':>10}  STREAMS")
-    for s in st["paging_services"]:
-        streams = ", ".join(f"{x['partition']}:{x['state']}" for x in s["streams"]) or "-"
-        lines.append(f"{s['name']:<12}{s['pid'] or '-':>8}  {s['state']:<10}{s['in_flight']:>10}  {streams}")
+    lines += format_services(st["paging_services"]).splitlines()
+    waiting = [p for p in st["partitions"] if p.get("service") is None]
+    for p in waiting:
+        lines.append(f"  partition {p['name']}: stream {p['stream']}, no paging service "
+                     f"(paging waits for {', '.join(p['paging'])})")
+    return "\n".join(lines)
+
+
+def format_services(services: list[dict]) -> str:
+    lines = [f"{'SERVICE':<12}{'PID':>8}  {'STATE':<9}{'ROLE':<9}{'IN-FLIGHT':>10}{'DEATHS':>8}"]
+    for s in services:
+        lines.append(f"{s['name']:<12}{s['pid'] or '-':>8}  {s['state']:<9}{s['role'] or '-':<9}"
+                     f"{s['in_flight']:>10}{s['deaths']:>8}")
+        for x in s["streams"]:
+            when = time.strftime("%H:%M:%S", time.localtime(x["last_transition"]))
+            lines.append(f"    stream {x['partition']:<12}{x['state']:<11}transitions "
+                         f"{x['transition_count']}, last at {when}, {x['in_flight']} in flight"
+                         + (f", {len(x['failovers'])} failover(s)" if x["failovers"] else ""))
     return "\n".join(lines)
 
 
@@ -252,6 +266,89 @@ def stop_system(run_dir: str, timeout: float = 30.0) -> None:
 def cmd_shutdown(args) -> int:
     stop_system(_run_dir(args))
     return 0
+
+
+def _op(args, msg: dict, timeout: float = 120.0) -> dict:
+    """A control-point operation: refusals are one line and exit 2."""
+    reply = control(_run_dir(args), msg, timeout)
+    if not reply.get("ok"):
+        raise Fail(reply.get("error", "refused"), EXIT_USAGE)
+    return reply
+
+
+def _emit(args, reply: dict, text: str) -> int:
+    print(json.dumps(reply, indent=2) if args.json else text)
+    return 0
+
+
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else [v for v in value.split(",") if v]
+
+
+def cmd_pool_resize(args) -> int:
+    r = _op(args, {"op": "pool_resize", "size": args.size})
+    return _emit(args, r, f"pool: {r['old_pages']} -> {r['pages']} pages "
+                          f"({_fmt_bytes(r['pages'] * 4096)})")  # fmt: skip
+
+
+def format_partitions(parts: list[dict]) -> str:
+    lines = [f"{'PARTITION':<12}{'MEMORY':>9}{'RESIDENT':>10}  {'DEVICE':<10}{'PAGING':<14}"
+             f"{'SERVICE':<10}{'STREAM':<11}WORKERS"]  # fmt: skip
+    for p in parts:
+        lines.append(f"{p['name']:<12}{_fmt_bytes(p['memory_bytes']):>9}{p['resident_pages']:>10}  "
+                     f"{p['device']:<10}{','.join(p['paging']):<14}{p['service'] or '-':<10}"
+                     f"{p['stream']:<11}{len(p['workers'])}")
+    return "\n".join(lines)
+
+
+def cmd_partition(args) -> int:
+    if args.action == "list":
+        r = _op(args, {"op": "partition_list"})
+        return _emit(args, r, format_partitions(r["partitions"]))
+    if args.action == "add":
+        r = _op(args, {"op": "partition_add", "name": args.name, "memory": args.memory,
+                       "paging": _names(args.paging), "device": args.device})  # fmt: skip
+        return _emit(args, r, format_partitions([r["partition"]]))
+    r = _op(args, {"op": "partition_remove", "name": args.name})
+    return _emit(args, r, f"partition {r['removed']}: removed")
+
+
+def format_devices(devs: list[dict]) -> str:
+    lines = [f"{'DEVICE':<10}{'TYPE':<7}{'SIZE':>9}  {'PARTITION':<12}{'SERVICES':<14}"
+             f"{'ACTIVE':<10}{'STREAM':<11}PATH"]  # fmt: skip
+    for d in devs:
+        lines.append(f"{d['id']:<10}{d['type']:<7}{_fmt_bytes(d['size_bytes']):>9}  "
+                     f"{d['partition'] or '-':<12}{','.join(d['services']):<14}"
+                     f"{d['active_service'] or '-':<10}{d['stream'] or '-':<11}{d['path']}")
+    return "\n".join(lines)
+
+
+def cmd_device(args) -> int:
+    if args.action == "list":
+        r = _op(args, {"op": "device_list"})
+        return _emit(args, r, format_devices(r["devices"]))
+    if args.action == "add":
+        r = _op(args, {"op": "device_add", "id": args.id, "path": args.path, "size": args.size,
+                       "services": _names(args.services)})  # fmt: skip
+        return _emit(args, r, format_devices([r["device"]]))
+    r = _op(args, {"op": "device_remove", "id": args.id})
+    return _emit(args, r, f"device {r['removed']}: removed")
+
+
+def cmd_service(args) -> int:
+    if args.action == "list":
+        r = _op(args, {"op": "service_list"})
+        return _emit(args, r, format_services(r["services"]))
+    if args.action == "start":
+        r = _op(args, {"op": "service_start", "name": args.name})
+        return _emit(args, r, format_services([r["service"]]))
+    if args.action == "stop":
+        r = _op(args, {"op": "service_stop", "name": args.name})
+        moved = ", ".join(f"{n} {x['state']}" + (f" on {x['service']}" if x["service"] else "")
+                          for n, x in r["streams"].items()) or "no streams"  # fmt: skip
+        return _emit(args, r, f"paging service {args.name}: stopped; {moved}")
+    r = _op(args, {"op": "service_switch", "partition": args.partition})
+    return _emit(args, r, f"partition {r['partition']}: {r['from']} -> {r['to']} ({r['state']})")
 
 
 def cmd_demo(args) -> int:
@@ -291,6 +388,61 @@ def build_parser() -> Parser:
     p = sub.add_parser("shutdown", help="stop everything in order")
     run_dir_opt(p)
     p.set_defaults(func=cmd_shutdown)
+
+    def json_opt(p):
+        run_dir_opt(p)
+        p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("pool", help="the shared memory pool")
+    psub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
+    q = psub.add_parser("resize", help="grow, or shrink after evicting down to the new size")
+    q.add_argument("size")
+    json_opt(q)
+    q.set_defaults(func=cmd_pool_resize)
+
+    p = sub.add_parser("partition", help="add, remove and list partitions")
+    psub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
+    q = psub.add_parser("add", help="define and activate a partition")
+    q.add_argument("name")
+    q.add_argument("--memory", required=True)
+    q.add_argument("--paging", required=True, help="A[,B]: primary, then a redundant service")
+    q.add_argument("--device", help="device id (default: the best-fitting free one)")
+    json_opt(q)
+    q = psub.add_parser("remove", help="deactivate a partition with no live worker")
+    q.add_argument("name")
+    json_opt(q)
+    q = psub.add_parser("list")
+    json_opt(q)
+    p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("device", help="add, remove and list paging devices")
+    psub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
+    q = psub.add_parser("add", help="assign a paging device")
+    q.add_argument("id")
+    q.add_argument("path")
+    q.add_argument("--size", help="for a file (block devices have their own)")
+    q.add_argument("--services", help="A,B: who can reach it (default: every service)")
+    json_opt(q)
+    q = psub.add_parser("remove", help="remove a device that serves no partition")
+    q.add_argument("id")
+    json_opt(q)
+    q = psub.add_parser("list", help="devices, their partitions and services (like lsmap -ams)")
+    json_opt(q)
+    p.set_defaults(func=cmd_device)
+
+    p = sub.add_parser("service", help="start, stop, list paging services; switch streams")
+    psub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
+    for action, help_ in (("start", "start a paging service (standby if others hold the streams)"),
+                          ("stop", "controlled shutdown: complete or move its streams, then exit")):
+        q = psub.add_parser(action, help=help_)
+        q.add_argument("name")
+        json_opt(q)
+    q = psub.add_parser("list")
+    json_opt(q)
+    q = psub.add_parser("switch", help="move a partition's stream to its other paging service")
+    q.add_argument("partition")
+    json_opt(q)
+    p.set_defaults(func=cmd_service)
 
     p = sub.add_parser("demo", help="run a small system on an embedded config")
     p.add_argument("--json", action="store_true")
