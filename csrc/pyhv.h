@@ -36,6 +36,7 @@ int pyhv_uffd_read(int fd, struct pyhv_fault *out, int max);
 int pyhv_memfd_new(const char *name, uint64_t size);
 int pyhv_punch_hole(int fd, uint64_t offset, uint64_t len);
 int64_t pyhv_blkdev_size(int fd);
+int pyhv_mincore(uint64_t start, uint64_t len, unsigned char *vec);
 
 /* Worker watchdog: a thread that ends the process with _exit(status) when
  * fd reports end-of-file or an error (the hypervisor is gone). */

@@ -191,3 +191,11 @@ int64_t pyhv_blkdev_size(int fd)
 		return NEG_ERRNO();
 	return (int64_t)size;
 }
+
+/* Which pages of [start, start+len) are in memory: one byte a page in vec,
+ * bit 0 set where resident.  On a shared file mapping this is the page
+ * cache, whatever the calling process has mapped.  Returns 0 or -errno. */
+int pyhv_mincore(uint64_t start, uint64_t len, unsigned char *vec)
+{
+	return mincore((void *)start, len, vec) < 0 ? NEG_ERRNO() : 0;
+}

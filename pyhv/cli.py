@@ -80,12 +80,16 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
     if config is None:
         config = load_config(config_path, run_dir)
     check_kernel()
-    os.makedirs(run_dir, exist_ok=True)
+    check_locks(config)
     pid = _running_pid(run_dir)
     if pid is not None:
         raise Fail(f"a hypervisor is already running in {run_dir} (pid {pid})", EXIT_USAGE)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=1)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=1)
+    except OSError as e:
+        raise Fail(f"cannot use run directory {run_dir}: {e.strerror}", EXIT_USAGE) from None
     if not detach:
         from pyhv import hypervisor
 
@@ -105,6 +109,25 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
         why = line[len("error ") :] if line.startswith("error ") else "exited during start-up"
         raise Fail(f"the hypervisor did not start: {why} (see {os.path.join(run_dir, LOG_FILE)})")
     return 0
+
+
+def check_locks(config) -> None:
+    """Refuse devices that another running system holds (the hypervisor
+    takes the same locks for real when it starts)."""
+    import fcntl
+
+    for dev in config.devices:
+        try:
+            fd = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Fail(f"device {dev.id!r} ({dev.path}) is in use by another system",
+                       EXIT_USAGE) from None  # fmt: skip
+        finally:
+            os.close(fd)
 
 
 def check_kernel() -> None:

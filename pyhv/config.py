@@ -184,6 +184,8 @@ def parse_device(entry: dict, run_dir: Path, service_names: list[str]) -> Device
     else:
         if st is None and str(path).startswith("/dev/"):
             raise ConfigError(f"{where}: block device {path} does not exist")
+        if st is None and not os.path.isdir(os.path.dirname(path) or "."):
+            raise ConfigError(f"{where}: directory {os.path.dirname(path)} does not exist")
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{where}: {path} is neither a regular file nor a block device")
         kind = "file"

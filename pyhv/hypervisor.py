@@ -58,12 +58,25 @@ CONTROL_SOCKET = "control.sock"
 PID_FILE = "hypervisor.pid"
 LOG_FILE = "hypervisor.log"
 EVICT_AHEAD = 16  # pages paged out ahead of demand once the pool is full
+MAX_CONNECTIONS = 512  # control connections, workers' included
+MAX_BACKLOG = 32  # replies a client may leave unread before it is dropped
+
+
+class Control:
+    """A control connection: a control-point client, or a worker's for life."""
+
+    __slots__ = ("sock", "out", "worker")
+
+    def __init__(self, sock: socket.socket):
+        self.sock: socket.socket | None = sock
+        self.out: collections.deque = collections.deque()  # (bytes, fds) not sent yet
+        self.worker: Worker | None = None
 
 
 class Worker:
     __slots__ = ("id", "pid", "partition", "conn", "uffd", "base", "alive")
 
-    def __init__(self, wid: int, pid: int, partition: "Partition", conn: socket.socket):
+    def __init__(self, wid: int, pid: int, partition: "Partition", conn: Control):
         self.id = wid
         self.pid = pid
         self.partition = partition
@@ -85,6 +98,7 @@ class Partition:
         # the page is resident (reading a hole would silently fill it).
         self.mem = mmap.mmap(self.memfd, cfg.memory, mmap.MAP_SHARED, mmap.PROT_READ)
         self.view = memoryview(self.mem)
+        self.base = uffd.address_of(self.mem, writable=False)
         self.table = bytearray(self.pages)  # page state, one byte a page
         self.crc = array.array("I", bytes(4 * self.pages))  # CRC32 of each page on the device
         self.waiters: dict[int, list] = {}  # page -> [(worker, write)] while filling/out
@@ -92,6 +106,10 @@ class Partition:
         self.stream = Stream(index, cfg.name, device_spec(device), list(cfg.paging))
         self.resident = 0
         self.counters = collections.Counter()
+
+    def in_memory(self, page: int) -> bool:
+        """Is the page in the memfd's page cache (mincore: no fault, no fill)?"""
+        return bool(uffd.in_memory(self.base + page * PAGE_SIZE, PAGE_SIZE)[0] & 1)
 
     def close(self) -> None:
         self.view.release()
@@ -153,10 +171,12 @@ class Hypervisor:
         self.faults = uffd.FaultBuffer(256)
         self.stopping = False
         self.done = False
+        self.failed: str | None = None  # why start-up failed
         self.started = time.time()
         self.next_worker = 1
         self.ready_fd = -1
         self.listener: socket.socket | None = None
+        self.conns: dict[socket.socket, Control] = {}
         self.pending_ops: list = []  # (predicate, action) of operations still under way
         self.control_handlers = {
             "status": self.op_status,
@@ -240,6 +260,7 @@ class Hypervisor:
 
     def _not_ready(self, msg: str) -> None:
         log.error("hypervisor: %s", msg)
+        self.failed = msg
         if self.ready_fd >= 0:
             os.write(self.ready_fd, f"error {msg}\n".encode())
             os.close(self.ready_fd)
@@ -458,67 +479,119 @@ class Hypervisor:
 
     def on_accept(self, mask: int) -> None:
         try:
-            conn, _ = self.listener.accept()
-        except (BlockingIOError, OSError):
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
             return
-        conn.setblocking(False)
-        self.sel.register(conn, selectors.EVENT_READ, lambda m, c=conn: self.on_control(c))
+        except OSError as e:  # out of fds or memory: back off rather than spin
+            log.error("control: accept: %s; not accepting for a second", e.strerror)
+            self.sel.unregister(self.listener)
+            until = time.monotonic() + 1
+            self.after(lambda: time.monotonic() > until, self._accept_again)
+            return
+        if len(self.conns) >= MAX_CONNECTIONS:
+            log.warning("control: %d connections open already; refusing one", len(self.conns))
+            sock.close()
+            return
+        sock.setblocking(False)
+        c = Control(sock)
+        self.conns[sock] = c
+        self.sel.register(sock, selectors.EVENT_READ, lambda m, c=c: self.on_conn(c, m))
 
-    def _close_conn(self, conn: socket.socket) -> None:
+    def _accept_again(self) -> None:
+        if self.listener is not None:
+            self.sel.register(self.listener, selectors.EVENT_READ, self.on_accept)
+
+    def on_conn(self, c: "Control", mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush_replies(c)
+        if mask & selectors.EVENT_READ and c.sock is not None:
+            self.on_control(c)
+
+    def _close_conn(self, c: "Control") -> None:
+        if c.sock is None:
+            return
         try:
-            self.sel.unregister(conn)
+            self.sel.unregister(c.sock)
         except (KeyError, ValueError):
             pass
-        conn.close()
+        self.conns.pop(c.sock, None)
+        c.sock.close()
+        c.sock = None
+        for _, fds in c.out:
+            wire.close_fds(fds)
+        c.out.clear()
 
-    def on_control(self, conn: socket.socket) -> None:
+    def on_control(self, c: "Control") -> None:
+        """One request from a connection (the next waits for the next event)."""
         try:
-            msg, fds = wire.recv_control(conn)
+            msg, fds = wire.recv_control(c.sock)
         except BlockingIOError:
             return
         except (wire.ProtocolError, OSError) as e:
             log.warning("control: dropping a connection: %s", e)
-            self._drop_conn(conn, f"protocol error: {e}")
+            self._drop_conn(c, f"protocol error: {e}")
             return
         if msg is None:
-            self._drop_conn(conn, "connection closed")
+            self._drop_conn(c, "connection closed")
             return
         op = msg.get("op")
         handler = self.control_handlers.get(op) if isinstance(op, str) else None
         try:
             if handler is None:
                 raise wire.ProtocolError(f"unknown op {op!r}")
-            reply, reply_fds = handler(conn, msg, fds)
+            if fds and op != "register":
+                raise wire.ProtocolError(f"{op} carries no file descriptors")
+            reply, reply_fds = handler(c, msg, fds)
         except Refused as e:
-            wire.close_fds(fds)
             log.warning("control: %s refused: %s", op, e)
-            self.reply(conn, {"ok": False, "refused": True, "error": str(e)})
+            self.reply(c, {"ok": False, "refused": True, "error": str(e)})
             return
         except (wire.ProtocolError, KeyError, TypeError, ValueError) as e:
             wire.close_fds(fds)
             log.warning("control: bad request %r: %s", op, e)
-            self.reply(conn, {"ok": False, "error": str(e)})
-            self._drop_conn(conn)
+            self.reply(c, {"ok": False, "error": f"bad request: {e}"})
+            self._drop_conn(c, f"bad request: {e}")
             return
         if reply is not None:
-            self.reply(conn, reply, reply_fds)
+            self.reply(c, reply, reply_fds)
 
-    def reply(self, conn: socket.socket, reply: dict, fds=()) -> None:
-        try:
-            conn.setblocking(True)
-            conn.settimeout(2)
-            wire.send_control(conn, reply, fds)
-            conn.setblocking(False)
-        except OSError as e:
-            log.warning("control: reply lost: %s", e)
+    def reply(self, c: "Control", reply: dict, fds=()) -> None:
+        """Answer without ever blocking the loop: what the peer does not take
+        now waits in its queue; a peer that leaves too much unread is dropped."""
+        if c.sock is None:
+            return
+        c.out.append((wire.encode_control(reply), [os.dup(fd) for fd in fds]))
+        if len(c.out) > MAX_BACKLOG:
+            log.warning("control: a client left %d replies unread; dropping it", len(c.out))
+            self._drop_conn(c, "not reading its replies")
+            return
+        self._flush_replies(c)
 
-    def _drop_conn(self, conn: socket.socket, why: str = "connection dropped") -> None:
-        for part in self.partitions:
-            for w in list(part.workers.values()):
-                if w.conn is conn:
-                    self._drop_worker(w, why)
-                    return
-        self._close_conn(conn)
+    def _flush_replies(self, c: "Control") -> None:
+        while c.out and c.sock is not None:
+            data, fds = c.out[0]
+            try:
+                if fds:
+                    socket.send_fds(c.sock, [data], fds)
+                else:
+                    c.sock.send(data)
+            except BlockingIOError:
+                self.sel.modify(c.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                lambda m, c=c: self.on_conn(c, m))  # fmt: skip
+                return
+            except OSError as e:
+                log.warning("control: reply lost: %s", e)
+                self._drop_conn(c, "connection broken")
+                return
+            c.out.popleft()
+            wire.close_fds(fds)
+        if c.sock is not None:
+            self.sel.modify(c.sock, selectors.EVENT_READ, lambda m, c=c: self.on_conn(c, m))
+
+    def _drop_conn(self, c: "Control", why: str = "connection dropped") -> None:
+        if c.worker is not None:
+            self._drop_worker(c.worker, why)
+        self._close_conn(c)
 
     def op_status(self, conn, msg, fds):
         return self.status(), ()
@@ -542,16 +615,17 @@ class Hypervisor:
             return {"ok": False, "error": f"unknown partition {name!r}"}, ()
         if self.stopping:
             return {"ok": False, "error": "the hypervisor is shutting down"}, ()
-        if any(w.conn is conn for p in self.partitions for w in p.workers.values()):
+        if conn.worker is not None:
             raise wire.ProtocolError("this connection is attached already")
         w = Worker(self.next_worker, pid, part, conn)
+        conn.worker = w
         self.next_worker += 1
         part.workers[w.id] = w
         return {"ok": True, "worker": w.id, "size": part.cfg.memory, "page_size": PAGE_SIZE,
                 "features": uffd.feature_mask(uffd.WORKER_FEATURES)}, (part.memfd,)  # fmt: skip
 
     def op_register(self, conn, msg, fds):
-        w = next((w for p in self.partitions for w in p.workers.values() if w.conn is conn), None)
+        w = conn.worker
         if w is None or w.uffd >= 0 or len(fds) != 1:
             wire.close_fds(fds)
             raise wire.ProtocolError("register without attach, twice, or without one uffd")
@@ -559,11 +633,13 @@ class Hypervisor:
         w.base = int(msg["base"])
         os.set_blocking(w.uffd, False)
         part = w.partition
-        # Clean pages must fault on this worker's first write too.
-        page = 0
-        while (page := part.table.find(CLEAN, page)) >= 0:
-            uffd.writeprotect(w.uffd, w.base + page * PAGE_SIZE, PAGE_SIZE, True)
-            page += 1
+        # Clean pages must fault on this worker's first write too, and pages
+        # being paged out must not be written behind the page-out's back.
+        for state in (CLEAN, PAGING_OUT):
+            page = 0
+            while (page := part.table.find(state, page)) >= 0:
+                uffd.writeprotect(w.uffd, w.base + page * PAGE_SIZE, PAGE_SIZE, True)
+                page += 1
         self.sel.register(w.uffd, selectors.EVENT_READ, lambda m, w=w: self.on_uffd(w))
         log.info("partition %s: worker %d (pid %d) attached", part.name, w.id, w.pid)
         return {"ok": True}, ()
@@ -625,8 +701,13 @@ class Hypervisor:
         msgs = self.faults.msgs
         for i in range(n):
             m = msgs[i]
-            if m.event == uffd.EVENT_PAGEFAULT:
+            if m.event != uffd.EVENT_PAGEFAULT:
+                continue
+            try:
                 self.fault(w, m.a, m.b)
+            except Exception:  # one bad fault must not strand the rest of the batch
+                log.exception("partition %s: worker %d: fault at %#x failed", w.partition.name,
+                              w.pid, m.a)  # fmt: skip
             if not w.alive:
                 return
 
@@ -670,8 +751,16 @@ class Hypervisor:
         elif st == POISONED:
             if uffd.poison(w.uffd, start, PAGE_SIZE) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
-        elif uffd.wake(w.uffd, start, PAGE_SIZE) == uffd.GONE:  # raced with an install
-            self._drop_worker(w, "its memory is gone")
+        elif part.in_memory(page):  # raced with an install: it is there now
+            if uffd.wake(w.uffd, start, PAGE_SIZE) == uffd.GONE:
+                self._drop_worker(w, "its memory is gone")
+        else:  # resident by the table, gone from the memfd: a worker removed it
+            part.counters["removed_by_worker"] += 1  # (MADV_REMOVE): it reads zeros now
+            log.info("partition %s: page %d was removed by a worker; it is a zero page now",
+                     part.name, page)  # fmt: skip
+            part.table[page] = DIRTY
+            if uffd.zeropage(w.uffd, start, PAGE_SIZE) == uffd.GONE:
+                self._drop_worker(w, "its memory is gone")
 
     def _zero_fill(self, part: Partition, page: int) -> None:
         self._install(part, page, None)
@@ -842,7 +931,7 @@ def main(argv=None) -> int:
             os.write(args.ready_fd, f"error {msg}\n".encode())
         return 1
     hv.run()
-    return 0
+    return 1 if hv.failed else 0
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ class ServiceLink:
             frame += req.payload
         elif req.payload is not None:
             frame.append(req.payload)
-        if self.outq:
+        if self.outq or self.sock is None:
             self.outq.append(frame)
             return
         try:

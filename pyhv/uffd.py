@@ -193,9 +193,17 @@ def blkdev_size(fd: int) -> int:
     return _check(lib.pyhv_blkdev_size(fd), "BLKGETSIZE64")
 
 
-def address_of(buf) -> int:
-    """Start address of a writable buffer (an mmap), without keeping it exported."""
-    p = ffi.from_buffer(buf, require_writable=True)
+def in_memory(start: int, length: int) -> bytes:
+    """mincore(): a byte a page, bit 0 set where the page is in memory (for
+    a shared mapping of a memfd: in its page cache)."""
+    vec = ffi.new("unsigned char[]", (length + PAGE_SIZE - 1) // PAGE_SIZE)
+    _check(lib.pyhv_mincore(start, length, vec), "mincore")
+    return ffi.buffer(vec)[:]
+
+
+def address_of(buf, writable: bool = True) -> int:
+    """Start address of a buffer (an mmap), without keeping it exported."""
+    p = ffi.from_buffer(buf, require_writable=writable)
     try:
         return int(ffi.cast("uintptr_t", p))
     finally:
