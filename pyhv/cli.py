@@ -80,10 +80,10 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
     if config is None:
         config = load_config(config_path, run_dir)
     check_kernel()
-    check_locks(config)
     pid = _running_pid(run_dir)
     if pid is not None:
         raise Fail(f"a hypervisor is already running in {run_dir} (pid {pid})", EXIT_USAGE)
+    check_locks(config)
     try:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:

@@ -158,7 +158,7 @@ def parse_device(entry: dict, run_dir: Path, service_names: list[str]) -> Device
     raw = entry.get("path")
     if not isinstance(raw, str) or not raw:
         raise ConfigError(f"{where}: path is required")
-    path = Path(raw) if os.path.isabs(raw) else run_dir / raw
+    path = Path(raw) if os.path.isabs(raw) else Path(run_dir) / raw
     services = entry.get("services", list(service_names))
     if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
         raise ConfigError(f"{where}: services must be a list of service names")
@@ -184,8 +184,8 @@ def parse_device(entry: dict, run_dir: Path, service_names: list[str]) -> Device
     else:
         if st is None and str(path).startswith("/dev/"):
             raise ConfigError(f"{where}: block device {path} does not exist")
-        if st is None and not os.path.isdir(os.path.dirname(path) or "."):
-            raise ConfigError(f"{where}: directory {os.path.dirname(path)} does not exist")
+        if st is None and path.parent != Path(run_dir) and not path.parent.is_dir():
+            raise ConfigError(f"{where}: directory {path.parent} does not exist")
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{where}: {path} is neither a regular file nor a block device")
         kind = "file"
