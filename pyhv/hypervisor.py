@@ -134,6 +134,8 @@ class Partition:
             "device": self.cfg.device,
             "paging": self.cfg.paging,
             "stream": self.stream.state,
+            "stream_in_flight": len(self.stream.inflight),
+            "stream_queued": len(self.stream.queued),
             "service": self.stream.service.name if self.stream.service else None,
             "workers": sorted(w.pid for w in self.workers.values()),
             "pages_by_state": {
@@ -466,8 +468,9 @@ class Hypervisor:
                     svc.close(kill=False)
                 svc.state = "stopped"
                 log.info("paging service %s: stopped", svc.name)
-                if then:
-                    then()
+                if then:  # once the streams that moved flow again on their other service
+                    self.after(lambda: all(s.service is None or s.state in FLOWING
+                                           or s.state == ABORTED for s in streams), then)
 
         if not streams:
             one_done()

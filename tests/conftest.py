@@ -27,14 +27,16 @@ def pyhv(*args, check=False, timeout=120, **kw) -> subprocess.CompletedProcess:
 
 
 def config_text(pool="16MiB", partitions=(("p1", "64MiB"),), services=("vios1",),
-                device_size=None, extra="") -> str:  # fmt: skip
+                device_size=None, extra="", paging=None, service_extra="") -> str:  # fmt: skip
     out = [f'[pool]\nsize = "{pool}"\n']
     for s in services:
-        out.append(f'[[paging_service]]\nname = "{s}"\n')
+        out.append(f'[[paging_service]]\nname = "{s}"\n{service_extra}')
     for i, (name, mem) in enumerate(partitions):
         out.append(f'[[device]]\nid = "pgdev{i}"\npath = "pg{i}.img"\n'
                    f'size = "{device_size or mem}"\n')  # fmt: skip
         out.append(f'[[partition]]\nname = "{name}"\nmemory = "{mem}"\ndevice = "pgdev{i}"\n')
+        if paging:
+            out.append("paging = [" + ", ".join(f'"{x}"' for x in paging) + "]\n")
     out.append(extra)
     return "\n".join(out)
 
@@ -56,6 +58,24 @@ class System:
 
     def partition(self, name: str) -> dict:
         return next(p for p in self.status()["partitions"] if p["name"] == name)
+
+    def service(self, name: str) -> dict:
+        return next(s for s in self.status()["paging_services"] if s["name"] == name)
+
+    def pyhv(self, *args, **kw) -> subprocess.CompletedProcess:
+        """A pyhv subcommand on this system (--run-dir added)."""
+        return pyhv(*args, "--run-dir", self.run_dir, **kw)
+
+    def wait_for(self, predicate, what: str, timeout: float = 30.0):
+        """Poll status until predicate(status) is true; a bound, not a measurement."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if predicate(st):
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {st}")
+            time.sleep(0.05)
 
     @property
     def pid(self) -> int:
