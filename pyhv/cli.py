@@ -97,7 +97,7 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
     r, w = os.pipe()
     with open(os.path.join(run_dir, LOG_FILE), "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pyhv.hypervisor", "--run-dir", run_dir, "--ready-fd", str(w)],
+            [sys.executable, "-m", "pyhv.daemon", "--run-dir", run_dir, "--ready-fd", str(w)],
             pass_fds=[w], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
             start_new_session=True, cwd=run_dir,
         )  # fmt: skip

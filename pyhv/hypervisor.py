@@ -41,6 +41,7 @@ import time
 import zlib
 
 from pyhv import uffd, vcp, wire
+from pyhv.vcp import Refused
 from pyhv.config import Config
 from pyhv.pool import Pool
 from pyhv.stream import ABORTED, COMPLETED, ENABLED, FLOWING, INVALID, RESUMED, SUSPENDED, \
@@ -150,10 +151,6 @@ def device_spec(dev) -> dict:
     """What a paging service needs to open a device for a stream."""
     return {"id": dev.id, "path": str(dev.path), "kind": dev.kind, "size": dev.size,
             "direct": dev.direct}  # fmt: skip
-
-
-class Refused(Exception):
-    """A control-point operation that is not valid now; nothing was changed."""
 
 
 class Hypervisor:
@@ -555,6 +552,10 @@ class Hypervisor:
             self.reply(c, {"ok": False, "error": f"bad request: {e}"})
             self._drop_conn(c, f"bad request: {e}")
             return
+        except Exception as e:  # a bug: answer, so that no client waits forever
+            log.exception("control: %s failed", op)
+            self.reply(c, {"ok": False, "error": f"internal error in {op}: {e}"})
+            return
         if reply is not None:
             self.reply(c, reply, reply_fds)
 
@@ -935,7 +936,3 @@ def main(argv=None) -> int:
         return 1
     hv.run()
     return 1 if hv.failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

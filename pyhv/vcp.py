@@ -1,7 +1,7 @@
 """The live control point: the config file's operations on a running system.
 
 Each operation is validated completely before anything changes; a refusal is
-a :class:`~pyhv.hypervisor.Refused` with a one-line reason, and the command
+a :class:`Refused` with a one-line reason, and the command
 line exits 2 on it.  Operations that take time (shrinking the pool, removing
 a partition, stopping or switching a paging service) answer when done.
 
@@ -41,9 +41,11 @@ def handlers(hv) -> dict:
     return {name: (lambda conn, msg, fds, fn=fn: (fn(hv, conn, msg), ())) for name, fn in ops.items()}
 
 
-def _refused(msg: str):
-    from pyhv.hypervisor import Refused
+class Refused(Exception):
+    """A control-point operation that is not valid now; nothing was changed."""
 
+
+def _refused(msg: str) -> Refused:
     return Refused(msg)
 
 
