@@ -338,11 +338,13 @@ def cmd_partition(args) -> int:
 
 def format_devices(devs: list[dict]) -> str:
     lines = [f"{'DEVICE':<10}{'TYPE':<7}{'SIZE':>9}  {'PARTITION':<12}{'SERVICES':<14}"
-             f"{'ACTIVE':<10}{'STREAM':<11}PATH"]  # fmt: skip
+             f"{'ACTIVE':<10}{'STREAM':<11}{'HEALTH':<10}PATH"]  # fmt: skip
     for d in devs:
+        q = d.get("query") or {}
         lines.append(f"{d['id']:<10}{d['type']:<7}{_fmt_bytes(d['size_bytes']):>9}  "
                      f"{d['partition'] or '-':<12}{','.join(d['services']):<14}"
-                     f"{d['active_service'] or '-':<10}{d['stream'] or '-':<11}{d['path']}")
+                     f"{d['active_service'] or '-':<10}{d['stream'] or '-':<11}"
+                     f"{q.get('health', '-'):<10}{d['path']}")
     return "\n".join(lines)
 
 

@@ -201,6 +201,11 @@ def in_memory(start: int, length: int) -> bytes:
     return ffi.buffer(vec)[:]
 
 
+def read_at(addr: int, length: int) -> bytes:
+    """A copy of `length` bytes at `addr` (a reply in a scratch buffer)."""
+    return bytes(ffi.buffer(ffi.cast("char *", addr), length))
+
+
 def address_of(buf, writable: bool = True) -> int:
     """Start address of a buffer (an mmap), without keeping it exported."""
     p = ffi.from_buffer(buf, require_writable=writable)

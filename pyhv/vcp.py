@@ -11,12 +11,14 @@ returns a reply dict, or None when it will answer later through hv.reply.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 from pyhv.config import ConfigError, DeviceConfig, PartitionConfig, assign_device, \
     format_size, parse_device, parse_pages, parse_partition  # fmt: skip
-from pyhv.uffd import PAGE_SIZE
+from pyhv import wire
+from pyhv.uffd import PAGE_SIZE, read_at
 
 log = logging.getLogger("pyhv.vcp")
 
@@ -211,7 +213,25 @@ def device_row(hv, dev) -> dict:
 
 
 def device_list(hv, conn, msg):
-    return {"ok": True, "devices": [device_row(hv, d) for d in hv.devices.values()]}
+    """Every device, with what its paging service reports of it (QUERY) where
+    a stream to it flows now."""
+    rows = [device_row(hv, d) for d in hv.devices.values()]
+    asked = []
+    for row in rows:
+        part = hv.by_name.get(row["partition"] or "")
+        if part is None or part.stream.state not in ("ENABLED", "RESUMED"):
+            row["query"] = None
+            continue
+
+        def answered(status, count, addr, n, row=row):
+            row["query"] = json.loads(read_at(addr, n)) if status == 0 else {
+                "error": os.strerror(-status)}  # fmt: skip
+            asked.remove(row["id"])
+
+        asked.append(row["id"])
+        part.stream.submit(wire.OP_QUERY, 0, 0, None, answered)
+    hv.after(lambda: not asked, lambda: hv.reply(conn, {"ok": True, "devices": rows}))
+    return None
 
 
 # --- paging services -------------------------------------------------------------------------------

@@ -88,6 +88,11 @@ def test_partition_and_device_lifecycle(system, tmp_path):
     assert rc == 0, err
     listing = system.pyhv("device", "list").stdout
     assert "extra" in listing and "p2" in listing and "vios2" in listing
+    rows = {d["id"]: d for d in json.loads(system.pyhv("device", "list", "--json").stdout)[
+        "devices"]}  # fmt: skip
+    q = rows["extra"]["query"]  # what the paging service reports (QUERY)
+    assert q["capacity_pages"] == 4096 and q["type"] == "file" and q["health"] == "ok"
+    assert rows["pgdev0"]["query"]["capacity_pages"] == 2048
     assert json.loads(system.pyhv("partition", "list", "--json").stdout)["partitions"][1][
         "name"] == "p2"  # fmt: skip
 

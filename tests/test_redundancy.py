@@ -56,6 +56,12 @@ def test_sigkill_of_the_active_service_while_partitions_write(system):
         assert reports(out)[0]["mismatches"] == 0 and reports(out)[0]["pages"] == PAGES_64M
     for p in system.status()["partitions"]:
         assert p["io_errors"] == 0 and p["machine_checks"] == 0
+    # started again by hand, it comes back as standby: the streams stay where they are
+    p = system.pyhv("service", "start", "vios1", "--json")
+    assert p.returncode == 0, p.stderr
+    svc = json.loads(p.stdout)["service"]
+    assert svc["state"] == "running" and svc["role"] == "standby" and svc["pid"] != victim
+    assert set(streams_of(system.status(), "vios2")) == {"p1", "p2"}
 
 
 def test_service_stop_moves_streams_while_a_worker_reads(system):
