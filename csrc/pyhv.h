@@ -44,6 +44,25 @@ struct pyhv_watchdog;
 struct pyhv_watchdog *pyhv_watchdog_start(int fd, int status);
 int pyhv_watchdog_stop(struct pyhv_watchdog *w);
 
+/* Machine checks (csrc/mce.c).  The hypervisor writes a record for every
+ * page it could not deliver into the partition's error log (a small shared
+ * memfd) before it poisons the page; a worker's SIGBUS handler reads it. */
+#define PYHV_MCE_RECORDS 48
+struct pyhv_mce_record {
+	uint64_t seq; /* 0: empty; records are numbered from 1 */
+	uint64_t page;
+	char error[16]; /* errno name, or "checksum" */
+	char device[48];
+};
+struct pyhv_mce_log {
+	uint64_t count; /* records written so far; record n is rec[(n - 1) % PYHV_MCE_RECORDS] */
+	struct pyhv_mce_record rec[PYHV_MCE_RECORDS];
+};
+int pyhv_mce_install(void);
+int pyhv_mce_add(uint64_t start, uint64_t len, int sockfd, const struct pyhv_mce_log *log,
+		 const char *partition, int isolation_partition);
+int pyhv_mce_remove(uint64_t start);
+
 /* Benchmark-only baselines (csrc/bench.c). */
 int pyhv_bench_kernel_touch(uint64_t npages, uint64_t *ns_out);
 int pyhv_bench_uffd_touch(uint64_t npages, int shared, int zeropage, int devfd,

@@ -9,6 +9,10 @@ the connection: if the hypervisor dies, this process exits with
 :data:`EXIT_HYPERVISOR_LOST` instead of hanging in a fault or reading zeros.
 The mapping is not inherited by fork() (MADV_DONTFORK): a child could not
 fault through the hypervisor, so it must not see the memory at all.
+
+A page the system cannot deliver is a machine check: the access raises
+SIGBUS at the page, and the C handler installed here reads the partition's
+error log, reports, and stops this worker with SIGBUS (exit status 135).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class AttachError(RuntimeError):
 
 
 class _Session:
+    mcelog: mmap.mmap
+    base: int
+
     def __init__(self, sock, mem, uffd_fd, watchdog, worker, partition):
         self.sock = sock
         self.mem = mem
@@ -79,15 +86,16 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
     try:
         wire.send_control(sock, {"op": "attach", "partition": partition, "pid": os.getpid()})
         reply, fds = wire.recv_control(sock)
-        if not reply or not reply.get("ok") or len(fds) != 1:
+        if not reply or not reply.get("ok") or len(fds) != 2:
             wire.close_fds(fds)
             raise AttachError((reply or {}).get("error", "the hypervisor refused to attach"))
-        memfd = fds[0]
+        memfd, logfd = fds
         try:
             mem = mmap.mmap(memfd, reply["size"], mmap.MAP_SHARED,
                             mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+            mcelog = mmap.mmap(logfd, reply["mcelog_size"], mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
-            os.close(memfd)
+            wire.close_fds(fds)
         mem.madvise(mmap.MADV_DONTFORK)
         base = uffd.address_of(mem)
         uffd_fd = uffd.open_uffd(nonblock=True)
@@ -103,8 +111,15 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
         if not reply or not reply.get("ok"):
             raise AttachError((reply or {}).get("error", "the hypervisor refused the uffd"))
         sock.setblocking(True)
+        # the machine-check handler: a poisoned page stops this worker with SIGBUS
+        uffd.mce_install()
+        uffd.mce_add(base, len(mem), sock.fileno(), mcelog, partition,
+                     isolation_partition=reply.get("isolation") == "partition")  # fmt: skip
         watchdog = uffd.Watchdog(sock.fileno(), EXIT_HYPERVISOR_LOST)
-        _sessions[id(mem)] = _Session(sock, mem, uffd_fd, watchdog, reply.get("worker"), partition)
+        session = _Session(sock, mem, uffd_fd, watchdog, reply.get("worker"), partition)
+        session.mcelog = mcelog
+        session.base = base
+        _sessions[id(mem)] = session
         ok = True
         return mem
     except OSError as e:
@@ -137,5 +152,7 @@ def detach(mem: mmap.mmap) -> None:
         raise BufferError("detach: release every memoryview of the partition's memory "
                           "first") from None  # fmt: skip
     del _sessions[id(mem)]
+    uffd.mce_remove(s.base)
+    s.mcelog.close()
     os.close(s.uffd)
     s.sock.close()

@@ -52,12 +52,14 @@ log = logging.getLogger("pyhv.hypervisor")
 
 # page states, one byte per page
 UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED = range(7)
+NO_SLOT = 0xFFFFFFFF
 STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device", "poisoned")
 
 
 CONTROL_SOCKET = "control.sock"
 PID_FILE = "hypervisor.pid"
 LOG_FILE = "hypervisor.log"
+ERROR_LOG = "errors.jsonl"  # one machine-check record a line
 EVICT_AHEAD = 16  # pages paged out ahead of demand once the pool is full
 MAX_CONNECTIONS = 512  # control connections, workers' included
 MAX_BACKLOG = 32  # replies a client may leave unread before it is dropped
@@ -102,6 +104,13 @@ class Partition:
         self.base = uffd.address_of(self.mem, writable=False)
         self.table = bytearray(self.pages)  # page state, one byte a page
         self.crc = array.array("I", bytes(4 * self.pages))  # CRC32 of each page on the device
+        # where each page lives on the device: slots are handed out at a page's
+        # first page-out, from a stack of free ones; a slot that failed a write
+        # is bad and never used again
+        self.slot = array.array("I", [NO_SLOT]) * self.pages
+        self.free_slots = array.array("I", range(device.pages - 1, -1, -1))
+        self.bad_slots: set[int] = set()
+        self.mcelog = uffd.MceLog(cfg.name)
         self.waiters: dict[int, list] = {}  # page -> [(worker, write)] while filling/out
         self.workers: dict[int, Worker] = {}
         self.stream = Stream(index, cfg.name, device_spec(device), list(cfg.paging))
@@ -116,6 +125,15 @@ class Partition:
         self.view.release()
         self.mem.close()
         os.close(self.memfd)
+        self.mcelog.close()
+
+    def release_slot(self, page: int) -> int:
+        """The page no longer needs its device copy; returns the slot (or NO_SLOT)."""
+        slot = self.slot[page]
+        if slot != NO_SLOT:
+            self.slot[page] = NO_SLOT
+            self.free_slots.append(slot)
+        return slot
 
     def status(self) -> dict:
         c = self.counters
@@ -132,6 +150,9 @@ class Partition:
             "wp_faults": c["wp_faults"],
             "io_errors": c["io_errors"],
             "machine_checks": c["machine_checks"],
+            "isolation": self.cfg.isolation,
+            "bad_slots": len(self.bad_slots),
+            "free_slots": len(self.free_slots),
             "device": self.cfg.device,
             "paging": self.cfg.paging,
             "stream": self.stream.state,
@@ -176,13 +197,16 @@ class Hypervisor:
         self.ready_fd = -1
         self.listener: socket.socket | None = None
         self.conns: dict[socket.socket, Control] = {}
-        self.pending_ops: list = []  # (predicate, action) of operations still under way
+        self.pending_ops: list = []
+        self.errors: list[dict] = []  # machine-check records, oldest first  # (predicate, action) of operations still under way
         self.control_handlers = {
             "status": self.op_status,
             "shutdown": self.op_shutdown,
             "attach": self.op_attach,
             "register": self.op_register,
             "partition": self.op_partition,
+            "mce": self.op_mce,
+            "errors": self.op_errors,
             **vcp.handlers(self),
         }
 
@@ -399,6 +423,7 @@ class Hypervisor:
         if svc.sock is None:
             return
         log.error("paging service %s: failed: %s", svc.name, why)
+        detected = time.monotonic()  # failover time counts from here, fencing included
         streams = svc.streams()
         svc.close(kill=True)  # fencing: it can never complete an old write later
         if svc.state == "stopping" or self.stopping:
@@ -410,7 +435,7 @@ class Hypervisor:
             n = len(stream.take_back())
             stream.service = None
             stream.set_state(ABORTED)
-            stream.mark_failover(svc.name, n)
+            stream.mark_failover(svc.name, n, detected)
             self.place(stream)
         if svc.state == "dead" and svc.cfg.restart and not self.stopping:
             log.info("paging service %s: restarting (restart = true)", svc.name)
@@ -626,7 +651,9 @@ class Hypervisor:
         self.next_worker += 1
         part.workers[w.id] = w
         return {"ok": True, "worker": w.id, "size": part.cfg.memory, "page_size": PAGE_SIZE,
-                "features": uffd.feature_mask(uffd.WORKER_FEATURES)}, (part.memfd,)  # fmt: skip
+                "features": uffd.feature_mask(uffd.WORKER_FEATURES),
+                "isolation": part.cfg.isolation, "mcelog_size": uffd.MCE_LOG_SIZE,
+                }, (part.memfd, part.mcelog.fd)  # fmt: skip
 
     def op_register(self, conn, msg, fds):
         w = conn.worker
@@ -777,7 +804,7 @@ class Hypervisor:
             else:
                 self._page_in_failed(part, page, -status if status else errno.EIO)
 
-        part.stream.submit(wire.OP_READ, page, 1, wire.CRC.pack(part.crc[page]), done)
+        part.stream.submit(wire.OP_READ, part.slot[page], 1, wire.CRC.pack(part.crc[page]), done)
 
     def _install(self, part: Partition, page: int, src: int | None) -> None:
         """Map the page (zeros if src is None, else PAGE_SIZE bytes at src) and
@@ -819,18 +846,79 @@ class Hypervisor:
                     self._drop_worker(w, "its memory is gone")
 
     def _page_in_failed(self, part: Partition, page: int, err: int) -> None:
-        """The device cannot deliver the page: never hand out zeros.  The
-        page is poisoned, so its next access is a machine check (SIGBUS)."""
+        """The device cannot deliver the page: a machine check, never zeros.
+
+        The error record goes into the partition's error log first; then the
+        page is poisoned for every worker waiting on it, so that their access
+        raises SIGBUS at the page and their handler stops them.  With
+        isolation = "partition" every other worker of the partition is
+        stopped too.  Then the page is cleared: its slot is released and its
+        next access reads a zero page."""
+        error = "checksum" if err == errno.EBADMSG else errno.errorcode.get(err, str(err))
+        slot = part.slot[page]
+        seq = part.mcelog.write(page, error, part.device.id)
+        waiters = part.waiters.pop(page, [])
         part.counters["io_errors"] += 1
         part.counters["machine_checks"] += 1
-        log.error("partition %s: page %d: page-in failed: %s", part.name, page,
-                  errno.errorcode.get(err, err))  # fmt: skip
-        waiters = part.waiters.pop(page, [])
-        part.table[page] = POISONED
-        self.pool.release()
+        record = {
+            "seq": seq, "partition": part.name, "page": page, "slot": slot,
+            "device": part.device.id, "error": error, "workers": [], "reported_by": [],
+            "action": "stop " + ("partition" if part.cfg.isolation == "partition" else "process"),
+            "time": time.time(),
+        }  # fmt: skip
+        self.errors.append(record)
+        log.error("partition %s: page %d (device %s slot %d): page-in failed: %s; machine check",
+                  part.name, page, part.device.id, slot, error)  # fmt: skip
         for w, _ in waiters:
-            if w.alive and uffd.poison(w.uffd, w.base + page * PAGE_SIZE, PAGE_SIZE) == uffd.GONE:
+            if not w.alive:
+                continue
+            record["workers"].append(w.pid)
+            if uffd.poison(w.uffd, w.base + page * PAGE_SIZE, PAGE_SIZE) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
+        if part.cfg.isolation == "partition":
+            for w in list(part.workers.values()):
+                if w.pid not in record["workers"]:
+                    record["workers"].append(w.pid)
+                    try:
+                        os.kill(w.pid, signal.SIGBUS)
+                    except ProcessLookupError:
+                        pass
+        # clearing: the page starts again as a zero page, its slot is free
+        part.table[page] = UNTOUCHED
+        if part.release_slot(page) != NO_SLOT and part.stream.service is not None:
+            part.stream.submit(wire.OP_DISCARD, slot, 1, None, lambda *a: None)
+        self.pool.release()
+        self._save_error(record)
+
+    def _save_error(self, record: dict) -> None:
+        try:
+            with open(os.path.join(self.run_dir, ERROR_LOG), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            log.error("hypervisor: cannot append to the error log: %s", e.strerror)
+
+    def op_mce(self, conn, msg, fds):
+        """A worker's machine-check handler reports (its last words).  Only
+        what the hypervisor recorded itself is believed: a report names a
+        record of this worker's own partition, or is ignored."""
+        w = conn.worker
+        if w is None:
+            raise wire.ProtocolError("mce from a connection that is no worker")
+        page, seq = int(msg["page"]), int(msg.get("seq", 0))
+        for record in reversed(self.errors):
+            if record["partition"] == w.partition.name and record["page"] == page and (
+                    not seq or record["seq"] == seq):  # fmt: skip
+                record["reported_by"].append(w.pid)
+                log.warning("partition %s: worker %d stopped by the machine check at page %d",
+                            w.partition.name, w.pid, page)  # fmt: skip
+                break
+        else:
+            log.warning("partition %s: worker %d reports a machine check at page %d that was "
+                        "never raised; ignored", w.partition.name, w.pid, page)  # fmt: skip
+        return None, ()
+
+    def op_errors(self, conn, msg, fds):
+        return {"ok": True, "errors": self.errors}, ()
 
     def replenish(self) -> None:
         """Start evicting the oldest resident pages until every waiting fault
@@ -854,9 +942,15 @@ class Hypervisor:
             part.counters["clean_drops"] += 1
             self.pool.release()
             return
+        if part.slot[page] == NO_SLOT:
+            if not part.free_slots:  # the device is full of bad slots: keep the page
+                self._page_out_failed(part, page, errno.ENOSPC, wrote=False)
+                return
+            part.slot[page] = part.free_slots.pop()
         part.table[page] = PAGING_OUT
         part.waiters[page] = []
         self.pool.evicting += 1
+        slot = part.slot[page]
 
         def done(status, count, addr, n):
             self.pool.evicting -= 1
@@ -874,14 +968,25 @@ class Hypervisor:
 
         data = part.view[off : off + PAGE_SIZE]
         part.crc[page] = zlib.crc32(data)
-        part.stream.submit(wire.OP_WRITE, page, 1, [data, wire.CRC.pack(part.crc[page])], done)
+        part.stream.submit(wire.OP_WRITE, slot, 1, [data, wire.CRC.pack(part.crc[page])], done)
 
-    def _page_out_failed(self, part: Partition, page: int, err: int) -> None:
+    def _page_out_failed(self, part: Partition, page: int, err: int, wrote: bool = True) -> None:
         """Nothing is lost: the page stays resident (dirty) and goes to the
-        back of the victim queue; another page is evicted instead."""
+        back of the victim queue; the slot that failed is bad and never used
+        again, so the page's next page-out goes to another slot; another page
+        is evicted now instead."""
         part.counters["io_errors"] += 1
-        log.error("partition %s: page %d: page-out failed: %s; page stays resident", part.name,
-                  page, errno.errorcode.get(err, err))  # fmt: skip
+        slot = part.slot[page]
+        if wrote:
+            part.bad_slots.add(slot)
+            part.slot[page] = NO_SLOT
+            part.counters["page_out_errors"] += 1
+            log.error("partition %s: page %d: page-out to device %s slot %d failed: %s; slot "
+                      "marked bad, page stays resident", part.name, page, part.device.id, slot,
+                      errno.errorcode.get(err, err))  # fmt: skip
+        else:
+            log.error("partition %s: page %d: no good slot left on device %s; page stays "
+                      "resident", part.name, page, part.device.id)  # fmt: skip
         part.table[page] = DIRTY
         part.resident += 1
         self.pool.victims.append((part, page))
@@ -889,7 +994,8 @@ class Hypervisor:
         for w, _ in part.waiters.pop(page, []):
             if w.alive and uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
-        self.replenish()
+        if part.free_slots or any(p.table[q] == CLEAN for p, q in self.pool.victims):
+            self.replenish()
 
     # --- status ---------------------------------------------------------------
 

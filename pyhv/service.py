@@ -43,6 +43,7 @@ class PagingService:
         """Serve until the hypervisor goes; 0, or 1 if it sent a malformed frame
         (which costs it the connection)."""
         log.info("paging service %s: serving (pid %d)", self.name, os.getpid())
+        self.sock.sendmsg([wire.pack_header(0, 0, wire.OP_HELLO)])
         code = 0
         while True:
             try:

@@ -121,9 +121,9 @@ class Stream:
         self.queued.extendleft(reversed(back))
         return back
 
-    def mark_failover(self, old: str, in_flight: int) -> None:
+    def mark_failover(self, old: str, in_flight: int, detected: float) -> None:
         self._failover = {"from": old, "to": None, "in_flight": in_flight,
-                          "t0": time.monotonic(), "at": time.time()}  # fmt: skip
+                          "t0": detected, "at": time.time()}  # fmt: skip
 
     def bound_to(self, svc: "ServiceLink") -> None:
         if self._failover is not None:
@@ -154,7 +154,7 @@ class ServiceLink:
         self.name = cfg.name
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
-        self.state = "stopped"  # running, stopping, stopped, dead
+        self.state = "stopped"  # starting, running, stopping, stopped, dead
         self.outq: collections.deque = collections.deque()
         self.sent: dict[int, tuple[Stream, Request]] = {}
         self.next_id = 1
@@ -168,7 +168,8 @@ class ServiceLink:
 
     @property
     def running(self) -> bool:
-        return self.state == "running"
+        """Up, or coming up: requests sent now are served once it is ready."""
+        return self.state in ("starting", "running")
 
     def streams(self) -> list[Stream]:
         return [s for s in self.hv.streams() if s.service is self]
@@ -187,7 +188,7 @@ class ServiceLink:
             logf.close()
         mine.setblocking(False)
         self.sock = mine
-        self.state = "running"
+        self.state = "starting"  # until its HELLO
         self.starts += 1
         self.outq.clear()
         self.hv.sel.register(mine, selectors.EVENT_READ, self.on_event)
@@ -245,7 +246,12 @@ class ServiceLink:
             if n < wire.HEADER.size:
                 self.hv.service_failed(self, "connection closed" if n == 0 else "short frame")
                 return
-            rid, _stream, _op, _f, status, _slot, count, _crc = wire.unpack_header(self.hdr)
+            rid, _stream, op, _f, status, _slot, count, _crc = wire.unpack_header(self.hdr)
+            if rid == 0 and op == wire.OP_HELLO:
+                if self.state == "starting":
+                    self.state = "running"
+                    log.info("paging service %s: ready", self.name)
+                continue
             entry = self.sent.pop(rid, None)
             if entry is None:
                 log.error("paging service %s: reply to unknown request %d", self.name, rid)
@@ -288,7 +294,7 @@ class ServiceLink:
             "name": self.name,
             "pid": self.proc.pid if self.proc and self.state != "stopped" else None,
             "state": self.state,
-            "role": ("active" if streams else "standby") if self.running else None,
+            "role": ("active" if streams else "standby") if self.state == "running" else None,
             "restart": self.cfg.restart,
             "starts": self.starts,
             "deaths": self.deaths,

@@ -254,3 +254,53 @@ def bench_uffd_touch(
     )
     _check(ret, "bench uffd touch")
     return list(out)
+
+
+# --- machine checks ----------------------------------------------------------------------------
+
+MCE_RECORDS = lib.PYHV_MCE_RECORDS
+MCE_LOG_SIZE = (ffi.sizeof("struct pyhv_mce_log") + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+
+
+class MceLog:
+    """The hypervisor's side of a partition's error log: a memfd that every
+    worker maps read-only, holding the newest MCE_RECORDS records."""
+
+    def __init__(self, name: str):
+        self.fd = memfd(f"pyhv-mcelog-{name}", MCE_LOG_SIZE)
+        self.map = mmap.mmap(self.fd, MCE_LOG_SIZE, mmap.MAP_SHARED)
+        self.log = ffi.cast("struct pyhv_mce_log *", address_of(self.map))
+
+    def write(self, page: int, error: str, device: str) -> int:
+        """Add a record (before the page is poisoned); returns its number."""
+        seq = self.log.count + 1
+        rec = self.log.rec[(seq - 1) % MCE_RECORDS]
+        rec.seq = 0  # invalid while it is rewritten
+        rec.page = page
+        rec.error = error.encode()[:15]
+        rec.device = device.encode()[:47]
+        rec.seq = seq
+        self.log.count = seq
+        return seq
+
+    def close(self) -> None:
+        self.log = None
+        self.map.close()
+        os.close(self.fd)
+
+
+def mce_install() -> None:
+    """Install the worker's machine-check (SIGBUS) handler, once per process."""
+    _check(lib.pyhv_mce_install(), "sigaction(SIGBUS)")
+
+
+def mce_add(start: int, length: int, sockfd: int, log_map, partition: str,
+            isolation_partition: bool) -> None:  # fmt: skip
+    """Let the handler know a partition's memory, its connection and error log."""
+    log = ffi.cast("struct pyhv_mce_log *", address_of(log_map, writable=False))
+    _check(lib.pyhv_mce_add(start, length, sockfd, log, partition.encode(),
+                            int(isolation_partition)), "machine-check handler")  # fmt: skip
+
+
+def mce_remove(start: int) -> None:
+    _check(lib.pyhv_mce_remove(start), "machine-check handler")

@@ -209,7 +209,11 @@ def device_row(hv, dev) -> dict:
             "partition": part.name if part else None,
             "paging": part.stream.paging if part else [],
             "active_service": active,
-            "stream": part.stream.state if part else None}  # fmt: skip
+            "stream": part.stream.state if part else None,
+            "bad_slots": len(part.bad_slots) if part else 0,
+            "machine_checks": part.counters["machine_checks"] if part else 0,
+            "health": "degraded" if part and (part.bad_slots or part.counters["io_errors"])
+                      else "ok"}  # fmt: skip
 
 
 def device_list(hv, conn, msg):
@@ -240,16 +244,20 @@ def device_list(hv, conn, msg):
 def service_start(hv, conn, msg):
     _no_stop(hv)
     svc = _service(hv, _str(msg, "name"))
-    if svc.state in ("running", "stopping"):
+    if svc.state in ("starting", "running", "stopping"):
         raise _refused(f"paging service {svc.name!r} is {svc.state} already")
     hv.start_service(svc)
-    return {"ok": True, "service": svc.status()}
+    hv.after(lambda: svc.state != "starting",  # answer once it serves (or failed)
+             lambda: hv.reply(conn, {"ok": svc.state == "running", "service": svc.status(),
+                                     **({} if svc.state == "running" else
+                                        {"error": f"paging service {svc.name!r} did not start"})}))
+    return None
 
 
 def service_stop(hv, conn, msg):
     _no_stop(hv)
     svc = _service(hv, _str(msg, "name"))
-    if svc.state != "running":
+    if not svc.running:
         raise _refused(f"paging service {svc.name!r} is {svc.state}")
     moved = {s.name: s for s in svc.streams()}
     hv.stop_service(svc, then=lambda: hv.reply(conn, {

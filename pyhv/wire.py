@@ -153,6 +153,7 @@ COMMANDS = (
 BY_OP = {c.op: c for c in COMMANDS}
 OP_OPEN, OP_CLOSE, OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_QUERY = (c.op for c in COMMANDS)
 OP_NAMES = {c.op: c.name for c in COMMANDS}
+OP_HELLO = 0  # not a command: the service's first frame (request id 0), "ready to serve"
 
 MAX_PAGES = 64  # pages in one READ or WRITE
 PAGE = 4096

@@ -182,6 +182,8 @@ class ServiceProc:
             pass_fds=[theirs.fileno()], stderr=open(tmp_path / "svc.log", "wb"))  # fmt: skip
         theirs.close()
         self.req = 0
+        hello = wire.unpack_header(self.sock.recv(wire.MAX_FRAME))
+        assert hello[0] == 0 and hello[2] == wire.OP_HELLO  # "ready to serve"
 
     def call(self, stream, op, slot=0, count=0, payload=b""):
         self.req += 1
