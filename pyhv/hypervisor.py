@@ -63,6 +63,7 @@ ERROR_LOG = "errors.jsonl"  # one machine-check record a line
 EVICT_AHEAD = 16  # pages paged out ahead of demand once the pool is full
 MAX_CONNECTIONS = 512  # control connections, workers' included
 MAX_BACKLOG = 32  # replies a client may leave unread before it is dropped
+FULL_BACKOFF = 1.0  # seconds a full device gets before new space on it is tried again
 
 
 class Control:
@@ -110,6 +111,8 @@ class Partition:
         self.slot = array.array("I", [NO_SLOT]) * self.pages
         self.free_slots = array.array("I", range(device.pages - 1, -1, -1))
         self.bad_slots: set[int] = set()
+        self.full_until = 0.0  # monotonic time until which the device counts as full
+        self.evicting = 0  # page-outs of this partition in flight or queued
         self.mcelog = uffd.MceLog(cfg.name)
         self.waiters: dict[int, list] = {}  # page -> [(worker, write)] while filling/out
         self.workers: dict[int, Worker] = {}
@@ -322,8 +325,10 @@ class Hypervisor:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
-        for svc in self.services.values():
-            if svc.running and svc.sent and svc.oldest_age(now) > svc.cfg.timeout:
+        if self.pool.waiters:  # faults waiting for a frame: a full device may have room now
+            self.replenish()
+        for svc in self.services.values():  # stopping ones too: a hung stop fails over
+            if svc.sock is not None and svc.sent and svc.oldest_age(now) > svc.cfg.timeout:
                 self.service_failed(svc, f"no answer within {svc.cfg.timeout:g}s")
 
     def shutdown(self) -> None:
@@ -394,6 +399,9 @@ class Hypervisor:
 
     def bind(self, stream: Stream, svc: ServiceLink) -> None:
         """Open the partition's device on svc; the stream flows once it is open."""
+        if not svc.running:
+            self.place(stream, avoid=svc)
+            return
         stream.service = svc
         stream.bound_to(svc)
 
@@ -410,11 +418,13 @@ class Hypervisor:
                 self.place(stream)
                 return
             stream.open_failed.clear()
+            if stream.state == SUSPENDING:  # stopped while it opened: it stays stopped
+                return
             stream.set_state(ENABLED if stream.state == INVALID else RESUMED)
             stream.pump()
 
         svc.send(stream, Request(wire.OP_OPEN, 0, 0, json.dumps(stream.device_spec).encode(),
-                                 opened))  # fmt: skip
+                                 opened, control=True))  # fmt: skip
 
     def service_failed(self, svc: ServiceLink, why: str) -> None:
         """A service died, closed its socket or stopped answering: fence it,
@@ -451,25 +461,29 @@ class Hypervisor:
         """Controlled end of a stream on its service: no new request goes
         out, the ones in flight complete, writes are flushed and synced; then
         the stream is `final_state` (SUSPENDED or COMPLETED), holds no
-        service, and then() runs."""
+        service, and then() runs.  If the service fails meanwhile, the
+        stream has failed over already, and then() just runs."""
         svc = stream.service
         stream.set_state(SUSPENDING)
+        flushed = [False]
 
-        def flushed(status, count, addr, n):
+        def on_flush(status, count, addr, n):
             if status:
                 log.error("partition %s: flush on %s failed: %s", stream.name, svc.name,
                           os.strerror(-status))  # fmt: skip
-            stream.service = None
-            stream.set_state(final_state)
+            flushed[0] = True
+
+        def finish():
+            if stream.service is svc:
+                stream.take_back()  # nothing is in flight; never strand a request
+                stream.service = None
+                stream.set_state(final_state)
             then()
 
         def drained():
-            if stream.service is not svc:  # the service failed meanwhile: moved already
-                then()
-                return
-            req = Request(wire.OP_FLUSH, 0, 0, None, flushed)
-            svc.send(stream, req)
-            stream.inflight[req.id] = req
+            if stream.service is svc:  # FLUSH is not resent elsewhere: it is this service's
+                svc.send(stream, Request(wire.OP_FLUSH, 0, 0, None, on_flush, control=True))
+            self.after(lambda: flushed[0] or stream.service is not svc, finish)
 
         self.after(lambda: not stream.inflight or stream.service is not svc, drained)
 
@@ -924,9 +938,20 @@ class Hypervisor:
         """Start evicting the oldest resident pages until every waiting fault
         and `reserve` more will have a frame."""
         pool = self.pool
-        want = pool.shortfall(self.reserve)
-        while want > 0 and pool.victims:
+        # page-outs queued on a stream that does not flow free nothing soon
+        stalled = sum(p.evicting for p in self.partitions if p.stream.state not in FLOWING)
+        want = pool.shortfall(self.reserve) + stalled
+        now = time.monotonic()
+        for _ in range(len(pool.victims)):
+            if want <= 0 or not pool.victims:
+                break
             part, page = pool.victims.popleft()
+            if part.table[page] == DIRTY and (part.stream.state not in FLOWING or (
+                    part.full_until > now and part.slot[page] == NO_SLOT)):  # fmt: skip
+                # it would have to be written, and cannot be now (no service
+                # flows for it, or it needs new space on a full device): later
+                pool.victims.append((part, page))
+                continue
             self._evict(part, page)
             want -= 1
 
@@ -950,10 +975,12 @@ class Hypervisor:
         part.table[page] = PAGING_OUT
         part.waiters[page] = []
         self.pool.evicting += 1
+        part.evicting += 1
         slot = part.slot[page]
 
         def done(status, count, addr, n):
             self.pool.evicting -= 1
+            part.evicting -= 1
             if status:
                 self._page_out_failed(part, page, -status)
                 return
@@ -972,21 +999,30 @@ class Hypervisor:
 
     def _page_out_failed(self, part: Partition, page: int, err: int, wrote: bool = True) -> None:
         """Nothing is lost: the page stays resident (dirty) and goes to the
-        back of the victim queue; the slot that failed is bad and never used
-        again, so the page's next page-out goes to another slot; another page
-        is evicted now instead."""
+        back of the victim queue, and another page is evicted now instead.
+
+        An I/O error marks the slot bad: it is never used again, and the
+        page's next page-out goes to another slot.  ENOSPC is the device
+        being full, not the slot being bad: for FULL_BACKOFF seconds no page
+        that needs new space on it is chosen (clean pages and pages that have
+        a slot already still are), then writing is tried again."""
         part.counters["io_errors"] += 1
         slot = part.slot[page]
-        if wrote:
+        if not wrote or err == errno.ENOSPC:
+            part.full_until = time.monotonic() + FULL_BACKOFF
+            part.counters["page_out_errors"] += wrote
+            if wrote and slot != NO_SLOT and slot not in part.bad_slots:
+                part.release_slot(page)
+            log.error("partition %s: page %d: device %s is full (%s); page stays resident, "
+                      "retrying in %.0fs", part.name, page, part.device.id,
+                      "ENOSPC" if wrote else "no good slot left", FULL_BACKOFF)  # fmt: skip
+        else:
             part.bad_slots.add(slot)
             part.slot[page] = NO_SLOT
             part.counters["page_out_errors"] += 1
             log.error("partition %s: page %d: page-out to device %s slot %d failed: %s; slot "
                       "marked bad, page stays resident", part.name, page, part.device.id, slot,
                       errno.errorcode.get(err, err))  # fmt: skip
-        else:
-            log.error("partition %s: page %d: no good slot left on device %s; page stays "
-                      "resident", part.name, page, part.device.id)  # fmt: skip
         part.table[page] = DIRTY
         part.resident += 1
         self.pool.victims.append((part, page))
@@ -994,8 +1030,7 @@ class Hypervisor:
         for w, _ in part.waiters.pop(page, []):
             if w.alive and uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
-        if part.free_slots or any(p.table[q] == CLEAN for p, q in self.pool.victims):
-            self.replenish()
+        self.replenish()
 
     # --- status ---------------------------------------------------------------
 

@@ -43,9 +43,10 @@ FLOWING = (ENABLED, RESUMED)  # states in which requests go out
 
 
 class Request:
-    __slots__ = ("op", "slot", "count", "payload", "done", "id", "sent")
+    __slots__ = ("op", "slot", "count", "payload", "done", "id", "sent", "control")
 
-    def __init__(self, op: int, slot: int, count: int, payload, done: Callable):
+    def __init__(self, op: int, slot: int, count: int, payload, done: Callable,
+                 control: bool = False):  # fmt: skip
         self.op = op
         self.slot = slot
         self.count = count
@@ -53,6 +54,9 @@ class Request:
         self.done = done  # done(status, count, data_addr, data_len)
         self.id = 0
         self.sent = 0.0
+        # OPEN and FLUSH belong to one service's tenure of the stream: they
+        # are not in the stream's in-flight set and never resent elsewhere
+        self.control = control
 
 
 class Stream:
@@ -104,7 +108,7 @@ class Stream:
             self.inflight[req.id] = req
 
     def answered(self, req: Request, status: int, count: int, addr: int, n: int) -> None:
-        if self._failover is not None and req.op != wire.OP_OPEN:  # first served after failover
+        if self._failover is not None and not req.control:  # first served after failover
             fo, self._failover = self._failover, None
             fo["seconds"] = time.monotonic() - fo.pop("t0")
             self.failovers.append(fo)
@@ -191,6 +195,7 @@ class ServiceLink:
         self.state = "starting"  # until its HELLO
         self.starts += 1
         self.outq.clear()
+        self.sent.clear()  # anything left from an earlier process is not this one's
         self.hv.sel.register(mine, selectors.EVENT_READ, self.on_event)
         log.info("paging service %s: started, pid %d", self.name, self.proc.pid)
 
@@ -257,7 +262,7 @@ class ServiceLink:
                 log.error("paging service %s: reply to unknown request %d", self.name, rid)
                 continue
             stream, req = entry
-            if stream.inflight.pop(rid, None) is None and req.op != wire.OP_OPEN:
+            if stream.inflight.pop(rid, None) is None and not req.control:
                 continue  # taken back from this service meanwhile: answered elsewhere
             stream.answered(req, status, count, self.scratch_addr, n - wire.HEADER.size)
 

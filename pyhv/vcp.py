@@ -158,6 +158,9 @@ def partition_remove(hv, conn, msg):
     part = _partition(hv, _str(msg, "name"))
     if part.workers:
         raise _refused(f"partition {part.name!r} has {len(part.workers)} live worker(s)")
+    if part.stream.service is None and (part.stream.busy or part.waiters):
+        raise _refused(f"partition {part.name!r} has paging waiting for a paging service; "
+                       f"start one of {', '.join(part.stream.paging)} first")  # fmt: skip
     part.removing = True
     hv.after(lambda: not part.stream.inflight and not part.waiters,
              lambda: (hv.remove_partition(part),
@@ -247,9 +250,9 @@ def service_start(hv, conn, msg):
     if svc.state in ("starting", "running", "stopping"):
         raise _refused(f"paging service {svc.name!r} is {svc.state} already")
     hv.start_service(svc)
-    hv.after(lambda: svc.state != "starting",  # answer once it serves (or failed)
-             lambda: hv.reply(conn, {"ok": svc.state == "running", "service": svc.status(),
-                                     **({} if svc.state == "running" else
+    hv.after(lambda: svc.state != "starting",  # answer once it serves (or died)
+             lambda: hv.reply(conn, {"ok": svc.state != "dead", "service": svc.status(),
+                                     **({} if svc.state != "dead" else
                                         {"error": f"paging service {svc.name!r} did not start"})}))
     return None
 
@@ -278,13 +281,19 @@ def service_switch(hv, conn, msg):
     if len(stream.paging) < 2:
         raise _refused(f"partition {part.name!r} has no redundant paging service")
     current = stream.service
-    if current is None:
-        raise _refused(f"partition {part.name!r}: its stream has no paging service now")
+    if current is None or current.state != "running" or stream.state not in ("ENABLED", "RESUMED"):
+        raise _refused(f"partition {part.name!r}: its stream is {stream.state}"
+                       + (f" on {current.name} ({current.state})" if current else ""))
     other = hv.services[next(n for n in stream.paging if n != current.name)]
-    if not other.running:
+    if other.state != "running":
         raise _refused(f"paging service {other.name!r} is {other.state}")
 
     def moved():
+        if not other.running:  # it went away meanwhile: the stream goes where it can
+            hv.place(stream)
+            hv.reply(conn, {"ok": False, "refused": True, "error": f"paging service "
+                            f"{other.name!r} went away during the switch"})  # fmt: skip
+            return
         hv.bind(stream, other)
         hv.after(lambda: stream.state in ("RESUMED", "ABORTED"), lambda: hv.reply(conn, {
             "ok": stream.state == "RESUMED", "partition": part.name, "from": current.name,

@@ -152,3 +152,94 @@ def test_switch_moves_a_stream_by_hand(system):
     assert set(streams_of(st, "vios2")) == {"p1"} and set(streams_of(st, "vios1")) == {"p2"}
     rc, out, err = finish(system.workload("p1", "verify", "--generation", "5", "--random"))
     assert rc == 0, err
+
+
+def _two_partitions_on_their_own_services():
+    return config_text(pool="4MiB", partitions=[("p1", "16MiB"), ("p2", "16MiB")], services=TWO
+                       ).replace('device = "pgdev0"\n', 'device = "pgdev0"\npaging = ["vios1"]\n'
+                       ).replace('device = "pgdev1"\n', 'device = "pgdev1"\npaging = ["vios2"]\n')
+
+
+def test_a_suspended_partition_does_not_stall_the_others(system):
+    system.up(_two_partitions_on_their_own_services())
+    assert finish(system.workload("p1", "write"))[0] == 0  # the pool is full of p1's dirty pages
+    assert system.pyhv("service", "stop", "vios1").returncode == 0
+    assert system.partition("p1")["stream"] == "SUSPENDED"
+    rc, out, err = finish(system.workload("p2", "write", "--generation", "2"), timeout=120)
+    assert rc == 0, err  # p1's pages cannot be written, p2's can: p2 pages on
+    p1 = system.partition("p1")  # and no frame was spent on a page-out that cannot go out
+    assert p1["pages_by_state"].get("paging_out", 0) == 0 and p1["stream_queued"] == 0
+    rc, out, err = finish(system.workload("p2", "verify", "--generation", "2", "--random"))
+    assert rc == 0, err
+    # p1 still runs on its resident pages, and is whole once its service is back
+    assert system.pyhv("service", "start", "vios1").returncode == 0
+    rc, out, err = finish(system.workload("p1", "verify", "--random"))
+    assert rc == 0, err
+
+
+def test_remove_of_a_partition_whose_paging_waits_is_refused(system):
+    system.up(_two_partitions_on_their_own_services())
+    assert finish(system.workload("p1", "write"))[0] == 0
+    assert system.pyhv("service", "stop", "vios1").returncode == 0
+    reader = system.workload("p1", "verify", "--random")  # its faults queue on the stream
+    system.wait_for(lambda st: st["partitions"][0]["stream_queued"] > 0, "queued paging")
+    reader.kill()  # the `pyhv run`; the worker itself goes with the shutdown
+    (worker,) = system.partition("p1")["workers"]
+    os.kill(worker, signal.SIGKILL)
+    system.wait_for(lambda st: st["partitions"][0]["workers"] == [], "the worker to go")
+    p = system.pyhv("partition", "remove", "p1")
+    assert p.returncode == 2 and "start one of vios1 first" in p.stderr, p.stderr
+    assert system.pyhv("service", "start", "vios1").returncode == 0
+    p = system.pyhv("partition", "remove", "p1")
+    assert p.returncode == 0, p.stderr
+
+
+def test_stop_right_after_start_strands_nothing(system):
+    system.up(redundant(pool="4MiB", mem="16MiB", n=1).replace(
+        'paging = ["vios1", "vios2"]', 'paging = ["vios1"]'))  # fmt: skip
+    assert finish(system.workload("p1", "write", "--generation", "3"))[0] == 0
+    assert system.pyhv("service", "stop", "vios1").returncode == 0
+    reader = system.workload("p1", "verify", "--generation", "3", "--random")
+    system.wait_for(lambda st: st["partitions"][0]["stream_queued"] > 0, "queued paging")
+    # start and stop back to back on one connection: the stop meets the OPEN in flight
+    from pyhv import wire
+
+    with wire.connect(str(system.run_dir / "control.sock")) as s:
+        wire.send_control(s, {"op": "service_start", "name": "vios1"})
+        wire.send_control(s, {"op": "service_stop", "name": "vios1"})
+        replies = [wire.recv_control(s)[0] for _ in range(2)]
+    assert all(r["ok"] for r in replies), replies
+    p1 = system.partition("p1")
+    assert p1["stream"] == "SUSPENDED" and p1["stream_in_flight"] == 0
+    stream = streams_of(system.status(), "vios1").get("p1") or {}
+    assert "SUSPENDING->RESUMED" not in str(system.status())  # a stop is never undone
+    assert reader.poll() is None
+    assert system.pyhv("service", "start", "vios1").returncode == 0
+    rc, out, err = finish(reader, timeout=60)
+    assert rc == 0, err
+
+
+def test_stop_of_a_hung_service_fails_over_at_its_deadline(system):
+    system.up(redundant(pool="4MiB", mem="16MiB", n=1, service_extra="timeout = 1\n"))
+    writer = system.workload("p1", "write", "--generation", "4")
+    system.wait_for(lambda st: st["partitions"][0]["page_outs"] > 100, "page-outs under way")
+    hung = system.service("vios1")["pid"]
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        p = system.pyhv("service", "stop", "vios1", timeout=60)
+    finally:
+        if os.path.exists(f"/proc/{hung}"):
+            os.kill(hung, signal.SIGCONT)
+    assert p.returncode == 0, p.stderr
+    assert finish(writer)[0] == 0
+    assert streams_of(system.status(), "vios2")["p1"]["state"] == "RESUMED"
+    rc, out, err = finish(system.workload("p1", "verify", "--generation", "4", "--random"))
+    assert rc == 0, err
+
+
+def test_switch_is_refused_while_the_stream_is_not_flowing(system):
+    system.up(redundant(pool="4MiB", mem="8MiB", n=1))
+    assert system.pyhv("service", "stop", "vios1").returncode == 0  # p1 now on vios2
+    assert system.pyhv("service", "stop", "vios2").returncode == 0  # and suspended
+    p = system.pyhv("service", "switch", "p1")
+    assert p.returncode == 2 and "SUSPENDED" in p.stderr, p.stderr
