@@ -17,7 +17,7 @@ import time
 
 from pyhv import wire
 from pyhv.config import ConfigError, load_config
-from pyhv.hypervisor import CONTROL_SOCKET, LOG_FILE, PID_FILE
+from pyhv.hypervisor import CONTROL_SOCKET, ERROR_LOG, LOG_FILE, PID_FILE
 
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -376,6 +376,78 @@ def cmd_service(args) -> int:
     return _emit(args, r, f"partition {r['partition']}: {r['from']} -> {r['to']} ({r['state']})")
 
 
+def format_errors(errors: list[dict]) -> str:
+    if not errors:
+        return "no machine checks"
+    lines = [f"{'TIME':<9}{'PARTITION':<12}{'PAGE':>7}  {'DEVICE':<10}{'ERROR':<10}"
+             f"{'ACTION':<16}WORKERS"]  # fmt: skip
+    for e in errors:
+        when = time.strftime("%H:%M:%S", time.localtime(e["time"]))
+        lines.append(f"{when:<9}{e['partition']:<12}{e['page']:>7}  {e['device']:<10}"
+                     f"{e['error']:<10}{e['action']:<16}"
+                     f"{','.join(map(str, e['workers'])) or '-'}")
+    return "\n".join(lines)
+
+
+def cmd_errors(args) -> int:
+    """Machine-check records: from the hypervisor, or its run directory's log."""
+    run_dir = _run_dir(args)
+    if _running_pid(run_dir) is not None:
+        errors = _op(args, {"op": "errors"})["errors"]
+    else:
+        path = os.path.join(run_dir, ERROR_LOG)
+        try:
+            with open(path) as f:
+                errors = [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            errors = []
+    return _emit(args, {"ok": True, "errors": errors}, format_errors(errors))
+
+
+def cmd_inject(args) -> int:
+    from pyhv import inject
+
+    try:
+        if args.action == "corrupt":
+            msg = {"op": "slots", "partition": args.partition}
+            if args.pages:
+                msg["pages"] = [int(p) for p in args.pages.split(",")]
+            r = _op(args, msg)
+            n = inject.corrupt(r["device"], [slot for _, slot in r["slots"]])
+            return _emit(args, {"ok": True, "device": r["device"], "slots": r["slots"]},
+                         f"{n} page(s) of partition {args.partition} overwritten with random "
+                         f"bytes in {r['device']}")  # fmt: skip
+        if args.action == "faulty-device":
+            dev = inject.FaultyDevice(args.dir)
+            if args.op == "start":
+                from pyhv.config import parse_size
+
+                st = dev.start(parse_size(args.size, "--size"), args.read_error,
+                               args.write_error, args.read_rate, args.write_rate)  # fmt: skip
+                return _emit(args, {"ok": True, **st}, f"faulty device at {st['path']}; "
+                             f"touch {st['read_trigger']} / {st['write_trigger']} to fail "
+                             "reads / writes")  # fmt: skip
+            if args.op == "stop":
+                dev.stop()
+            elif args.op == "vanish":
+                dev.vanish()
+            else:
+                on = args.op.endswith("-on")
+                dev.fail(**({"reads": on} if args.op.startswith("reads") else {"writes": on}))
+            return _emit(args, {"ok": True}, f"{args.dir}: {args.op}")
+        if args.remove:
+            inject.remove_small_filesystem(args.dir)
+            return _emit(args, {"ok": True}, f"{args.dir}: unmounted")
+        from pyhv.config import parse_size
+
+        inject.small_filesystem(args.dir, parse_size(args.size or "", "--size"))
+        return _emit(args, {"ok": True}, f"tmpfs of {args.size} at {args.dir}")
+    except inject.InjectError as e:
+        raise Fail(str(e)) from None
+    except OSError as e:
+        raise Fail(f"inject: {e.strerror}: {e.filename or ''}".rstrip(": ")) from None
+
+
 def cmd_demo(args) -> int:
     from pyhv import demo
 
@@ -468,6 +540,34 @@ def build_parser() -> Parser:
     q.add_argument("partition")
     json_opt(q)
     p.set_defaults(func=cmd_service)
+
+    p = sub.add_parser("errors", help="machine-check records (pages that could not be paged in)")
+    json_opt(p)
+    p.set_defaults(func=cmd_errors)
+
+    p = sub.add_parser("inject", help="fault injection on real backing files")
+    psub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
+    q = psub.add_parser("corrupt", help="random bytes over a partition's pages on its device")
+    q.add_argument("--partition", required=True)
+    q.add_argument("--pages", help="N,M,...: these pages (default: every page on the device)")
+    json_opt(q)
+    q = psub.add_parser("faulty-device", help="a device (nbdkit error filter + nbdfuse) that "
+                        "fails on demand")  # fmt: skip
+    q.add_argument("op", choices=["start", "stop", "reads-on", "reads-off", "writes-on",
+                                  "writes-off", "vanish"])  # fmt: skip
+    q.add_argument("dir", help="its directory: image, socket, mount point, trigger files")
+    q.add_argument("--size", default="64MiB")
+    q.add_argument("--read-error", default="EIO")
+    q.add_argument("--write-error", default="EIO")
+    q.add_argument("--read-rate", default="100%")
+    q.add_argument("--write-rate", default="100%")
+    q.add_argument("--json", action="store_true")
+    q = psub.add_parser("small-fs", help="a tmpfs of a given size (ENOSPC when full)")
+    q.add_argument("dir")
+    q.add_argument("--size", help="mount, or resize, with this size")
+    q.add_argument("--remove", action="store_true")
+    q.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inject)
 
     p = sub.add_parser("demo", help="run a small system on an embedded config")
     p.add_argument("--json", action="store_true")

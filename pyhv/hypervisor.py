@@ -210,6 +210,7 @@ class Hypervisor:
             "partition": self.op_partition,
             "mce": self.op_mce,
             "errors": self.op_errors,
+            "slots": self.op_slots,
             **vcp.handlers(self),
         }
 
@@ -262,6 +263,9 @@ class Hypervisor:
         except BlockingIOError:
             os.close(fd)
             raise Refused(f"device {dev.id!r} ({dev.path}) is in use by another system") from None
+        except OSError as e:  # a filesystem without flock (some FUSE ones)
+            log.warning("device %s: %s cannot be locked (%s); not guarded against another "
+                        "system", dev.id, dev.path, e.strerror)  # fmt: skip
         self.locks[dev.id] = fd
 
     def unlock_device(self, dev) -> None:
@@ -933,6 +937,16 @@ class Hypervisor:
 
     def op_errors(self, conn, msg, fds):
         return {"ok": True, "errors": self.errors}, ()
+
+    def op_slots(self, conn, msg, fds):
+        """Where a partition's pages are on its device (for fault injection)."""
+        part = self.by_name.get(msg["partition"])
+        if part is None:
+            raise Refused(f"unknown partition {msg['partition']!r}")
+        pages = msg.get("pages") or range(part.pages)
+        slots = [[p, part.slot[p]] for p in pages
+                 if 0 <= p < part.pages and part.slot[p] != NO_SLOT]  # fmt: skip
+        return {"ok": True, "device": str(part.device.path), "slots": slots}, ()
 
     def replenish(self) -> None:
         """Start evicting the oldest resident pages until every waiting fault
