@@ -47,48 +47,31 @@ class Refused(Exception):
     """A control-point operation that is not valid now; nothing was changed."""
 
 
-def _refused(msg: str) -> Refused:
-    return Refused(msg)
-
-
 def _str(msg: dict, key: str) -> str:
     v = msg.get(key)
     if not isinstance(v, str) or not v:
-        raise _refused(f"{key} is required")
+        raise Refused(f"{key} is required")
     return v
 
 
-def _partition(hv, name: str):
-    part = hv.by_name.get(name)
-    if part is None:
-        raise _refused(f"unknown partition {name!r}")
-    return part
-
-
-def _service(hv, name: str):
-    svc = hv.services.get(name)
-    if svc is None:
-        raise _refused(f"unknown paging service {name!r}")
-    return svc
-
-
-def _device(hv, did: str):
-    dev = hv.devices.get(did)
-    if dev is None:
-        raise _refused(f"unknown device {did!r}")
-    return dev
+def _known(table: dict, key: str, what: str):
+    """table[key], or a refusal naming the unknown `what`."""
+    item = table.get(key)
+    if item is None:
+        raise Refused(f"unknown {what} {key!r}")
+    return item
 
 
 def _config_errors(fn, *args):
     try:
         return fn(*args)
     except ConfigError as e:
-        raise _refused(str(e)) from None
+        raise Refused(str(e)) from None
 
 
 def _no_stop(hv) -> None:
     if hv.stopping:
-        raise _refused("the system is shutting down")
+        raise Refused("the system is shutting down")
 
 
 # --- pool ------------------------------------------------------------------------------------
@@ -100,7 +83,7 @@ def pool_resize(hv, conn, msg):
     new = _config_errors(parse_pages, msg.get("size"), "pool size") // PAGE_SIZE
     pool = hv.pool
     if new < MIN_POOL_PAGES:
-        raise _refused(f"the pool cannot be smaller than {MIN_POOL_PAGES} pages")
+        raise Refused(f"the pool cannot be smaller than {MIN_POOL_PAGES} pages")
     if new < pool.used:
         # what cannot be evicted now: pages in flight, and dirty pages of
         # partitions whose stream has no service to write them to
@@ -109,7 +92,7 @@ def pool_resize(hv, conn, msg):
             if part.table[page] == 2 or part.stream.service is not None  # 2: CLEAN
         )  # fmt: skip
         if new < stuck:
-            raise _refused(f"cannot shrink the pool to {new} pages: {stuck} resident pages "
+            raise Refused(f"cannot shrink the pool to {new} pages: {stuck} resident pages "
                            "cannot be evicted now (in flight, or dirty with no paging service)")
     old = pool.pages
     pool.pages = new
@@ -131,11 +114,11 @@ def partition_add(hv, conn, msg):
     entry = {k: msg[k] for k in ("name", "memory", "paging", "device") if msg.get(k) is not None}
     p = _config_errors(parse_partition, entry, list(hv.services))
     if p["name"] in hv.by_name:
-        raise _refused(f"partition {p['name']!r} exists already")
+        raise Refused(f"partition {p['name']!r} exists already")
     taken = {part.device.id: part.name for part in hv.partitions}
     dev = _config_errors(assign_device, p, hv.devices, taken)
     if not any(hv.services[n].running for n in p["paging"]):
-        raise _refused(f"partition {p['name']!r}: no paging service of {', '.join(p['paging'])} "
+        raise Refused(f"partition {p['name']!r}: no paging service of {', '.join(p['paging'])} "
                        "is running")  # fmt: skip
     part = hv.add_partition(PartitionConfig(**p), dev)
 
@@ -155,11 +138,11 @@ def partition_add(hv, conn, msg):
 
 def partition_remove(hv, conn, msg):
     _no_stop(hv)
-    part = _partition(hv, _str(msg, "name"))
+    part = _known(hv.by_name, _str(msg, "name"), "partition")
     if part.workers:
-        raise _refused(f"partition {part.name!r} has {len(part.workers)} live worker(s)")
+        raise Refused(f"partition {part.name!r} has {len(part.workers)} live worker(s)")
     if part.stream.service is None and (part.stream.busy or part.waiters):
-        raise _refused(f"partition {part.name!r} has paging waiting for a paging service; "
+        raise Refused(f"partition {part.name!r} has paging waiting for a paging service; "
                        f"start one of {', '.join(part.stream.paging)} first")  # fmt: skip
     part.removing = True
     hv.after(lambda: not part.stream.inflight and not part.waiters,
@@ -180,11 +163,11 @@ def device_add(hv, conn, msg):
     entry = {k: msg[k] for k in ("id", "path", "size", "services") if msg.get(k) is not None}
     dev: DeviceConfig = _config_errors(parse_device, entry, hv.run_dir, list(hv.services))
     if dev.id in hv.devices:
-        raise _refused(f"device {dev.id!r} exists already")
+        raise Refused(f"device {dev.id!r} exists already")
     real = os.path.realpath(dev.path)
     for other in hv.devices.values():
         if os.path.realpath(other.path) == real:
-            raise _refused(f"device {dev.id!r}: {dev.path} is device {other.id!r} already")
+            raise Refused(f"device {dev.id!r}: {dev.path} is device {other.id!r} already")
     hv.lock_device(dev)  # refuses a device another system uses
     hv.devices[dev.id] = dev
     log.info("device %s: added (%s %s, %s, services %s)", dev.id, dev.kind, dev.path,
@@ -194,10 +177,10 @@ def device_add(hv, conn, msg):
 
 def device_remove(hv, conn, msg):
     _no_stop(hv)
-    dev = _device(hv, _str(msg, "id"))
+    dev = _known(hv.devices, _str(msg, "id"), "device")
     user = next((p.name for p in hv.partitions if p.device is dev), None)
     if user is not None:
-        raise _refused(f"device {dev.id!r} serves partition {user!r}")
+        raise Refused(f"device {dev.id!r} serves partition {user!r}")
     hv.unlock_device(dev)
     del hv.devices[dev.id]
     log.info("device %s: removed", dev.id)
@@ -246,9 +229,9 @@ def device_list(hv, conn, msg):
 
 def service_start(hv, conn, msg):
     _no_stop(hv)
-    svc = _service(hv, _str(msg, "name"))
+    svc = _known(hv.services, _str(msg, "name"), "paging service")
     if svc.state in ("starting", "running", "stopping"):
-        raise _refused(f"paging service {svc.name!r} is {svc.state} already")
+        raise Refused(f"paging service {svc.name!r} is {svc.state} already")
     hv.start_service(svc)
     hv.after(lambda: svc.state != "starting",  # answer once it serves (or died)
              lambda: hv.reply(conn, {"ok": svc.state != "dead", "service": svc.status(),
@@ -259,9 +242,9 @@ def service_start(hv, conn, msg):
 
 def service_stop(hv, conn, msg):
     _no_stop(hv)
-    svc = _service(hv, _str(msg, "name"))
+    svc = _known(hv.services, _str(msg, "name"), "paging service")
     if not svc.running:
-        raise _refused(f"paging service {svc.name!r} is {svc.state}")
+        raise Refused(f"paging service {svc.name!r} is {svc.state}")
     moved = {s.name: s for s in svc.streams()}
     hv.stop_service(svc, then=lambda: hv.reply(conn, {
         "ok": True, "service": svc.status(),
@@ -276,17 +259,17 @@ def service_list(hv, conn, msg):
 
 def service_switch(hv, conn, msg):
     _no_stop(hv)
-    part = _partition(hv, _str(msg, "partition"))
+    part = _known(hv.by_name, _str(msg, "partition"), "partition")
     stream = part.stream
     if len(stream.paging) < 2:
-        raise _refused(f"partition {part.name!r} has no redundant paging service")
+        raise Refused(f"partition {part.name!r} has no redundant paging service")
     current = stream.service
     if current is None or current.state != "running" or stream.state not in ("ENABLED", "RESUMED"):
-        raise _refused(f"partition {part.name!r}: its stream is {stream.state}"
+        raise Refused(f"partition {part.name!r}: its stream is {stream.state}"
                        + (f" on {current.name} ({current.state})" if current else ""))
     other = hv.services[next(n for n in stream.paging if n != current.name)]
     if other.state != "running":
-        raise _refused(f"paging service {other.name!r} is {other.state}")
+        raise Refused(f"paging service {other.name!r} is {other.state}")
 
     def moved():
         if not other.running:  # it went away meanwhile: the stream goes where it can
