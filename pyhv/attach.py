@@ -84,7 +84,7 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
     uffd_fd = -1
     mem = None
     try:
-        wire.send_control(sock, {"op": "attach", "partition": partition, "pid": os.getpid()})
+        wire.send_control(sock, {"op": "attach", "partition": partition})
         reply, fds = wire.recv_control(sock)
         if not reply or not reply.get("ok") or len(fds) != 2:
             wire.close_fds(fds)

@@ -304,6 +304,16 @@ def _emit(args, reply: dict, text: str) -> int:
     return 0
 
 
+def _page_list(value: str) -> list[int]:
+    try:
+        pages = [int(p) for p in value.split(",") if p]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a list of page numbers") from None
+    if not pages or min(pages) < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a list of page numbers")
+    return pages
+
+
 def _names(value: str | None) -> list[str] | None:
     return None if value is None else [v for v in value.split(",") if v]
 
@@ -389,18 +399,38 @@ def format_errors(errors: list[dict]) -> str:
     return "\n".join(lines)
 
 
+ERROR_FIELDS = ("partition", "page", "device", "error", "workers", "action", "time")
+
+
+def read_error_log(path: str) -> list[dict]:
+    """The records in a run directory's error log; a torn or foreign line
+    (a crash in the middle of a write) is skipped with a warning."""
+    errors, bad = [], 0
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    if isinstance(rec, dict) and all(k in rec for k in ERROR_FIELDS):
+                        errors.append(rec)
+                        continue
+                except ValueError:
+                    pass
+                bad += line.strip() != ""
+    except FileNotFoundError:
+        pass
+    if bad:
+        print(f"pyhv: warning: {path}: {bad} damaged line(s) skipped", file=sys.stderr)
+    return errors
+
+
 def cmd_errors(args) -> int:
     """Machine-check records: from the hypervisor, or its run directory's log."""
     run_dir = _run_dir(args)
     if _running_pid(run_dir) is not None:
         errors = _op(args, {"op": "errors"})["errors"]
     else:
-        path = os.path.join(run_dir, ERROR_LOG)
-        try:
-            with open(path) as f:
-                errors = [json.loads(line) for line in f if line.strip()]
-        except FileNotFoundError:
-            errors = []
+        errors = read_error_log(os.path.join(run_dir, ERROR_LOG))
     return _emit(args, {"ok": True, "errors": errors}, format_errors(errors))
 
 
@@ -411,7 +441,7 @@ def cmd_inject(args) -> int:
         if args.action == "corrupt":
             msg = {"op": "slots", "partition": args.partition}
             if args.pages:
-                msg["pages"] = [int(p) for p in args.pages.split(",")]
+                msg["pages"] = args.pages
             r = _op(args, msg)
             n = inject.corrupt(r["device"], [slot for _, slot in r["slots"]])
             return _emit(args, {"ok": True, "device": r["device"], "slots": r["slots"]},
@@ -549,7 +579,8 @@ def build_parser() -> Parser:
     psub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
     q = psub.add_parser("corrupt", help="random bytes over a partition's pages on its device")
     q.add_argument("--partition", required=True)
-    q.add_argument("--pages", help="N,M,...: these pages (default: every page on the device)")
+    q.add_argument("--pages", type=_page_list,
+                   help="N,M,...: these pages (default: every page on the device)")
     json_opt(q)
     q = psub.add_parser("faulty-device", help="a device (nbdkit error filter + nbdfuse) that "
                         "fails on demand")  # fmt: skip

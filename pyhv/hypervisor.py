@@ -35,6 +35,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -78,7 +79,7 @@ class Control:
 
 
 class Worker:
-    __slots__ = ("id", "pid", "partition", "conn", "uffd", "base", "alive")
+    __slots__ = ("id", "pid", "pidfd", "partition", "conn", "uffd", "base", "alive")
 
     def __init__(self, wid: int, pid: int, partition: "Partition", conn: Control):
         self.id = wid
@@ -86,6 +87,7 @@ class Worker:
         self.partition = partition
         self.conn = conn
         self.uffd = -1
+        self.pidfd = -1
         self.base = 0
         self.alive = True
 
@@ -656,7 +658,9 @@ class Hypervisor:
     def op_attach(self, conn, msg, fds):
         wire.close_fds(fds)
         name = msg["partition"]
-        pid = int(msg["pid"])
+        # who it is comes from the kernel (SO_PEERCRED), never from the message
+        pid, _, _ = struct.unpack("3i", conn.sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))  # fmt: skip
         part = self.by_name.get(name)
         if part is None:
             return {"ok": False, "error": f"unknown partition {name!r}"}, ()
@@ -665,6 +669,10 @@ class Hypervisor:
         if conn.worker is not None:
             raise wire.ProtocolError("this connection is attached already")
         w = Worker(self.next_worker, pid, part, conn)
+        try:  # signals go to this process, even if its pid is reused later
+            w.pidfd = os.pidfd_open(pid)
+        except OSError:
+            return {"ok": False, "error": "the attaching process is gone"}, ()
         conn.worker = w
         self.next_worker += 1
         part.workers[w.id] = w
@@ -705,6 +713,9 @@ class Hypervisor:
             except (KeyError, ValueError):
                 pass
             os.close(w.uffd)
+        if w.pidfd >= 0:
+            os.close(w.pidfd)
+            w.pidfd = -1
         self._close_conn(w.conn)
         log.info("partition %s: worker %d (pid %d) detached: %s", part.name, w.id, w.pid, why)
 
@@ -887,20 +898,27 @@ class Hypervisor:
         self.errors.append(record)
         log.error("partition %s: page %d (device %s slot %d): page-in failed: %s; machine check",
                   part.name, page, part.device.id, slot, error)  # fmt: skip
-        for w, _ in waiters:
-            if not w.alive:
+        touched = {w.id for w, _ in waiters if w.alive}
+        for w in list(part.workers.values()):
+            # every worker attached now has the page poisoned: whoever touches
+            # it is stopped; only workers that attach later see it cleared
+            if w.uffd < 0:
                 continue
-            record["workers"].append(w.pid)
-            if uffd.poison(w.uffd, w.base + page * PAGE_SIZE, PAGE_SIZE) == uffd.GONE:
+            start = w.base + page * PAGE_SIZE
+            uffd.writeprotect(w.uffd, start, PAGE_SIZE, False, wake=False)  # no marker in the way
+            if uffd.poison(w.uffd, start, PAGE_SIZE) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
+                continue
+            if w.id in touched and w.pid not in record["workers"]:
+                record["workers"].append(w.pid)
         if part.cfg.isolation == "partition":
             for w in list(part.workers.values()):
                 if w.pid not in record["workers"]:
                     record["workers"].append(w.pid)
-                    try:
-                        os.kill(w.pid, signal.SIGBUS)
-                    except ProcessLookupError:
-                        pass
+                try:
+                    signal.pidfd_send_signal(w.pidfd, signal.SIGBUS)
+                except OSError:
+                    pass
         # clearing: the page starts again as a zero page, its slot is free
         part.table[page] = UNTOUCHED
         if part.release_slot(page) != NO_SLOT and part.stream.service is not None:
@@ -926,7 +944,9 @@ class Hypervisor:
         for record in reversed(self.errors):
             if record["partition"] == w.partition.name and record["page"] == page and (
                     not seq or record["seq"] == seq):  # fmt: skip
-                record["reported_by"].append(w.pid)
+                for key in ("reported_by", "workers"):
+                    if w.pid not in record[key]:
+                        record[key].append(w.pid)
                 log.warning("partition %s: worker %d stopped by the machine check at page %d",
                             w.partition.name, w.pid, page)  # fmt: skip
                 break

@@ -65,18 +65,24 @@ class FaultyDevice:
               read_rate: str = "100%", write_rate: str = "100%") -> dict:  # fmt: skip
         nbdkit = _need("nbdkit", "nbdkit")
         nbdfuse = _need("nbdfuse", "libnbd-bin")
+        if (self.dir / STATE).exists() or self.socket.exists():
+            raise InjectError(f"a faulty device is set up in {self.dir} already "
+                              "(stop it first)")  # fmt: skip
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mountpoint.mkdir(exist_ok=True)
         with open(self.image, "wb") as f:
             f.truncate(size)
         pidfile = self.dir / "nbdkit.pid"
-        subprocess.run(
+        p = subprocess.run(
             [nbdkit, "-U", str(self.socket), "-P", str(pidfile), "--filter=error", "file",
              str(self.image), f"error-pread={read_error}", f"error-pread-rate={read_rate}",
              f"error-pread-file={self.read_trigger}", f"error-pwrite={write_error}",
              f"error-pwrite-rate={write_rate}", f"error-pwrite-file={self.write_trigger}"],
-            check=True, capture_output=True, text=True,
+            capture_output=True, text=True,
         )  # fmt: skip
+        if p.returncode:
+            last = (p.stderr.strip().splitlines() or ["failed"])[-1]
+            raise InjectError(f"nbdkit: {last}")
         _wait(lambda: pidfile.exists() and self.socket.exists(), "nbdkit")
         fuse = subprocess.Popen([nbdfuse, str(self.path), "--unix", str(self.socket)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -272,3 +272,81 @@ def test_a_sigbus_that_is_no_paging_error_keeps_its_meaning(system, how):
     assert rc == SIGBUS_EXIT
     assert "machine check" not in err
     assert errors(system) == []
+
+
+ATTACHED_BEFORE = textwrap.dedent("""
+    import os, sys, time, pyhv
+    mem = pyhv.attach()
+    print("ready", flush=True)
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.01)
+    print("read", mem[0], flush=True)   # page 0 was lost after this worker attached
+""")
+
+
+def test_a_worker_attached_before_the_loss_is_stopped_too_and_later_ones_read_zeros(
+        system, tmp_path):  # fmt: skip
+    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]))
+    assert finish(system.workload("p1", "write", "--generation", "1"))[0] == 0
+    early = system.run("p1", PY, "-c", ATTACHED_BEFORE, str(tmp_path / "go"))
+    assert early.stdout.readline().strip() == "ready"
+    assert system.pyhv("inject", "corrupt", "--partition", "p1", "--pages", "0").returncode == 0
+    rc, out, err = finish(system.workload("p1", "verify", "--generation", "1"))
+    assert rc == SIGBUS_EXIT and "page 0 " in err  # the first toucher
+    (tmp_path / "go").touch()
+    rc, out, err = finish(early)
+    assert rc == SIGBUS_EXIT and "read" not in out, out  # attached before: stopped, no zeros
+    (rec,) = errors(system)
+    assert len(rec["workers"]) == 2 and len(set(rec["workers"])) == 2
+    rc, out, err = finish(system.run("p1", PY, "-c", "import pyhv; print(pyhv.attach()[0])"))
+    assert rc == 0 and out.strip() == "0"  # attached after: the cleared page
+
+
+SPOOF = textwrap.dedent("""
+    import os, pyhv, sys
+    os.getpid = lambda: int(sys.argv[1])   # claim to be another process
+    mem = pyhv.attach()
+    print("attached", flush=True)
+    import time; time.sleep(60)
+""")
+
+
+def test_a_worker_cannot_claim_another_process_as_its_pid(system):
+    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]).replace(
+        'device = "pgdev0"\n', 'device = "pgdev0"\nisolation = "partition"\n'))  # fmt: skip
+    assert finish(system.workload("p1", "write", "--generation", "1"))[0] == 0
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        rogue = system.run("p1", PY, "-c", SPOOF, str(bystander.pid))
+        assert rogue.stdout.readline().strip() == "attached"
+        assert bystander.pid not in system.partition("p1")["workers"]
+        assert system.pyhv("inject", "corrupt", "--partition", "p1", "--pages", "0").returncode == 0
+        rc, _, _ = finish(system.workload("p1", "verify", "--generation", "1"))
+        assert rc == SIGBUS_EXIT
+        assert finish(rogue)[0] == SIGBUS_EXIT  # the partition's real workers are stopped
+        assert bystander.poll() is None  # and nobody else
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_inject_errors_are_one_line(system, tmp_path):
+    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]))
+    p = system.pyhv("inject", "corrupt", "--partition", "p1", "--pages", "a,b")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    log = tmp_path / "run-errors"
+    log.mkdir()
+    (log / "errors.jsonl").write_text('{"seq": 1}\n{"seq": 2, "partit\n')
+    p = pyhv("errors", "--run-dir", log)
+    assert p.returncode == 0 and "no machine checks" in p.stdout
+    assert "2 damaged line(s) skipped" in p.stderr and "Traceback" not in p.stderr
+
+
+@needs_nbd
+def test_a_second_start_on_a_faulty_device_is_refused(faulty):
+    dev = faulty()
+    with open(dev.path, "r+b") as f:
+        f.write(b"XXXX")
+    p = pyhv("inject", "faulty-device", "start", dev.dir)
+    assert p.returncode == 1 and "already" in p.stderr and "Traceback" not in p.stderr
+    assert dev.image.read_bytes()[:4] == b"XXXX"

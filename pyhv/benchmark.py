@@ -1,0 +1,894 @@
+"""The standard comparison of issue 5: pyhv against the kernel's own swap and
+against a minimal C uffd handler, all measured in one run on this machine.
+
+``run(quick, json_file, plot_file, progress)`` does, in one temporary
+directory (removed at the end):
+
+1. **Workloads**, each one Python process (so a memory limit applies to it)
+   over 64 MiB (16,384 pages), started as ``python -m pyhv.benchmark
+   workload NAME ...``.  Every page is first written once (not timed), then
+   only the touch phase is timed; each touch reads and writes one byte:
+
+   ``random``      20,000 touches of seeded random pages;
+   ``sequential``  two in-order passes over every page;
+   ``zipf``        20,000 touches of pages drawn from a bounded Zipf
+                   distribution (exponent 1: the hottest 20% of the pages
+                   take ~84% of the touches), hot pages scattered (seeded).
+
+   ``quick``: 5,000 touches and one sequential pass.
+
+2. **Kernel swap**: a loop device with ``--direct-io=on`` over a file,
+   ``mkswap`` + ``swapon``, a memory cgroup limited to 16 MiB + 8 MiB for the
+   interpreter (v2 ``memory.max``/``memory.swap.max`` where the memory
+   controller is on cgroup2, else v1 ``memory.limit_in_bytes``), the workload
+   on anonymous memory (``mmap(-1)``) inside it: the child is a shell that
+   writes its own pid to ``cgroup.procs`` and then execs Python, so the whole
+   interpreter is charged.  Torn down in ``finally`` (processes left in the
+   cgroup killed, cgroup removed, swapoff, loop device detached), with SIGINT
+   and SIGTERM held off during the teardown.  Skipped, with the reason in the
+   result, when the machine cannot (not root, no memory controller, no
+   losetup/mkswap/swapon, swapon refused).
+
+3. **pyhv**: per workload a fresh system (``pyhv up --detach``): a 16 MiB
+   pool, one 64 MiB partition, one paging service, its device a loop device
+   with ``--direct-io=on`` over a file in the same directory; the workload
+   attached with ``pyhv.attach()`` and started with ``pyhv run``; then
+   ``pyhv shutdown``.  Nothing is pinned, on either side.
+
+4. **C floor**: ``pyhv.uffd.bench_uffd_touch`` with handler and toucher on
+   CPU 0: first touch (UFFDIO_ZEROPAGE) and page-in (pread of the page's
+   slot from an O_DIRECT file, then UFFDIO_COPY); median and p99 per fault.
+   The table's per-workload "C floor" is an estimate: the page-ins pyhv did
+   in the touch phase times the C page-in median (first touches times the
+   zeropage median): what the same faults would cost with no policy, no
+   paging-service hop and no write-back.
+
+Every touch is timed on its own as well (``perf_counter_ns`` around it, on
+both sides alike; the workload's time is the whole loop, these included).
+The CDF plots these per-touch latencies of the random workload.  "Page-in
+fault" p50/p99 are the slowest K touches of a run, K = the page-ins of its
+touch phase (pyhv: the partition's ``page_ins`` counter; kernel: the
+process's major faults, ``ru_majflt``): an attribution, not a per-fault
+measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+PAGE = 4096
+MiB = 1 << 20
+MEMORY = 64 * MiB  # the workload's memory: 16,384 pages
+POOL = 16 * MiB  # pyhv's pool, and the kernel cgroup's share for data
+INTERPRETER = 8 * MiB  # the cgroup's allowance for the Python interpreter
+WORKLOADS = ("random", "sequential", "zipf")
+SEED = 5
+CGROUP_PREFIX = "pyhv-bench-"
+ZIPF_S = 1.0
+
+
+def params(quick: bool) -> dict:
+    """The workload sizes of a run."""
+    return {"touches": 5000 if quick else 20000, "passes": 1 if quick else 2,
+            "memory": MEMORY, "seed": SEED}  # fmt: skip
+
+
+# =====================================================================================
+# The workload program (a child process): python -m pyhv.benchmark workload NAME ...
+# =====================================================================================
+
+
+def _offsets(name: str, npages: int, touches: int, passes: int, seed: int) -> list[int]:
+    """Byte offsets of the touches, computed before the timed phase."""
+    rng = random.Random(seed)
+    if name == "sequential":
+        return [p * PAGE + (p % PAGE) for _ in range(passes) for p in range(npages)]
+    if name == "random":
+        pages = [rng.randrange(npages) for _ in range(touches)]
+    elif name == "zipf":
+        order = list(range(npages))
+        rng.shuffle(order)  # rank r -> page order[r]: hot pages scattered
+        cum, acc = [], 0.0
+        for r in range(1, npages + 1):
+            acc += 1.0 / r**ZIPF_S
+            cum.append(acc)
+        ranks = rng.choices(range(npages), cum_weights=cum, k=touches)
+        pages = [order[r] for r in ranks]
+    else:
+        raise ValueError(f"unknown workload {name!r}")
+    return [p * PAGE + rng.randrange(PAGE) for p in pages]
+
+
+def _pyhv_counters() -> dict:
+    from pyhv import wire
+
+    path = os.path.join(os.environ["PYHV_RUN_DIR"], "control.sock")
+    st = wire.request(path, {"op": "status"})
+    part = next(p for p in st["partitions"] if p["name"] == os.environ["PYHV_PARTITION"])
+    keys = ("faults", "first_touches", "page_ins", "page_outs", "clean_drops", "wp_faults",
+            "io_errors", "machine_checks", "resident_pages")  # fmt: skip
+    return {k: part.get(k, 0) for k in keys}
+
+
+def workload_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pyhv.benchmark workload")
+    ap.add_argument("name", choices=WORKLOADS)
+    ap.add_argument("--mode", choices=["anon", "pyhv"], default="anon",
+                    help="anon: mmap(-1) (kernel swap); pyhv: pyhv.attach()")  # fmt: skip
+    ap.add_argument("--memory", type=int, default=MEMORY)
+    ap.add_argument("--touches", type=int, default=20000)
+    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--samples", action="store_true", help="print every touch's latency (ns)")
+    args = ap.parse_args(argv)
+
+    import mmap
+    import resource
+
+    if args.mode == "pyhv":
+        import pyhv
+
+        mem = pyhv.attach()
+        size = len(mem)
+    else:
+        charge = None  # what the interpreter is charged before the data exists
+        with contextlib.suppress(KeyError, OSError, ValueError):
+            with open(os.environ["PYHV_BENCH_CGROUP_USAGE"]) as f:
+                charge = int(f.read())
+        size = args.memory
+        mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    npages = size // PAGE
+    view = memoryview(mem)
+    offs = _offsets(args.name, npages, args.touches, args.passes, args.seed)
+
+    for p in range(npages):  # write every page once (never zero: the kernel skips zero pages)
+        view[p * PAGE] = (p % 255) + 1
+
+    before = _pyhv_counters() if args.mode == "pyhv" else None
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    lat = [0] * len(offs)
+    clock = time.perf_counter_ns
+    t0 = clock()
+    for i, off in enumerate(offs):
+        s = clock()
+        view[off] = (view[off] + 1) & 0xFF
+        lat[i] = clock() - s
+    seconds = (clock() - t0) / 1e9
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    out = {"seconds": seconds, "touches": len(offs), "workload": args.name, "mode": args.mode,
+           "pages": npages, "majflt": ru1.ru_majflt - ru0.ru_majflt,
+           "minflt": ru1.ru_minflt - ru0.ru_minflt,
+           "maxrss_kib": ru1.ru_maxrss}  # fmt: skip
+    if args.mode == "anon":
+        out["interpreter_charge_bytes"] = charge
+    if before is not None:
+        after = _pyhv_counters()
+        out["counters"] = {k: after[k] - before[k] for k in after if k != "resident_pages"}
+        out["counters"]["resident_pages"] = after["resident_pages"]
+    out["page_ins"] = out["counters"]["page_ins"] if before is not None else out["majflt"]
+    out.update(_latency_summary(lat, out["page_ins"]))
+    if args.samples:
+        out["samples_ns"] = lat
+    view.release()
+    if args.mode == "pyhv":
+        pyhv.detach(mem)
+    else:
+        mem.close()
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def _pct(sorted_values: list, q: float):
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def _latency_summary(lat_ns: list[int], page_ins: int) -> dict:
+    s = sorted(lat_ns)
+    out = {"touch_p50_us": _us(_pct(s, 0.5)), "touch_p99_us": _us(_pct(s, 0.99))}
+    k = min(max(0, page_ins), len(s))
+    if k:
+        slow = s[len(s) - k:]
+        out.update(fault_p50_us=_us(_pct(slow, 0.5)), fault_p99_us=_us(_pct(slow, 0.99)),
+                   fault_samples=k)  # fmt: skip
+    return out
+
+
+def _us(ns):
+    return None if ns is None else round(ns / 1000, 2)
+
+
+# =====================================================================================
+# Helpers of the parent
+# =====================================================================================
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def _sh(*cmd: str, timeout: float = 60) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()}")
+    return r.stdout.strip()
+
+
+@contextlib.contextmanager
+def _no_interrupts():
+    """Hold SIGINT and SIGTERM off (teardown must finish); delivered after."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (ValueError, OSError):
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt (so every finally runs)."""
+    try:
+        prev = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _workload_cmd(name: str, mode: str, p: dict, samples: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "pyhv.benchmark", "workload", name, "--mode", mode,
+           "--memory", str(p["memory"]), "--touches", str(p["touches"]),
+           "--passes", str(p["passes"]), "--seed", str(p["seed"])]  # fmt: skip
+    if samples:
+        cmd.append("--samples")
+    return cmd
+
+
+def _parse_workload(r: subprocess.CompletedProcess, what: str) -> dict:
+    if r.returncode != 0:
+        raise BenchError(f"{what}: exit status {r.returncode}: {r.stderr.strip()[-2000:]}")
+    for line in reversed(r.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise BenchError(f"{what}: no JSON result on stdout: {r.stdout[-500:]!r}")
+
+
+class LoopDevice:
+    """A loop device with direct I/O over a preallocated file."""
+
+    def __init__(self, path: str, size: int):
+        self.file = path
+        self.dev: str | None = None
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+        self.dev = _sh("losetup", "--find", "--show", "--direct-io=on", path)
+        info = _sh("losetup", "--list", "--noheadings", "--output", "DIO", self.dev)
+        self.direct_io = info.strip() == "1"
+
+    def close(self) -> None:
+        if self.dev:
+            dev, self.dev = self.dev, None
+            for _ in range(50):  # EBUSY for a moment after the last close
+                r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
+                if r.returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                raise BenchError(f"losetup -d {dev}: {r.stderr.strip()}")
+        with contextlib.suppress(OSError):
+            os.unlink(self.file)
+
+
+# --- the kernel swap baseline ---------------------------------------------------------
+
+
+def _mounts() -> list[tuple[str, str, str]]:
+    out = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            dev, mnt, fstype, opts = line.split()[:4]
+            out.append((mnt, fstype, opts))
+    return out
+
+
+def _memory_cgroup_root() -> tuple[str, str] | None:
+    """("v2", path) where cgroup2 has the memory controller, else ("v1", path)."""
+    mounts = _mounts()
+    for mnt, fstype, _ in mounts:
+        if fstype == "cgroup2":
+            with contextlib.suppress(OSError):
+                with open(os.path.join(mnt, "cgroup.controllers")) as f:
+                    if "memory" in f.read().split():
+                        return "v2", mnt
+    for mnt, fstype, opts in mounts:
+        if fstype == "cgroup" and "memory" in opts.split(","):
+            return "v1", mnt
+    return None
+
+
+def kernel_swap_unavailable() -> str | None:
+    """Why this machine cannot run the kernel swap baseline (None: it can)."""
+    if os.geteuid() != 0:
+        return "needs root (swapon, losetup and a memory cgroup)"
+    for tool in ("losetup", "mkswap", "swapon", "swapoff", "sh"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed"
+    root = _memory_cgroup_root()
+    if root is None:
+        return "no cgroup memory controller is mounted (neither cgroup2 with memory nor v1)"
+    if not os.access(root[1], os.W_OK):
+        return f"cannot create a cgroup under {root[1]}"
+    return None
+
+
+class KernelSwap:
+    """Swap on a loop device (direct I/O) plus a memory cgroup; ``close()``
+    undoes everything it did, in reverse."""
+
+    def __init__(self, tmpdir: str, data_limit: int = POOL, interpreter: int = INTERPRETER):
+        self.loop: LoopDevice | None = None
+        self.swap_on = False
+        self.cgroup: str | None = None
+        self.info: dict = {}
+        reason = kernel_swap_unavailable()
+        if reason:
+            raise BenchError(reason)
+        version, root = _memory_cgroup_root()
+        other = _sh("swapon", "--show=NAME", "--noheadings")
+        try:
+            self.loop = LoopDevice(os.path.join(tmpdir, "swap.img"), 2 * MEMORY)
+            _sh("mkswap", self.loop.dev)
+            _sh("swapon", self.loop.dev)
+            self.swap_on = True
+            self.cgroup = tempfile.mkdtemp(prefix=CGROUP_PREFIX, dir=root)
+            limit = data_limit + interpreter
+            if version == "v2":
+                self._write("memory.max", str(limit))
+                self._write("memory.swap.max", "max")
+            else:
+                self._write("memory.limit_in_bytes", str(limit))
+            self.info = {
+                "cgroup": self.cgroup, "cgroup_version": version, "limit_bytes": limit,
+                "swap_device": self.loop.dev, "direct_io": self.loop.direct_io,
+                "swap_size_bytes": 2 * MEMORY, "other_swap": other.split() if other else [],
+                "page_cluster": _read_int("/proc/sys/vm/page-cluster"),
+                "swappiness": _read_int(os.path.join(self.cgroup, "memory.swappiness"))
+                if version == "v1" else _read_int("/proc/sys/vm/swappiness"),
+            }  # fmt: skip
+        except BaseException:
+            with _no_interrupts():
+                self.close()
+            raise
+
+    def _write(self, name: str, value: str) -> None:
+        with open(os.path.join(self.cgroup, name), "w") as f:
+            f.write(value)
+
+    def run(self, name: str, p: dict, samples: bool = False, timeout: float = 600) -> dict:
+        procs = os.path.join(self.cgroup, "cgroup.procs")
+        # The shell joins the cgroup, then becomes Python: the interpreter is charged too.
+        cmd = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs,
+               *_workload_cmd(name, "anon", p, samples)]  # fmt: skip
+        usage = "memory.usage_in_bytes" if self.info["cgroup_version"] == "v1" else "memory.current"
+        env = dict(os.environ, PYHV_BENCH_CGROUP_USAGE=os.path.join(self.cgroup, usage))
+        vm0 = _vmstat()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        vm1 = _vmstat()
+        out = _parse_workload(r, f"kernel swap workload {name}")
+        out["pswpin"] = vm1.get("pswpin", 0) - vm0.get("pswpin", 0)
+        out["pswpout"] = vm1.get("pswpout", 0) - vm0.get("pswpout", 0)
+        peak = "memory.max_usage_in_bytes" if self.info["cgroup_version"] == "v1" else "memory.peak"
+        out["cgroup_peak_bytes"] = _read_int(os.path.join(self.cgroup, peak))
+        if self.info["cgroup_version"] == "v1":
+            with contextlib.suppress(OSError):
+                self._write("memory.max_usage_in_bytes", "0")  # reset for the next run
+        return out
+
+    def close(self) -> None:
+        """Undo everything; every step is tried, the first error is raised."""
+        errors = []
+        if self.cgroup:
+            try:
+                _kill_cgroup(self.cgroup)
+                self.cgroup = None
+            except OSError as e:
+                errors.append(e)
+        if self.swap_on:
+            try:
+                _sh("swapoff", self.loop.dev, timeout=120)
+                self.swap_on = False
+            except (BenchError, subprocess.TimeoutExpired) as e:
+                errors.append(e)
+        if self.loop and not self.swap_on:
+            try:
+                self.loop.close()
+                self.loop = None
+            except BenchError as e:
+                errors.append(e)
+        if errors:
+            raise BenchError(f"kernel swap teardown: {errors[0]}")
+
+
+def _kill_cgroup(path: str) -> None:
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            with contextlib.suppress(OSError):
+                with open(os.path.join(path, "cgroup.procs")) as f:
+                    for pid in f.read().split():  # only our workload can be in there
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.05)
+    os.rmdir(path)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _vmstat() -> dict:
+    out = {}
+    with open("/proc/vmstat") as f:
+        for line in f:
+            k, v = line.split()
+            out[k] = int(v)
+    return out
+
+
+# --- pyhv ----------------------------------------------------------------------------
+
+
+def _pyhv(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyhv", *args], capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class PyhvSystem:
+    """A pyhv system on a block device: one pool, one service, one partition p1."""
+
+    def __init__(self, run_dir: str, device: str, pool: int = POOL, memory: int = MEMORY):
+        self.run_dir = run_dir
+        self.pids: list[int] = []
+        os.makedirs(run_dir, exist_ok=True)
+        self.config = os.path.join(run_dir, "cfg.toml")
+        with open(self.config, "w") as f:
+            f.write(f'[pool]\nsize = {pool}\n\n[[paging_service]]\nname = "vios1"\n\n'
+                    f'[[device]]\nid = "loop"\npath = "{device}"\n\n'
+                    f'[[partition]]\nname = "p1"\nmemory = {memory}\npaging = ["vios1"]\n'
+                    'device = "loop"\n')  # fmt: skip
+
+    def up(self) -> None:
+        r = _pyhv("up", "-c", self.config, "--run-dir", self.run_dir, "--detach")
+        self._collect_pids()
+        if r.returncode != 0:
+            raise BenchError(f"pyhv up failed ({r.returncode}): {r.stderr.strip()}\n{self.log()}")
+
+    def _collect_pids(self) -> None:
+        r = _pyhv("status", "--run-dir", self.run_dir, "--json")
+        if r.returncode == 0:
+            st = json.loads(r.stdout)
+            self.pids = [st["pid"]] + [s["pid"] for s in st["paging_services"] if s.get("pid")]
+        else:
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(self.run_dir, "hypervisor.pid")) as f:
+                    self.pids = [int(f.read())]
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.run_dir, "hypervisor.log")) as f:
+                return f.read()[-3000:]
+        except OSError:
+            return ""
+
+    def run(self, name: str, p: dict, samples: bool = False, timeout: float = 600) -> dict:
+        cmd = ["run", "--run-dir", self.run_dir, "--partition", "p1", "--",
+               *_workload_cmd(name, "pyhv", p, samples)]  # fmt: skip
+        r = _pyhv(*cmd, timeout=timeout)
+        return _parse_workload(r, f"pyhv workload {name}")
+
+    def shutdown(self) -> None:
+        """Stop the system; SIGKILL its processes (by pid) if shutdown fails."""
+        if not self.pids:
+            self._collect_pids()
+        try:
+            ok = _pyhv("shutdown", "--run-dir", self.run_dir, timeout=60).returncode == 0
+        except subprocess.TimeoutExpired:
+            ok = False
+        deadline = time.monotonic() + (10 if ok else 0)
+        for pid in self.pids:
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                ok = False
+        if not ok:
+            raise BenchError(f"pyhv shutdown failed; killed {self.pids}\n{self.log()}")
+
+
+def run_pyhv_workload(device: str, run_dir: str, name: str, p: dict,
+                      samples: bool = False) -> dict:  # fmt: skip
+    """One workload on a fresh pyhv system on device; always shut down."""
+    system = PyhvSystem(run_dir, device)
+    try:
+        system.up()
+        out = system.run(name, p, samples)
+    finally:
+        with _no_interrupts():
+            system.shutdown()
+    return out
+
+
+# --- the C floor -------------------------------------------------------------------------
+
+
+def c_floor(tmpdir: str, npages: int = 3000, cpu: int = 0) -> dict:
+    """Per-fault ns of a minimal C uffd handler: zeropage, and pread (O_DIRECT) + COPY."""
+    from pyhv import uffd
+
+    if cpu >= (os.cpu_count() or 1):
+        cpu = -1
+    path = os.path.join(tmpdir, "c-floor.img")
+    with open(path, "wb") as f:
+        f.write(os.urandom(16 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        kw = {"shared": True, "handler_cpu": cpu, "toucher_cpu": cpu}
+        uffd.bench_uffd_touch(200, zeropage=True, **kw)  # warm-ups, discarded
+        zero = uffd.bench_uffd_touch(npages, zeropage=True, **kw)
+        uffd.bench_uffd_touch(200, zeropage=False, devfd=fd, **kw)
+        page_in = uffd.bench_uffd_touch(npages, zeropage=False, devfd=fd, **kw)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return {"cpu": cpu, "first_touch_ns": zero, "page_in_ns": page_in}
+
+
+def _summary_us(ns: list[int]) -> dict:
+    s = sorted(ns)
+    return {"p50_us": _us(_pct(s, 0.5)), "p99_us": _us(_pct(s, 0.99)), "samples": len(s)}
+
+
+def _downsample(values_ns: list[int], points: int = 2000) -> list[float]:
+    """Sorted values in µs, at most ``points`` quantiles (for the CDF)."""
+    s = sorted(values_ns)
+    if len(s) > points:
+        s = [s[int(i * (len(s) - 1) / (points - 1))] for i in range(points)]
+    return [round(v / 1000, 3) for v in s]
+
+
+# =====================================================================================
+# The standard comparison
+# =====================================================================================
+
+
+def run(quick: bool = False, json_file: str | None = None, plot_file: str | None = None,
+        progress: bool = True) -> dict:  # fmt: skip
+    """Run the whole comparison; returns the result dict (see format_table)."""
+    from pyhv.progress import Progress
+
+    if plot_file:
+        _need_matplotlib()  # fail before minutes of measuring, not after
+    p = params(quick)
+    steps = 2 + 2 * len(WORKLOADS) + 1 + (1 if plot_file else 0)
+    bar = Progress("pyhv bench", steps, enabled=progress)
+    started = time.time()
+    result: dict = {
+        "quick": quick,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+        "params": {**p, "pool_bytes": POOL, "cgroup_limit_bytes": POOL + INTERPRETER,
+                   "zipf_exponent": ZIPF_S},
+        "placement": "workloads unpinned on both sides; C floor handler and toucher on CPU 0",
+        "workloads": {},
+        "kernel_swap": {"available": False, "skipped": None},
+        "errors": [],
+    }  # fmt: skip
+    samples: dict[str, list[int]] = {}
+    tmpdir = tempfile.mkdtemp(prefix="pyhv-bench-", dir=_disk_tmp())
+    kswap: KernelSwap | None = None
+    loop: LoopDevice | None = None
+    try:
+        with _sigterm_as_interrupt():
+            # C floor first: a quiet machine, no other system running.
+            fl = c_floor(tmpdir, 1000 if quick else 3000)
+            result["c_floor"] = {
+                "cpu": fl["cpu"],
+                "first_touch": _summary_us(fl["first_touch_ns"]),
+                "page_in": _summary_us(fl["page_in_ns"]),
+                "page_in_source": "pread of the page's slot from an O_DIRECT file on "
+                                  f"{_fs_of(tmpdir)}, then UFFDIO_COPY",
+            }  # fmt: skip
+            samples["C floor page-in (pread O_DIRECT + COPY)"] = fl["page_in_ns"]
+            samples["C floor first touch (ZEROPAGE)"] = fl["first_touch_ns"]
+            bar.advance(1)
+
+            try:
+                kswap = KernelSwap(tmpdir)
+                result["kernel_swap"] = {"available": True, "skipped": None, **kswap.info}
+            except BenchError as e:
+                result["kernel_swap"] = {"available": False, "skipped": str(e)}
+            loop = LoopDevice(os.path.join(tmpdir, "pyhv-dev.img"), MEMORY + 16 * MiB)
+            result["pyhv_device"] = {"device": loop.dev, "direct_io": loop.direct_io,
+                                     "size_bytes": MEMORY + 16 * MiB}  # fmt: skip
+            bar.advance(1)
+
+            for i, name in enumerate(WORKLOADS):
+                row: dict = {"touches": None}
+                want = name == "random"  # per-touch samples for the CDF
+                if kswap:
+                    try:
+                        k = kswap.run(name, p, samples=want)
+                        if want:
+                            samples["kernel swap, random workload (per touch)"] = \
+                                k.pop("samples_ns")
+                        row["kernel_swap"] = k
+                        row["touches"] = k["touches"]
+                    except (BenchError, subprocess.TimeoutExpired) as e:
+                        result["errors"].append(f"kernel swap {name}: {e}")
+                bar.advance(1)
+                try:
+                    y = run_pyhv_workload(loop.dev, os.path.join(tmpdir, f"run-{i}"), name, p,
+                                          samples=want)  # fmt: skip
+                    if want:
+                        samples["pyhv, random workload (per touch)"] = y.pop("samples_ns")
+                    row["pyhv"] = y
+                    row["touches"] = y["touches"]
+                except (BenchError, subprocess.TimeoutExpired) as e:
+                    result["errors"].append(f"pyhv {name}: {e}")
+                bar.advance(1)
+                result["workloads"][name] = _row(row, result["c_floor"])
+
+            result["fault_latency"] = {
+                label: _summary_us(v) for label, v in samples.items()
+            }
+            result["cdf_us"] = {label: _downsample(v) for label, v in samples.items()}
+    finally:
+        with _no_interrupts():
+            errors = []
+            for thing in (kswap, loop):
+                if thing is not None:
+                    try:
+                        thing.close()
+                    except BenchError as e:
+                        errors.append(str(e))
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            result["errors"].extend(errors)
+    bar.advance(1)
+    result["elapsed_s"] = round(time.time() - started, 1)
+    if plot_file:
+        plot(result, plot_file)
+        result["plot_file"] = plot_file
+        bar.advance(1)
+    bar.close()
+    if json_file:
+        with open(json_file, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    return result
+
+
+def _row(row: dict, floor: dict) -> dict:
+    y, k = row.get("pyhv"), row.get("kernel_swap")
+    out = {
+        "touches": row["touches"],
+        "pyhv_s": round(y["seconds"], 4) if y else None,
+        "kernel_swap_s": round(k["seconds"], 4) if k else None,
+        "ratio": round(y["seconds"] / k["seconds"], 3) if y and k and k["seconds"] else None,
+        "c_floor_s": None,
+        "pyhv": y,
+        "kernel_swap": k,
+    }
+    if y and "counters" in y:
+        c = y["counters"]
+        est = (c["page_ins"] * floor["page_in"]["p50_us"]
+               + c["first_touches"] * floor["first_touch"]["p50_us"]) / 1e6  # fmt: skip
+        out["c_floor_s"] = round(est, 4)
+    return out
+
+
+def _disk_tmp() -> str | None:
+    """A temp dir on a real disk (loop direct I/O and O_DIRECT want one, not tmpfs)."""
+    base = tempfile.gettempdir()
+    if _fs_of(base) == "tmpfs" and os.path.isdir("/var/tmp") and _fs_of("/var/tmp") != "tmpfs":
+        return "/var/tmp"
+    return base
+
+
+def _fs_of(path: str) -> str:
+    path = os.path.realpath(path)
+    best, fstype = "", "?"
+    for mnt, fs, _ in _mounts():
+        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, fstype = mnt, fs
+    return fstype
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def _fmt_s(v) -> str:
+    return "-" if v is None else f"{v:.3f} s"
+
+
+def format_table(result: dict) -> str:
+    """The table: workload, pyhv, kernel swap, ratio, C floor; then fault figures."""
+    p = result["params"]
+    lines = [
+        f"pyhv bench{' --quick' if result['quick'] else ''}: {p['memory'] // MiB} MiB per "
+        f"workload, pyhv pool {p['pool_bytes'] // MiB} MiB vs kernel swap in a "
+        f"{p['cgroup_limit_bytes'] // MiB} MiB memory cgroup; loop devices, direct I/O",
+        "",
+        f"{'workload':<12}{'touches':>9}{'pyhv':>11}{'kernel swap':>13}{'ratio':>8}"
+        f"{'C floor*':>11}",
+    ]  # fmt: skip
+    for name, w in result["workloads"].items():
+        ratio = "-" if w["ratio"] is None else f"{w['ratio']:.2f}x"
+        lines.append(f"{name:<12}{w['touches'] or '-':>9}{_fmt_s(w['pyhv_s']):>11}"
+                     f"{_fmt_s(w['kernel_swap_s']):>13}{ratio:>8}{_fmt_s(w['c_floor_s']):>11}")
+    lines.append("")
+    fl = result.get("c_floor")
+    if fl:
+        lines.append(f"C floor per fault (CPU {fl['cpu']}): first touch (ZEROPAGE) p50 "
+                     f"{fl['first_touch']['p50_us']} us, p99 {fl['first_touch']['p99_us']} us;"
+                     f" page-in (pread O_DIRECT + COPY) p50 {fl['page_in']['p50_us']} us, "
+                     f"p99 {fl['page_in']['p99_us']} us")  # fmt: skip
+    for side, label in (("pyhv", "pyhv"), ("kernel_swap", "kernel swap")):
+        w = result["workloads"].get("random", {}).get(side)
+        if w and w.get("fault_p50_us") is not None:
+            lines.append(f"{label} page-in fault (random, slowest {w['fault_samples']} touches "
+                         f"= page-ins): p50 {w['fault_p50_us']} us, p99 {w['fault_p99_us']} us")
+    lines.append("* C floor: the touch phase's page-ins (and first touches) under pyhv times "
+                 "the C handler's median; no write-back.")  # fmt: skip
+    ks = result["kernel_swap"]
+    k = result["workloads"].get("random", {}).get("kernel_swap") or {}
+    if k.get("interpreter_charge_bytes") is not None:
+        lim = ks["limit_bytes"]
+        lines.append(f"kernel cgroup: limit {lim / MiB:.0f} MiB, of which the interpreter was "
+                     f"charged {k['interpreter_charge_bytes'] / MiB:.1f} MiB before the data: "
+                     f"~{(lim - k['interpreter_charge_bytes']) / MiB:.1f} MiB for data "
+                     f"(pyhv: {p['pool_bytes'] // MiB} MiB pool)")  # fmt: skip
+    if not ks.get("available"):
+        lines.append(f"kernel swap skipped: {ks.get('skipped')}")
+    for e in result.get("errors", []):
+        lines.append(f"error: {e.splitlines()[0] if e else e}")
+    if "elapsed_s" in result:
+        lines.append(f"total {result['elapsed_s']} s")
+    return "\n".join(lines)
+
+
+def _need_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise BenchError("the plot needs matplotlib: pip install matplotlib "
+                         "(or pip install 'pyhv[bench]')") from None  # fmt: skip
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colour(label: str) -> str:
+    if label.startswith("pyhv"):
+        return "tab:blue"
+    if label.startswith("kernel"):
+        return "tab:orange"
+    if "first touch" in label:
+        return "tab:olive"
+    return "tab:green"  # the C floor (page-in)
+
+
+def plot(result: dict, path: str) -> None:
+    """A PNG: CDF of fault latency (left), workload times side by side (right)."""
+    plt = _need_matplotlib()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    for label, xs in result.get("cdf_us", {}).items():
+        if not xs:
+            continue
+        n = len(xs)
+        ax1.plot(xs, [(i + 1) / n for i in range(n)], label=label, color=_colour(label),
+                 linestyle="--" if label.startswith("C floor") else "-")  # fmt: skip
+    ax1.set_xscale("log")
+    ax1.set_xlabel("latency (µs, log)")
+    ax1.set_ylabel("fraction of touches / faults ≤ x")
+    ax1.set_title("Fault latency CDF")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8, loc="lower right")
+
+    names = list(result["workloads"])
+    sides = [("pyhv_s", "pyhv"), ("kernel_swap_s", "kernel swap"), ("c_floor_s", "C floor (est.)")]
+    width = 0.27
+    for j, (key, label) in enumerate(sides):
+        vals = [result["workloads"][n][key] or 0 for n in names]
+        xs = [i + (j - 1) * width for i in range(len(names))]
+        bars = ax2.bar(xs, vals, width, label=label, color=_colour(label))
+        for b, v in zip(bars, vals):
+            if v:
+                ax2.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center",
+                             va="bottom", fontsize=7)  # fmt: skip
+    for i, n in enumerate(names):
+        r = result["workloads"][n]["ratio"]
+        if r is not None:
+            ax2.annotate(f"{r:.2f}x", (i, 0), xytext=(0, -28), textcoords="offset points",
+                         ha="center", fontsize=8, color="dimgray")  # fmt: skip
+    ax2.set_xticks(range(len(names)))
+    ax2.set_xticklabels(names)
+    ax2.set_ylabel("touch phase (s)")
+    ax2.set_title("Workload time (ratio = pyhv / kernel swap)")
+    ax2.legend(fontsize=8)
+    ax2.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"pyhv bench{' --quick' if result['quick'] else ''} — "
+                 f"{result['machine']['kernel']}, {result['machine']['cpus']} CPUs, "
+                 f"{result.get('started', '')}", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "workload":
+        return workload_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m pyhv.benchmark")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", dest="json_file")
+    ap.add_argument("--plot", dest="plot_file")
+    args = ap.parse_args(argv)
+    try:
+        r = run(args.quick, args.json_file, args.plot_file, progress=True)
+    except BenchError as e:
+        print(f"pyhv bench: {e}", file=sys.stderr)
+        return 1
+    print(format_table(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
