@@ -43,6 +43,7 @@ ROUNDS = max(1, min(3, int(os.environ.get("PYHV_BENCH_ROUNDS", "2"))))
 PARAMS = B.params(os.environ.get("PYHV_BENCH_QUICK") == "1")
 SIDES = ("pyhv", "kernel_swap")
 CASES = [(w, s) for w in B.WORKLOADS for s in SIDES]
+IDS = [f"{w}-{s.split('_')[0]}" for w, s in CASES]  # test_workload[sequential-kernel]
 
 _seconds: dict[tuple[str, str], list[float]] = {}  # (workload, side) -> touch-phase seconds
 
@@ -117,11 +118,11 @@ def _other_seconds(runner: _Runner, workload: str, side: str) -> tuple[float | N
     return statistics.median(_seconds[(workload, other)]), None
 
 
-@pytest.mark.parametrize("workload,side", CASES, ids=[f"{w}-{s}" for w, s in CASES])
+@pytest.mark.parametrize("workload,side", CASES, ids=IDS)
 def test_workload(benchmark, runner, workload, side):
     if side == "kernel_swap" and runner.kswap is None:
         pytest.skip(f"kernel swap baseline: {runner.kswap_reason}")
-    benchmark.group = f"workload-{workload}"
+    benchmark.group = workload
     results: list[dict] = []
 
     def one_round():

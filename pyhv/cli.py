@@ -478,6 +478,18 @@ def cmd_inject(args) -> int:
         raise Fail(f"inject: {e.strerror}: {e.filename or ''}".rstrip(": ")) from None
 
 
+def cmd_bench(args) -> int:
+    """The standard comparison with the kernel's swap (see pyhv.benchmark)."""
+    from pyhv import benchmark
+
+    try:
+        r = benchmark.run(args.quick, args.json, args.plot, progress=True)
+    except benchmark.BenchError as e:
+        raise Fail(f"bench: {e}") from None
+    print(benchmark.format_table(r))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pyhv import demo
 
@@ -599,6 +611,12 @@ def build_parser() -> Parser:
     q.add_argument("--remove", action="store_true")
     q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inject)
+
+    p = sub.add_parser("bench", help="pyhv beside the kernel's swap and a C floor, one run")
+    p.add_argument("--quick", action="store_true", help="smaller workloads (well under a minute)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="latency CDFs and workload times")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="run a small system on an embedded config")
     p.add_argument("--json", action="store_true")

@@ -65,6 +65,7 @@ EVICT_AHEAD = 16  # pages paged out ahead of demand once the pool is full
 MAX_CONNECTIONS = 512  # control connections, workers' included
 MAX_BACKLOG = 32  # replies a client may leave unread before it is dropped
 FULL_BACKOFF = 1.0  # seconds a full device gets before new space on it is tried again
+PREFETCH = 8  # pages read ahead of a sequential run of page-ins
 
 
 class Control:
@@ -115,6 +116,7 @@ class Partition:
         self.bad_slots: set[int] = set()
         self.full_until = 0.0  # monotonic time until which the device counts as full
         self.evicting = 0  # page-outs of this partition in flight or queued
+        self.last_page_in = -2  # for spotting a sequential run of page-ins
         self.mcelog = uffd.MceLog(cfg.name)
         self.waiters: dict[int, list] = {}  # page -> [(worker, write)] while filling/out
         self.workers: dict[int, Worker] = {}
@@ -151,6 +153,7 @@ class Partition:
             "first_touches": c["first_touches"],
             "page_ins": c["page_ins"],
             "page_outs": c["page_outs"],
+            "prefetched": c["prefetched"],
             "clean_drops": c["clean_drops"],
             "wp_faults": c["wp_faults"],
             "io_errors": c["io_errors"],
@@ -801,11 +804,15 @@ class Hypervisor:
             pool = self.pool
             if pool.try_take():
                 fill(part, page)  # the worker runs on while eviction keeps frames free
+                if st == ON_DEVICE and page == part.last_page_in + 1:
+                    self._prefetch(part, page + 1)
                 if pool.pages - pool.used < self.reserve:
                     self.replenish()
             else:
                 pool.waiters.append(lambda: fill(part, page))
                 self.replenish()
+            if st == ON_DEVICE:
+                part.last_page_in = page
         elif st == FILLING or st == PAGING_OUT:
             part.waiters[page].append((w, bool(flags & uffd.FLAG_WRITE)))
         elif st == POISONED:
@@ -821,6 +828,20 @@ class Hypervisor:
             part.table[page] = DIRTY
             if uffd.zeropage(w.uffd, start, PAGE_SIZE) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
+
+    def _prefetch(self, part: Partition, first: int) -> None:
+        """A sequential run of page-ins: read the next pages on the device
+        too, while the worker handles this one.  Only with free frames (never
+        ahead of a waiting fault) and a stream that flows."""
+        if part.stream.state not in FLOWING:
+            return
+        for page in range(first, min(first + PREFETCH, part.pages)):
+            if part.table[page] != ON_DEVICE or not self.pool.try_take():
+                return
+            part.table[page] = FILLING
+            part.waiters[page] = []
+            part.counters["prefetched"] += 1
+            self._page_in(part, page)
 
     def _zero_fill(self, part: Partition, page: int) -> None:
         self._install(part, page, None)
@@ -841,7 +862,8 @@ class Hypervisor:
         waiters = part.waiters.pop(page)
         off = page * PAGE_SIZE
         clean = src is not None and not any(write for _, write in waiters)
-        first = waiters[0][0]
+        # a prefetched page has no waiter: any worker of the partition maps it
+        first = waiters[0][0] if waiters else next(iter(part.workers.values()), None)
         if clean:  # before the page appears, so no worker can write it unseen
             for w in list(part.workers.values()):
                 if w is not first and w.uffd >= 0:

@@ -58,7 +58,7 @@ def test_two_partitions_share_a_pool_four_times_smaller(system):
         # every page not resident after writing had to come back from the device
         assert p["page_ins"] >= PAGES_64M - POOL_PAGES_16M
         assert p["page_outs"] >= PAGES_64M - POOL_PAGES_16M
-        assert p["faults"] >= p["first_touches"] + p["page_ins"]
+        assert p["faults"] + p["prefetched"] >= p["first_touches"] + p["page_ins"]
         assert p["first_touches"] == PAGES_64M
         assert p["resident_pages"] <= POOL_PAGES_16M
         assert p["io_errors"] == 0
@@ -328,3 +328,15 @@ def test_detach_while_a_view_is_alive_changes_nothing(system):
     assert "refused: detach: release every memoryview" in out
     assert "bad 0" in out and "detached" in out
     assert system.partition("p1")["workers"] == []
+
+
+def test_a_sequential_run_of_page_ins_is_read_ahead(system):
+    system.up(config_text(pool="2MiB", partitions=[("p1", "16MiB")]))
+    assert finish(system.workload("p1", "write", "--generation", "6"))[0] == 0
+    rc, out, err = finish(system.workload("p1", "verify", "--generation", "6"))  # in order
+    assert rc == 0, err
+    part = system.partition("p1")
+    assert part["prefetched"] > 1000  # most page-ins were read ahead of the fault
+    assert part["page_ins"] >= (16 << 20) // 4096 - 512
+    rc, out, err = finish(system.workload("p1", "verify", "--generation", "6", "--random"))
+    assert rc == 0, err
