@@ -54,6 +54,7 @@ log = logging.getLogger("pyhv.hypervisor")
 # page states, one byte per page
 UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED = range(7)
 NO_SLOT = 0xFFFFFFFF
+REWRITTEN, ASSUMED = 1, 2  # Partition.rewrite: see _install
 STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device", "poisoned")
 
 
@@ -112,6 +113,9 @@ class Partition:
         # first page-out, from a stack of free ones; a slot that failed a write
         # is bad and never used again
         self.slot = array.array("I", [NO_SLOT]) * self.pages
+        # REWRITTEN: the page was dirty (seen written) when last paged out;
+        # ASSUMED: it was paged in writable on that hint, unseen since
+        self.rewrite = bytearray(self.pages)
         self.free_slots = array.array("I", range(device.pages - 1, -1, -1))
         self.bad_slots: set[int] = set()
         self.full_until = 0.0  # monotonic time until which the device counts as full
@@ -154,6 +158,7 @@ class Partition:
             "page_ins": c["page_ins"],
             "page_outs": c["page_outs"],
             "prefetched": c["prefetched"],
+            "assumed_dirty": c["assumed_dirty"],
             "clean_drops": c["clean_drops"],
             "wp_faults": c["wp_faults"],
             "io_errors": c["io_errors"],
@@ -862,6 +867,15 @@ class Hypervisor:
         waiters = part.waiters.pop(page)
         off = page * PAGE_SIZE
         clean = src is not None and not any(write for _, write in waiters)
+        if clean and part.rewrite[page] == REWRITTEN:
+            # written each time it was resident: map it writable now and spare
+            # the write-protect fault; every other time it is tracked again, so
+            # a page that stopped being written becomes clean again
+            clean = False
+            part.rewrite[page] = ASSUMED
+            part.counters["assumed_dirty"] += 1
+        elif src is not None:
+            part.rewrite[page] = 0
         # a prefetched page has no waiter: any worker of the partition maps it
         first = waiters[0][0] if waiters else next(iter(part.workers.values()), None)
         if clean:  # before the page appears, so no worker can write it unseen
@@ -1017,7 +1031,10 @@ class Hypervisor:
             if w.uffd >= 0 and uffd.writeprotect(w.uffd, w.base + off, PAGE_SIZE, True) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
         part.resident -= 1
+        if part.table[page] == DIRTY:
+            part.rewrite[page] = 0 if part.rewrite[page] == ASSUMED else REWRITTEN
         if part.table[page] == CLEAN:
+            part.rewrite[page] = 0
             uffd.punch_hole(part.memfd, off, PAGE_SIZE)
             part.table[page] = ON_DEVICE
             part.counters["clean_drops"] += 1
