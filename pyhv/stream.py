@@ -267,8 +267,10 @@ class ServiceLink:
             stream.answered(req, status, count, self.scratch_addr, n - wire.HEADER.size)
 
     def oldest_age(self, now: float) -> float:
-        oldest = min((r.sent for _, r in self.sent.values()), default=now)
-        return now - oldest
+        """Age of the oldest unanswered request: `sent` is in sending order."""
+        for _, req in self.sent.values():
+            return now - req.sent
+        return 0.0
 
     def close(self, kill: bool) -> None:
         """Close the socket; with kill, fence: SIGKILL and reap the process."""
