@@ -126,6 +126,7 @@ class Partition:
         self.workers: dict[int, Worker] = {}
         self.stream = Stream(index, cfg.name, device_spec(device), list(cfg.paging))
         self.resident = 0
+        self.victims: collections.deque[int] = collections.deque()  # resident, oldest first
         self.counters = collections.Counter()
 
     def in_memory(self, page: int) -> bool:
@@ -164,6 +165,7 @@ class Partition:
             "io_errors": c["io_errors"],
             "machine_checks": c["machine_checks"],
             "isolation": self.cfg.isolation,
+            "weight": self.cfg.weight,
             "bad_slots": len(self.bad_slots),
             "free_slots": len(self.free_slots),
             "device": self.cfg.device,
@@ -743,7 +745,6 @@ class Hypervisor:
         """Deactivate a partition that has no worker and nothing in flight:
         its frames go back to the pool, its memory and device are let go."""
         pool = self.pool
-        pool.victims = collections.deque(v for v in pool.victims if v[0] is not part)
         for page in range(part.pages):
             if part.table[page] in (DIRTY, CLEAN):
                 pool.release()
@@ -904,7 +905,7 @@ class Hypervisor:
             return
         part.table[page] = CLEAN if clean else DIRTY
         part.resident += 1
-        self.pool.victims.append((part, page))
+        part.victims.append(page)
         for w, _ in waiters:
             if w is not installer and w.alive:
                 if uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
@@ -1005,22 +1006,30 @@ class Hypervisor:
         return {"ok": True, "device": str(part.device.path), "slots": slots}, ()
 
     def replenish(self) -> None:
-        """Start evicting the oldest resident pages until every waiting fault
-        and `reserve` more will have a frame."""
+        """Start evicting until every waiting fault and `reserve` more will
+        have a frame.  Each victim is the oldest resident page of the
+        partition most over its share of the pool: resident pages over
+        weight, so that under equal pressure a partition keeps pages in
+        proportion to its weight."""
         pool = self.pool
         # page-outs queued on a stream that does not flow free nothing soon
         stalled = sum(p.evicting for p in self.partitions if p.stream.state not in FLOWING)
         want = pool.shortfall(self.reserve) + stalled
+        if want <= 0:
+            return
         now = time.monotonic()
-        for _ in range(len(pool.victims)):
-            if want <= 0 or not pool.victims:
-                break
-            part, page = pool.victims.popleft()
+        looks = {p: len(p.victims) for p in self.partitions if p.victims}  # each page once
+        while want > 0 and looks:
+            part = max(looks, key=lambda p: p.resident / p.cfg.weight)
+            looks[part] -= 1
+            if not looks[part]:
+                del looks[part]
+            page = part.victims.popleft()
             if part.table[page] == DIRTY and (part.stream.state not in FLOWING or (
                     part.full_until > now and part.slot[page] == NO_SLOT)):  # fmt: skip
                 # it would have to be written, and cannot be now (no service
                 # flows for it, or it needs new space on a full device): later
-                pool.victims.append((part, page))
+                part.victims.append(page)
                 continue
             self._evict(part, page)
             want -= 1
@@ -1098,7 +1107,7 @@ class Hypervisor:
                       errno.errorcode.get(err, err))  # fmt: skip
         part.table[page] = DIRTY
         part.resident += 1
-        self.pool.victims.append((part, page))
+        part.victims.append(page)
         off = page * PAGE_SIZE
         for w, _ in part.waiters.pop(page, []):
             if w.alive and uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:

@@ -1,6 +1,7 @@
 """The shared memory pool: a budget of resident pages (frames) for all
-partitions, the queue of partitions' faults waiting for a frame, and the
-order in which resident pages become eviction victims.
+partitions, and the queue of partitions' faults waiting for a frame.  (Each
+partition keeps its own resident pages in eviction order; the hypervisor
+picks among partitions by weight.)
 
 Invariant: ``used <= pages`` at all times, where a frame is held by every
 page that is resident, being filled, or being paged out.
@@ -18,8 +19,6 @@ class Pool:
         self.used = 0
         self.high_water = 0
         self.waiters: collections.deque[Callable[[], None]] = collections.deque()
-        # resident pages, oldest first: (partition, page index)
-        self.victims: collections.deque = collections.deque()
         self.evicting = 0  # frames that a page-out in flight will free
 
     def try_take(self) -> bool:

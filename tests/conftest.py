@@ -56,6 +56,13 @@ class System:
     def status(self) -> dict:
         return json.loads(pyhv("status", "--run-dir", self.run_dir, "--json", check=True).stdout)
 
+    def status_now(self) -> dict:
+        """Status straight from the control socket: cheap enough to sample
+        often (no pyhv process started)."""
+        from pyhv import wire
+
+        return wire.request(str(self.run_dir / "control.sock"), {"op": "status"})
+
     def partition(self, name: str) -> dict:
         return next(p for p in self.status()["partitions"] if p["name"] == name)
 

@@ -348,3 +348,32 @@ def test_a_sequential_run_of_page_ins_is_read_ahead(system):
     assert part["page_ins"] >= (16 << 20) // 4096 - 512
     rc, out, err = finish(system.workload("p1", "verify", "--generation", "6", "--random"))
     assert rc == 0, err
+
+
+def test_a_partition_with_twice_the_weight_keeps_about_twice_the_pages(system):
+    system.up(config_text(pool="4MiB", partitions=[("heavy", "16MiB"), ("light", "16MiB")])
+              .replace('name = "heavy"\n', 'name = "heavy"\nweight = 256\n'))  # fmt: skip
+    st = system.status()
+    assert [p["weight"] for p in st["partitions"]] == [256, 128]
+    # equal pressure: both write all their pages, twice over, at the same time
+    procs = [system.workload(p, "write", "--random", "--seed", str(g), "--generation", str(g))
+             for p in ("heavy", "light") for g in (1,)]  # fmt: skip
+    for p in procs:
+        assert finish(p)[0] == 0
+    procs = [system.workload(p, "write", "--random", "--seed", "2", "--generation", "2")
+             for p in ("heavy", "light")]  # fmt: skip
+    ratios = []
+    while any(p.poll() is None for p in procs):
+        parts = system.status_now()["partitions"]
+        if parts[1]["resident_pages"] > 50:
+            ratios.append(parts[0]["resident_pages"] / parts[1]["resident_pages"])
+        time.sleep(0.01)
+    for p in procs:
+        assert finish(p)[0] == 0
+    assert len(ratios) > 5
+    ratios.sort()
+    median = ratios[len(ratios) // 2]
+    assert 1.6 <= median <= 2.5, ratios
+    for p, g in (("heavy", 2), ("light", 2)):
+        rc, out, err = finish(system.workload(p, "verify", "--generation", str(g), "--random"))
+        assert rc == 0, err
