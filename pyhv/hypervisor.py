@@ -129,6 +129,12 @@ class Partition:
         self.victims: collections.deque[int] = collections.deque()  # resident, oldest first
         self.counters = collections.Counter()
 
+    def metadata_bytes(self) -> int:
+        """What the per-page tables take (waiters and victims come on top:
+        they hold in-flight and resident pages only, bounded by the pool)."""
+        return sum(sys.getsizeof(t) for t in (self.table, self.crc, self.slot, self.rewrite,
+                                              self.free_slots))  # fmt: skip
+
     def in_memory(self, page: int) -> bool:
         """Is the page in the memfd's page cache (mincore: no fault, no fill)?"""
         return bool(uffd.in_memory(self.base + page * PAGE_SIZE, PAGE_SIZE)[0] & 1)
@@ -166,6 +172,7 @@ class Partition:
             "machine_checks": c["machine_checks"],
             "isolation": self.cfg.isolation,
             "weight": self.cfg.weight,
+            "metadata_bytes_per_page": round(self.metadata_bytes() / self.pages, 2),
             "bad_slots": len(self.bad_slots),
             "free_slots": len(self.free_slots),
             "device": self.cfg.device,

@@ -377,3 +377,11 @@ def test_a_partition_with_twice_the_weight_keeps_about_twice_the_pages(system):
     for p, g in (("heavy", 2), ("light", 2)):
         rc, out, err = finish(system.workload(p, "verify", "--generation", str(g), "--random"))
         assert rc == 0, err
+
+
+def test_per_page_metadata_of_a_1_gib_partition_is_at_most_16_bytes(system):
+    system.up(config_text(pool="4MiB", partitions=[("big", "1GiB")]))
+    part = system.partition("big")
+    assert part["pages"] == 262144
+    assert part["metadata_bytes_per_page"] <= 16, part["metadata_bytes_per_page"]
+    print("metadata bytes per page (1 GiB partition):", part["metadata_bytes_per_page"])
