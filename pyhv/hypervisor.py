@@ -54,7 +54,6 @@ log = logging.getLogger("pyhv.hypervisor")
 # page states, one byte per page
 UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED = range(7)
 NO_SLOT = 0xFFFFFFFF
-REWRITTEN, ASSUMED = 1, 2  # Partition.rewrite: see _install
 STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device", "poisoned")
 
 
@@ -113,9 +112,6 @@ class Partition:
         # first page-out, from a stack of free ones; a slot that failed a write
         # is bad and never used again
         self.slot = array.array("I", [NO_SLOT]) * self.pages
-        # REWRITTEN: the page was dirty (seen written) when last paged out;
-        # ASSUMED: it was paged in writable on that hint, unseen since
-        self.rewrite = bytearray(self.pages)
         self.free_slots = array.array("I", range(device.pages - 1, -1, -1))
         self.bad_slots: set[int] = set()
         self.full_until = 0.0  # monotonic time until which the device counts as full
@@ -132,8 +128,7 @@ class Partition:
     def metadata_bytes(self) -> int:
         """What the per-page tables take (waiters and victims come on top:
         they hold in-flight and resident pages only, bounded by the pool)."""
-        return sum(sys.getsizeof(t) for t in (self.table, self.crc, self.slot, self.rewrite,
-                                              self.free_slots))  # fmt: skip
+        return sum(sys.getsizeof(t) for t in (self.table, self.crc, self.slot, self.free_slots))
 
     def in_memory(self, page: int) -> bool:
         """Is the page in the memfd's page cache (mincore: no fault, no fill)?"""
@@ -165,7 +160,6 @@ class Partition:
             "page_ins": c["page_ins"],
             "page_outs": c["page_outs"],
             "prefetched": c["prefetched"],
-            "assumed_dirty": c["assumed_dirty"],
             "clean_drops": c["clean_drops"],
             "wp_faults": c["wp_faults"],
             "io_errors": c["io_errors"],
@@ -844,30 +838,50 @@ class Hypervisor:
 
     def _prefetch(self, part: Partition, first: int) -> None:
         """A sequential run of page-ins: read the next pages on the device
-        too, while the worker handles this one.  Only with free frames (never
-        ahead of a waiting fault) and a stream that flows."""
+        too, while the worker handles this one, in one READ where their
+        slots follow each other.  Only with free frames (never ahead of a
+        waiting fault) and a stream that flows."""
         if part.stream.state not in FLOWING:
             return
+        run: list[int] = []
         for page in range(first, min(first + PREFETCH, part.pages)):
             if part.table[page] != ON_DEVICE or not self.pool.try_take():
-                return
+                break
+            if run and part.slot[page] != part.slot[run[-1]] + 1:
+                self._page_in_run(part, run)
+                run = []
             part.table[page] = FILLING
             part.waiters[page] = []
             part.counters["prefetched"] += 1
-            self._page_in(part, page)
+            run.append(page)
+        if run:
+            self._page_in_run(part, run)
 
     def _zero_fill(self, part: Partition, page: int) -> None:
         self._install(part, page, None)
 
     def _page_in(self, part: Partition, page: int) -> None:
-        def done(status, count, addr, n):
-            if status == 0 and n == PAGE_SIZE:
-                part.counters["page_ins"] += 1
-                self._install(part, page, addr)
-            else:
-                self._page_in_failed(part, page, -status if status else errno.EIO)
+        self._page_in_run(part, [page])
 
-        part.stream.submit(wire.OP_READ, part.slot[page], 1, wire.CRC.pack(part.crc[page]), done)
+    def _page_in_run(self, part: Partition, pages: list[int]) -> None:
+        """Read pages whose slots follow each other with one READ.  If it
+        fails, each page is read again on its own, so that an error costs
+        only the page that has it."""
+        n = len(pages)
+
+        def done(status, count, addr, got):
+            if status == 0 and got == n * PAGE_SIZE:
+                for i, page in enumerate(pages):
+                    part.counters["page_ins"] += 1
+                    self._install(part, page, addr + i * PAGE_SIZE)
+            elif n > 1:
+                for page in pages:
+                    self._page_in_run(part, [page])
+            else:
+                self._page_in_failed(part, pages[0], -status if status else errno.EIO)
+
+        crcs = b"".join(wire.CRC.pack(part.crc[p]) for p in pages)
+        part.stream.submit(wire.OP_READ, part.slot[pages[0]], n, crcs, done)
 
     def _install(self, part: Partition, page: int, src: int | None) -> None:
         """Map the page (zeros if src is None, else PAGE_SIZE bytes at src) and
@@ -875,15 +889,6 @@ class Hypervisor:
         waiters = part.waiters.pop(page)
         off = page * PAGE_SIZE
         clean = src is not None and not any(write for _, write in waiters)
-        if clean and part.rewrite[page] == REWRITTEN:
-            # written each time it was resident: map it writable now and spare
-            # the write-protect fault; every other time it is tracked again, so
-            # a page that stopped being written becomes clean again
-            clean = False
-            part.rewrite[page] = ASSUMED
-            part.counters["assumed_dirty"] += 1
-        elif src is not None:
-            part.rewrite[page] = 0
         # a prefetched page has no waiter: any worker of the partition maps it
         first = waiters[0][0] if waiters else next(iter(part.workers.values()), None)
         if clean:  # before the page appears, so no worker can write it unseen
@@ -1047,10 +1052,7 @@ class Hypervisor:
             if w.uffd >= 0 and uffd.writeprotect(w.uffd, w.base + off, PAGE_SIZE, True) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
         part.resident -= 1
-        if part.table[page] == DIRTY:
-            part.rewrite[page] = 0 if part.rewrite[page] == ASSUMED else REWRITTEN
         if part.table[page] == CLEAN:
-            part.rewrite[page] = 0
             uffd.punch_hole(part.memfd, off, PAGE_SIZE)
             part.table[page] = ON_DEVICE
             part.counters["clean_drops"] += 1
