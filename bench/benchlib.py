@@ -27,15 +27,14 @@ import contextlib
 import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import pyhv
 from pyhv import uffd
+from pyhv.benchmark import shutdown_or_kill
 
 PAGE = uffd.PAGE_SIZE
 NCPU = os.cpu_count() or 1
@@ -152,30 +151,11 @@ class PyhvSystem:
             with contextlib.suppress(OSError, ValueError):
                 with open(os.path.join(self.run_dir, "hypervisor.pid")) as f:
                     self.pids = [int(f.read())]
-        try:
-            r = pyhv_cli("shutdown", "--run-dir", self.run_dir, timeout=45)
-            ok = r.returncode == 0
-        except subprocess.TimeoutExpired:
-            ok = False
-        deadline = time.monotonic() + (5 if ok else 0)
-        for pid in self.pids:
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        ok = shutdown_or_kill(self.run_dir, self.pids, timeout=45, grace=5)
         with contextlib.suppress(OSError):  # 64 MiB each; tmp_path keeps 3 runs
             os.unlink(os.path.join(self.run_dir, "pg0.img"))
         if not ok:
             raise RuntimeError(f"pyhv shutdown failed; killed {self.pids}\n{self.log()}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Attached:

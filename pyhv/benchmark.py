@@ -478,12 +478,32 @@ def _pyhv(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)  # fmt: skip
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """pid runs (a zombie does not)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def shutdown_or_kill(run_dir: str, pids: list[int], timeout: float = 60,
+                     grace: float = 10) -> bool:  # fmt: skip
+    """`pyhv shutdown`, then wait up to `grace` for pids to end; SIGKILL any
+    left (or all, when shutdown failed).  True when shutdown was clean."""
+    try:
+        ok = _pyhv("shutdown", "--run-dir", run_dir, timeout=timeout).returncode == 0
+    except subprocess.TimeoutExpired:
+        ok = False
+    deadline = time.monotonic() + (grace if ok else 0)
+    for pid in pids:
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            ok = False
+    return ok
 
 
 class PyhvSystem:
@@ -533,19 +553,7 @@ class PyhvSystem:
         """Stop the system; SIGKILL its processes (by pid) if shutdown fails."""
         if not self.pids:
             self._collect_pids()
-        try:
-            ok = _pyhv("shutdown", "--run-dir", self.run_dir, timeout=60).returncode == 0
-        except subprocess.TimeoutExpired:
-            ok = False
-        deadline = time.monotonic() + (10 if ok else 0)
-        for pid in self.pids:
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                ok = False
-        if not ok:
+        if not shutdown_or_kill(self.run_dir, self.pids):
             raise BenchError(f"pyhv shutdown failed; killed {self.pids}\n{self.log()}")
 
 

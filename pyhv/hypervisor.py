@@ -36,7 +36,6 @@ import selectors
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 import zlib

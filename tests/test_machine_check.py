@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import textwrap
-import time
 
 import pytest
 

@@ -211,7 +211,6 @@ def test_stop_right_after_start_strands_nothing(system):
     assert all(r["ok"] for r in replies), replies
     p1 = system.partition("p1")
     assert p1["stream"] == "SUSPENDED" and p1["stream_in_flight"] == 0
-    stream = streams_of(system.status(), "vios1").get("p1") or {}
     assert "SUSPENDING->RESUMED" not in str(system.status())  # a stop is never undone
     assert reader.poll() is None
     assert system.pyhv("service", "start", "vios1").returncode == 0
