@@ -51,9 +51,11 @@ from pyhv.uffd import PAGE_SIZE
 log = logging.getLogger("pyhv.hypervisor")
 
 # page states, one byte per page
-UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED = range(7)
+UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE = range(6)
 NO_SLOT = 0xFFFFFFFF
-STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device", "poisoned")
+STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device")
+# (a page that could not be paged in is poisoned in the workers' page tables
+# and cleared here at once: see _page_in_failed)
 
 
 CONTROL_SOCKET = "control.sock"
@@ -821,9 +823,6 @@ class Hypervisor:
                 part.last_page_in = page
         elif st == FILLING or st == PAGING_OUT:
             part.waiters[page].append((w, bool(flags & uffd.FLAG_WRITE)))
-        elif st == POISONED:
-            if uffd.poison(w.uffd, start, PAGE_SIZE) == uffd.GONE:
-                self._drop_worker(w, "its memory is gone")
         elif part.in_memory(page):  # raced with an install: it is there now
             if uffd.wake(w.uffd, start, PAGE_SIZE) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
@@ -926,11 +925,11 @@ class Hypervisor:
         """The device cannot deliver the page: a machine check, never zeros.
 
         The error record goes into the partition's error log first; then the
-        page is poisoned for every worker waiting on it, so that their access
-        raises SIGBUS at the page and their handler stops them.  With
-        isolation = "partition" every other worker of the partition is
-        stopped too.  Then the page is cleared: its slot is released and its
-        next access reads a zero page."""
+        page is poisoned in every worker attached now, so that the access of
+        any of them raises SIGBUS at the page and their handler stops them.
+        With isolation = "partition" every other worker of the partition is
+        stopped too.  Then the page is cleared: its slot is released, and in
+        a worker that attaches later it reads as a zero page."""
         error = "checksum" if err == errno.EBADMSG else errno.errorcode.get(err, str(err))
         slot = part.slot[page]
         seq = part.mcelog.write(page, error, part.device.id)
