@@ -1023,8 +1023,8 @@ class Hypervisor:
         proportion to its weight."""
         pool = self.pool
         # page-outs queued on a stream that does not flow free nothing soon
-        stalled = sum(p.evicting for p in self.partitions if p.stream.state not in FLOWING)
-        want = pool.shortfall(self.reserve) + stalled
+        coming = sum(p.evicting for p in self.partitions if p.stream.state in FLOWING)
+        want = pool.shortfall(self.reserve, coming)
         if want <= 0:
             return
         now = time.monotonic()
@@ -1063,12 +1063,10 @@ class Hypervisor:
             part.slot[page] = part.free_slots.pop()
         part.table[page] = PAGING_OUT
         part.waiters[page] = []
-        self.pool.evicting += 1
         part.evicting += 1
         slot = part.slot[page]
 
         def done(status, count, addr, n):
-            self.pool.evicting -= 1
             part.evicting -= 1
             if status:
                 self._page_out_failed(part, page, -status)

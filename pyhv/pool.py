@@ -19,7 +19,6 @@ class Pool:
         self.used = 0
         self.high_water = 0
         self.waiters: collections.deque[Callable[[], None]] = collections.deque()
-        self.evicting = 0  # frames that a page-out in flight will free
 
     def try_take(self) -> bool:
         if self.used < self.pages and not self.waiters:
@@ -44,8 +43,9 @@ class Pool:
             self._take()
             self.waiters.popleft()()
 
-    def shortfall(self, reserve: int) -> int:
+    def shortfall(self, reserve: int, evicting: int = 0) -> int:
         """How many more pages must start eviction to serve every waiter
-        and keep `reserve` frames coming."""
+        and keep `reserve` frames coming, when page-outs that will free
+        `evicting` frames soon are under way."""
         free = self.pages - self.used
-        return len(self.waiters) + reserve - free - self.evicting
+        return len(self.waiters) + reserve - free - evicting

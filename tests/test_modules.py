@@ -88,6 +88,7 @@ def test_pool_hands_frames_to_waiters_in_order():
     pool.waiters.append(lambda: served.append("a"))
     pool.waiters.append(lambda: served.append("b"))
     assert pool.shortfall(reserve=1) == 3
+    assert pool.shortfall(reserve=1, evicting=2) == 1
     pool.release()
     assert served == ["a"] and pool.used == 2
     pool.release()
