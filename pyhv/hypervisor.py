@@ -916,8 +916,12 @@ class Hypervisor:
         part.table[page] = CLEAN if clean else DIRTY
         part.resident += 1
         part.victims.append(page)
+        self._wake(waiters, off, skip=installer)
+
+    def _wake(self, waiters: list, off: int, skip: Worker | None = None) -> None:
+        """Let every worker blocked on the page at `off` retry its access."""
         for w, _ in waiters:
-            if w is not installer and w.alive:
+            if w is not skip and w.alive:
                 if uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
                     self._drop_worker(w, "its memory is gone")
 
@@ -1074,9 +1078,7 @@ class Hypervisor:
             uffd.punch_hole(part.memfd, off, PAGE_SIZE)
             part.table[page] = ON_DEVICE
             part.counters["page_outs"] += 1
-            for w, _ in part.waiters.pop(page, []):
-                if w.alive and uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
-                    self._drop_worker(w, "its memory is gone")
+            self._wake(part.waiters.pop(page, []), off)
             self.pool.release()
             self.replenish()
 
@@ -1114,9 +1116,7 @@ class Hypervisor:
         part.resident += 1
         part.victims.append(page)
         off = page * PAGE_SIZE
-        for w, _ in part.waiters.pop(page, []):
-            if w.alive and uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
-                self._drop_worker(w, "its memory is gone")
+        self._wake(part.waiters.pop(page, []), off)
         self.replenish()
 
     # --- status ---------------------------------------------------------------
