@@ -10,7 +10,7 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["uffd.c", "watchdog.c", "mce.c", "bench.c"]
+SOURCES = ["uffd.c", "watchdog.c", "mce.c", "bench.c", "service.c"]
 
 CONSTANTS = """
 UFFD_API UFFD_USER_MODE_ONLY
@@ -46,7 +46,7 @@ ffibuilder.set_source(
     sources=[str((HERE / s).relative_to(HERE.parent)) for s in SOURCES],
     include_dirs=[str(HERE.relative_to(HERE.parent))],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
-    libraries=["pthread"],
+    libraries=["pthread", "z"],
 )
 
 if __name__ == "__main__":

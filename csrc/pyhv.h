@@ -2,7 +2,8 @@
  * pyhv C core: the declarations shared by the C sources and the cffi cdef.
  *
  * Every function returns a value >= 0 on success or -errno on failure; none
- * prints, exits (except the watchdog, whose job it is) or keeps global state.
+ * exits (except the watchdog, whose job it is) or keeps global state; only
+ * the service engine prints (a line to the service log per failed request).
  */
 #ifndef PYHV_H
 #define PYHV_H
@@ -62,6 +63,21 @@ int pyhv_mce_install(void);
 int pyhv_mce_add(uint64_t start, uint64_t len, int sockfd, const struct pyhv_mce_log *log,
 		 const char *partition, int isolation_partition);
 int pyhv_mce_remove(uint64_t start);
+
+/* The paging service's I/O engine (csrc/service.c): READ and WRITE served
+ * by threads, everything else handed back to Python as a barrier. */
+#define PYHV_SVC_MAX_PAGES 64
+#define PYHV_SVC_MAX_STREAMS 65536
+#define PYHV_SVC_MAX_FRAME 262428 /* header + 64 * (page + CRC32) */
+#define PYHV_SVC_RETRY 1 /* header flag: resent after the service holding it failed */
+struct pyhv_svc;
+struct pyhv_svc *pyhv_svc_new(int sock, int threads);
+int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pages, int memfd,
+			uint64_t mem_size);
+void pyhv_svc_stream_clear(struct pyhv_svc *s, unsigned stream);
+uint64_t pyhv_svc_stream_errors(struct pyhv_svc *s, unsigned stream);
+long pyhv_svc_serve(struct pyhv_svc *s, uint8_t *buf, size_t cap, int *flags_out, int *fds,
+		    int maxfds, int *nfds);
 
 /* Benchmark-only baselines (csrc/bench.c). */
 int pyhv_bench_kernel_touch(uint64_t npages, uint64_t *ns_out);

@@ -2,14 +2,13 @@
 
 A device has an identifier, a type (``file`` or ``block``) and a capacity in
 pages; the paging commands of :mod:`pyhv.wire` become its own operations
-here: pread/pwrite (O_DIRECT where configured, always for block devices),
-fdatasync, and fallocate(PUNCH_HOLE) or BLKDISCARD (the table is
-``wire.COMMANDS``).  Every page travels with its CRC32: a WRITE whose page
-does not match it is refused, and a READ checks what the device returned
-against the CRC32 the hypervisor expects, so that a page that changed on the
-device behind our back is an error (EBADMSG), never returned.  The service
-keeps no state per slot: a redundant service can take over a stream at any
-moment.
+(the table is ``wire.COMMANDS``): opening (O_DIRECT where configured, always
+for block devices), fdatasync, and fallocate(PUNCH_HOLE) or BLKDISCARD here;
+READ and WRITE, preadv/pwritev, in the service's C engine (csrc/service.c),
+which checks every page read against the CRC32 the hypervisor expects, so
+that a page that changed on the device behind our back is an error
+(EBADMSG), never returned.  The service keeps no state per slot: a redundant
+service can take over a stream at any moment.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import errno
 import fcntl
 import os
 import struct
-import zlib
 
 from pyhv.uffd import PAGE_SIZE, blkdev_size, punch_hole
 
@@ -56,31 +54,6 @@ class PagingDevice:
         if count < 1 or slot + count > self.pages:
             raise OSError(errno.EINVAL, f"slots {slot}+{count} outside device of {self.pages}")
 
-    @staticmethod
-    def _check_crcs(slot: int, buf: memoryview, crcs: list[int]) -> None:
-        for i, want in enumerate(crcs):
-            if zlib.crc32(buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) != want:
-                raise OSError(errno.EBADMSG, f"checksum mismatch at slot {slot + i}")
-
-    def read(self, slot: int, count: int, buf: memoryview, crcs: list[int]) -> None:
-        """Read count pages from slot into buf (page-aligned for O_DIRECT) and
-        check each against the CRC32 expected of it."""
-        self._check_range(slot, count)
-        n = count * PAGE_SIZE
-        got = os.preadv(self.fd, [buf[:n]], slot * PAGE_SIZE)
-        if got != n:
-            raise OSError(errno.EIO, f"short read: {got} of {n} bytes")
-        self._check_crcs(slot, buf, crcs)
-
-    def write(self, slot: int, count: int, buf: memoryview, crcs: list[int]) -> None:
-        """Write count pages from buf to slot, each checked against its CRC32."""
-        self._check_range(slot, count)
-        self._check_crcs(slot, buf, crcs)
-        n = count * PAGE_SIZE
-        put = os.pwritev(self.fd, [buf[:n]], slot * PAGE_SIZE)
-        if put != n:
-            raise OSError(errno.ENOSPC, f"short write: {put} of {n} bytes")
-
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
@@ -91,13 +64,15 @@ class PagingDevice:
         else:
             punch_hole(self.fd, slot * PAGE_SIZE, count * PAGE_SIZE)
 
-    def query(self) -> dict:
+    def query(self, io_errors: int = 0) -> dict:
+        """What QUERY answers; io_errors: failed READs and WRITEs (the engine's)."""
+        errors = self.errors + io_errors
         return {
             "id": self.id,
             "type": self.kind,
             "path": self.path,
             "capacity_pages": self.pages,
             "direct": self.direct,
-            "errors": self.errors,
-            "health": "ok" if not self.errors else "degraded",
+            "errors": errors,
+            "health": "ok" if not errors else "degraded",
         }

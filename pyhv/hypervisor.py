@@ -38,7 +38,6 @@ import socket
 import struct
 import sys
 import time
-import zlib
 
 from pyhv import uffd, vcp, wire
 from pyhv.vcp import Refused
@@ -67,6 +66,8 @@ MAX_CONNECTIONS = 512  # control connections, workers' included
 MAX_BACKLOG = 32  # replies a client may leave unread before it is dropped
 FULL_BACKOFF = 1.0  # seconds a full device gets before new space on it is tried again
 PREFETCH = 8  # pages read ahead of a sequential run of page-ins
+WRITE_BATCH = 32  # dirty pages written back together, to neighbouring slots, in one WRITE
+SLOT_FREE, SLOT_USED, SLOT_BAD = 0, 1, 2
 
 
 class Control:
@@ -109,11 +110,14 @@ class Partition:
         self.base = uffd.address_of(self.mem, writable=False)
         self.table = bytearray(self.pages)  # page state, one byte a page
         self.crc = array.array("I", bytes(4 * self.pages))  # CRC32 of each page on the device
-        # where each page lives on the device: slots are handed out at a page's
-        # first page-out, from a stack of free ones; a slot that failed a write
-        # is bad and never used again
+        # Where each page lives on the device.  Every page-out writes the page
+        # to a new slot, so that the dirty pages evicted together go to
+        # neighbouring slots in one WRITE, as the kernel's swap clusters do;
+        # its old slot is freed then.  A slot that failed a write is bad and
+        # never used again.  slot_map: one byte a slot, SLOT_FREE/USED/BAD.
         self.slot = array.array("I", [NO_SLOT]) * self.pages
-        self.free_slots = array.array("I", range(device.pages - 1, -1, -1))
+        self.slot_map = bytearray(device.pages)
+        self.slot_cursor = 0  # where the next run of free slots is looked for
         self.bad_slots: set[int] = set()
         self.full_until = 0.0  # monotonic time until which the device counts as full
         self.evicting = 0  # page-outs of this partition in flight or queued
@@ -121,7 +125,8 @@ class Partition:
         self.mcelog = uffd.MceLog(cfg.name)
         self.waiters: dict[int, list] = {}  # page -> [(worker, write)] while filling/out
         self.workers: dict[int, Worker] = {}
-        self.stream = Stream(index, cfg.name, device_spec(device), list(cfg.paging))
+        self.stream = Stream(index, cfg.name, {**device_spec(device), "memory": cfg.memory},
+                             list(cfg.paging), self.memfd)  # fmt: skip
         self.resident = 0
         self.victims: collections.deque[int] = collections.deque()  # resident, oldest first
         self.counters = collections.Counter()
@@ -129,7 +134,7 @@ class Partition:
     def metadata_bytes(self) -> int:
         """What the per-page tables take (waiters and victims come on top:
         they hold in-flight and resident pages only, bounded by the pool)."""
-        return sum(sys.getsizeof(t) for t in (self.table, self.crc, self.slot, self.free_slots))
+        return sum(sys.getsizeof(t) for t in (self.table, self.crc, self.slot, self.slot_map))
 
     def in_memory(self, page: int) -> bool:
         """Is the page in the memfd's page cache (mincore: no fault, no fill)?"""
@@ -146,8 +151,34 @@ class Partition:
         slot = self.slot[page]
         if slot != NO_SLOT:
             self.slot[page] = NO_SLOT
-            self.free_slots.append(slot)
+            if self.slot_map[slot] == SLOT_USED:
+                self.slot_map[slot] = SLOT_FREE
         return slot
+
+    def slot_failed(self, page: int) -> int:
+        """A write to the page's slot failed: the slot is bad for good."""
+        slot = self.slot[page]
+        self.slot[page] = NO_SLOT
+        self.slot_map[slot] = SLOT_BAD
+        self.bad_slots.add(slot)
+        return slot
+
+    def alloc_slots(self, n: int) -> tuple[int, int] | None:
+        """Up to n free neighbouring slots, as (first, count); None when the
+        device has no free slot.  Looks on from where the last run ended, so
+        that the device fills like a log and runs stay long."""
+        used = self.slot_map
+        first = used.find(SLOT_FREE, self.slot_cursor)
+        if first < 0:
+            first = used.find(SLOT_FREE)
+            if first < 0:
+                return None
+        end, limit = first + 1, min(first + n, len(used))
+        while end < limit and used[end] == SLOT_FREE:
+            end += 1
+        used[first:end] = b"\x01" * (end - first)
+        self.slot_cursor = end
+        return first, end - first
 
     def status(self) -> dict:
         c = self.counters
@@ -169,7 +200,7 @@ class Partition:
             "weight": self.cfg.weight,
             "metadata_bytes_per_page": round(self.metadata_bytes() / self.pages, 2),
             "bad_slots": len(self.bad_slots),
-            "free_slots": len(self.free_slots),
+            "free_slots": self.slot_map.count(SLOT_FREE),
             "device": self.cfg.device,
             "paging": self.cfg.paging,
             "stream": self.stream.state,
@@ -423,7 +454,7 @@ class Hypervisor:
         stream.service = svc
         stream.bound_to(svc)
 
-        def opened(status, count, addr, n):
+        def opened(status, count, addr, data):
             if stream.service is not svc:
                 return
             if status:
@@ -442,7 +473,7 @@ class Hypervisor:
             stream.pump()
 
         svc.send(stream, Request(wire.OP_OPEN, 0, 0, json.dumps(stream.device_spec).encode(),
-                                 opened, control=True))  # fmt: skip
+                                 opened, control=True, fds=[stream.memfd]))  # fmt: skip
 
     def service_failed(self, svc: ServiceLink, why: str) -> None:
         """A service died, closed its socket or stopped answering: fence it,
@@ -485,7 +516,7 @@ class Hypervisor:
         stream.set_state(SUSPENDING)
         flushed = [False]
 
-        def on_flush(status, count, addr, n):
+        def on_flush(status, count, addr, data):
             if status:
                 log.error("partition %s: flush on %s failed: %s", stream.name, svc.name,
                           os.strerror(-status))  # fmt: skip
@@ -795,6 +826,8 @@ class Hypervisor:
         if flags & uffd.FLAG_WP:
             part.counters["wp_faults"] += 1
             if st == CLEAN or st == DIRTY:
+                if st == CLEAN:  # its copy on the device is stale from now on
+                    part.release_slot(page)
                 part.table[page] = DIRTY
                 if uffd.writeprotect(w.uffd, start, PAGE_SIZE, False) == uffd.GONE:
                     self._drop_worker(w, "its memory is gone")
@@ -867,8 +900,8 @@ class Hypervisor:
         only the page that has it."""
         n = len(pages)
 
-        def done(status, count, addr, got):
-            if status == 0 and got == n * PAGE_SIZE:
+        def done(status, count, addr, data):
+            if status == 0 and len(data) == n * PAGE_SIZE:
                 for i, page in enumerate(pages):
                     part.counters["page_ins"] += 1
                     self._install(part, page, addr + i * PAGE_SIZE)
@@ -913,6 +946,8 @@ class Hypervisor:
             part.table[page] = UNTOUCHED if src is None else ON_DEVICE
             self.pool.release()
             return
+        if src is not None and not clean:  # written at once: its device copy is stale
+            part.release_slot(page)
         part.table[page] = CLEAN if clean else DIRTY
         part.resident += 1
         part.victims.append(page)
@@ -1021,34 +1056,47 @@ class Hypervisor:
 
     def replenish(self) -> None:
         """Start evicting until every waiting fault and `reserve` more will
-        have a frame.  Each victim is the oldest resident page of the
-        partition most over its share of the pool: resident pages over
-        weight, so that under equal pressure a partition keeps pages in
-        proportion to its weight."""
+        have a frame; once it must, it evicts a batch more (a low and a high
+        watermark), so that write-back goes out in WRITEs of many pages.
+        Each victim is the oldest resident page of the partition most over
+        its share of the pool: resident pages over weight, so that under
+        equal pressure a partition keeps pages in proportion to its weight."""
         pool = self.pool
         # page-outs queued on a stream that does not flow free nothing soon
         coming = sum(p.evicting for p in self.partitions if p.stream.state in FLOWING)
         want = pool.shortfall(self.reserve, coming)
         if want <= 0:
             return
+        want += self.batch
         now = time.monotonic()
         looks = {p: len(p.victims) for p in self.partitions if p.victims}  # each page once
+        dirty: dict[Partition, list[int]] = {}
         while want > 0 and looks:
             part = max(looks, key=lambda p: p.resident / p.cfg.weight)
             looks[part] -= 1
             if not looks[part]:
                 del looks[part]
             page = part.victims.popleft()
-            if part.table[page] == DIRTY and (part.stream.state not in FLOWING or (
-                    part.full_until > now and part.slot[page] == NO_SLOT)):  # fmt: skip
+            if part.table[page] == DIRTY and (part.stream.state not in FLOWING
+                                              or part.full_until > now):  # fmt: skip
                 # it would have to be written, and cannot be now (no service
-                # flows for it, or it needs new space on a full device): later
+                # flows for it, or its device was full a moment ago): later
                 part.victims.append(page)
                 continue
-            self._evict(part, page)
+            if self._evict(part, page):
+                dirty.setdefault(part, []).append(page)
             want -= 1
+        for part, pages in dirty.items():
+            self._write_back(part, pages)
 
-    def _evict(self, part: Partition, page: int) -> None:
+    @property
+    def batch(self) -> int:
+        """Pages evicted beyond the shortfall once eviction must start."""
+        return min(WRITE_BATCH, max(1, self.pool.pages // 8))
+
+    def _evict(self, part: Partition, page: int) -> bool:
+        """Take the page from every worker; a clean one is dropped now, a
+        dirty one is PAGING_OUT and must be written (returns True)."""
         off = page * PAGE_SIZE
         for w in list(part.workers.values()):
             if w.uffd >= 0 and uffd.writeprotect(w.uffd, w.base + off, PAGE_SIZE, True) == uffd.GONE:
@@ -1059,32 +1107,56 @@ class Hypervisor:
             part.table[page] = ON_DEVICE
             part.counters["clean_drops"] += 1
             self.pool.release()
-            return
-        if part.slot[page] == NO_SLOT:
-            if not part.free_slots:  # the device is full of bad slots: keep the page
-                self._page_out_failed(part, page, errno.ENOSPC, wrote=False)
-                return
-            part.slot[page] = part.free_slots.pop()
+            return False
         part.table[page] = PAGING_OUT
         part.waiters[page] = []
         part.evicting += 1
-        slot = part.slot[page]
+        return True
 
-        def done(status, count, addr, n):
-            part.evicting -= 1
-            if status:
-                self._page_out_failed(part, page, -status)
+    def _write_back(self, part: Partition, pages: list[int]) -> None:
+        """Write PAGING_OUT pages to new slots, neighbouring ones where the
+        device has them, one WRITE a run.  The service writes them from the
+        partition's memory and punches them out of it."""
+        i = 0
+        for page in pages:  # (a dirty page's old copy is stale; normally freed already)
+            part.release_slot(page)
+        while i < len(pages):
+            run = part.alloc_slots(min(WRITE_BATCH, len(pages) - i))
+            if run is None:  # no free slot left (the device is full of bad ones)
+                for page in pages[i:]:
+                    part.evicting -= 1
+                    self._page_out_failed(part, page, errno.ENOSPC, wrote=False)
                 return
-            uffd.punch_hole(part.memfd, off, PAGE_SIZE)
-            part.table[page] = ON_DEVICE
-            part.counters["page_outs"] += 1
-            self._wake(part.waiters.pop(page, []), off)
-            self.pool.release()
+            first, n = run
+            chunk = pages[i : i + n]
+            i += n
+            for k, page in enumerate(chunk):
+                part.slot[page] = first + k
+            self._submit_write(part, first, chunk)
+
+    def _submit_write(self, part: Partition, first: int, pages: list[int]) -> None:
+        def done(status, count, addr, data):
+            if status and len(pages) > 1 and status != -errno.ENOSPC:
+                for k, page in enumerate(pages):  # which page's slot failed: one by one
+                    self._submit_write(part, first + k, [page])
+                return
+            part.evicting -= len(pages)
+            if status:
+                for page in pages:
+                    self._page_out_failed(part, page, -status)
+                return
+            crcs = data.cast("I")
+            for k, page in enumerate(pages):  # on the device, and gone from memory
+                part.crc[page] = crcs[k]
+                part.table[page] = ON_DEVICE
+                self._wake(part.waiters.pop(page, []), page * PAGE_SIZE)
+                self.pool.release()
+            crcs.release()
+            part.counters["page_outs"] += len(pages)
             self.replenish()
 
-        data = part.view[off : off + PAGE_SIZE]
-        part.crc[page] = zlib.crc32(data)
-        part.stream.submit(wire.OP_WRITE, slot, 1, [data, wire.CRC.pack(part.crc[page])], done)
+        part.stream.submit(wire.OP_WRITE, first, len(pages), array.array("I", pages).tobytes(),
+                           done)  # fmt: skip
 
     def _page_out_failed(self, part: Partition, page: int, err: int, wrote: bool = True) -> None:
         """Nothing is lost: the page stays resident (dirty) and goes to the
@@ -1092,22 +1164,20 @@ class Hypervisor:
 
         An I/O error marks the slot bad: it is never used again, and the
         page's next page-out goes to another slot.  ENOSPC is the device
-        being full, not the slot being bad: for FULL_BACKOFF seconds no page
-        that needs new space on it is chosen (clean pages and pages that have
-        a slot already still are), then writing is tried again."""
+        being full, not the slot being bad: for FULL_BACKOFF seconds no dirty
+        page of the partition is chosen (clean pages still are), then writing
+        is tried again."""
         part.counters["io_errors"] += 1
         slot = part.slot[page]
         if not wrote or err == errno.ENOSPC:
             part.full_until = time.monotonic() + FULL_BACKOFF
             part.counters["page_out_errors"] += wrote
-            if wrote and slot != NO_SLOT and slot not in part.bad_slots:
-                part.release_slot(page)
+            part.release_slot(page)
             log.error("partition %s: page %d: device %s is full (%s); page stays resident, "
                       "retrying in %.0fs", part.name, page, part.device.id,
                       "ENOSPC" if wrote else "no good slot left", FULL_BACKOFF)  # fmt: skip
         else:
-            part.bad_slots.add(slot)
-            part.slot[page] = NO_SLOT
+            part.slot_failed(page)
             part.counters["page_out_errors"] += 1
             log.error("partition %s: page %d: page-out to device %s slot %d failed: %s; slot "
                       "marked bad, page stays resident", part.name, page, part.device.id, slot,

@@ -1,11 +1,12 @@
 """The paging service: a separate process that owns paging devices.
 
-Started by the hypervisor with one end of a SEQPACKET socketpair.  It runs
-one loop: take a request frame, convert it into the device's own operation,
-answer with the status (0 or -errno) and, for READ, the pages.  Requests of
-every stream arrive on the one socket and are answered in arrival order;
-the hypervisor keeps many in flight.  End-of-file on the socket means the
-hypervisor is gone, and the service exits.
+Started by the hypervisor with one end of a SEQPACKET socketpair.  READ and
+WRITE, the paging itself, are served by the C I/O engine's threads
+(csrc/service.c), several at once and page-ins first; every other command
+(OPEN, CLOSE, FLUSH, DISCARD, QUERY, or a malformed frame) comes back here
+once everything before it has been answered, and is answered here.  The
+hypervisor keeps many requests in flight and matches replies by request id.
+End-of-file on the socket means the hypervisor is gone, and the service exits.
 """
 
 from __future__ import annotations
@@ -22,61 +23,70 @@ import sys
 
 from pyhv import wire
 from pyhv.device import PagingDevice
-from pyhv.uffd import PAGE_SIZE
+from pyhv.uffd import ServiceEngine
 
 log = logging.getLogger("pyhv.service")
 
 
 class PagingService:
+    IO_THREADS = 4
+
     def __init__(self, name: str, sock: socket.socket):
         self.name = name
         self.sock = sock
+        self.engine = ServiceEngine(sock.fileno(), self.IO_THREADS)
         self.streams: dict[int, PagingDevice] = {}
-        # page-aligned, as O_DIRECT wants
-        self.buf = mmap.mmap(-1, wire.MAX_PAGES * PAGE_SIZE)
-        self.view = memoryview(self.buf)
-        self.hdr = bytearray(wire.HEADER.size)
-        # the device interface definition, command by command
+        self.frame = bytearray(ServiceEngine.MAX_FRAME)
+        self.view = memoryview(self.frame)[wire.HEADER.size :]
+        # the device interface definition, command by command; READ and WRITE
+        # reach Python only when the engine would not take them (malformed)
         self.handlers = {c.op: getattr(self, f"op_{c.name.lower()}") for c in wire.COMMANDS}
 
     def serve(self) -> int:
         """Serve until the hypervisor goes; 0, or 1 if it sent a malformed frame
         (which costs it the connection)."""
-        log.info("paging service %s: serving (pid %d)", self.name, os.getpid())
+        log.info("paging service %s: serving (pid %d, %d I/O threads)", self.name, os.getpid(),
+                 self.IO_THREADS)  # fmt: skip
         self.sock.sendmsg([wire.pack_header(0, 0, wire.OP_HELLO)])
         code = 0
         while True:
             try:
-                n, _, flags, _ = self.sock.recvmsg_into([self.hdr, self.view])
-            except InterruptedError:
-                continue
-            except ConnectionError:
+                n, flags, fds = self.engine.serve(self.frame)
+            except OSError as e:
+                log.info("paging service %s: stream socket: %s; exiting", self.name, e.strerror)
                 break
             if n == 0:
                 log.info("paging service %s: hypervisor gone, exiting", self.name)
                 break
             if n < wire.HEADER.size:
+                wire.close_fds(fds)
                 log.error("paging service %s: a %d-byte frame is shorter than a header; "
                           "closing the connection", self.name, n)  # fmt: skip
                 code = 1
                 break
-            self.handle(n, flags)
+            self.handle(n, flags, fds)
         self.sock.close()
-        for dev in self.streams.values():
+        for stream, dev in self.streams.items():
+            self.engine.stream_clear(stream)
             dev.close()
         return code
 
-    def handle(self, n: int, flags: int) -> None:
-        req, stream, op, _fl, _st, slot, count, _crc = wire.unpack_header(self.hdr)
+    def handle(self, n: int, flags: int, fds: list[int]) -> None:
+        req, stream, op, _fl, _st, slot, count, _crc = wire.unpack_header(self.frame)
         payload = n - wire.HEADER.size
         status, reply = 0, b""
         try:
-            if flags & socket.MSG_TRUNC:
-                raise OSError(errno.EMSGSIZE, "request too large")
-            handler = self.handlers.get(op)
-            if handler is None:
-                raise OSError(errno.EOPNOTSUPP, f"unknown op {op}")
-            reply = handler(stream, slot, count, payload) or b""
+            try:
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise OSError(errno.EMSGSIZE, "request too large")
+                handler = self.handlers.get(op)
+                if handler is None:
+                    raise OSError(errno.EOPNOTSUPP, f"unknown op {op}")
+                if fds and op != wire.OP_OPEN:
+                    raise OSError(errno.EINVAL, "only OPEN carries a file descriptor")
+                reply = handler(stream, slot, count, payload, fds) or b""
+            finally:
+                wire.close_fds(fds)
         except OSError as e:
             status = -(e.errno or errno.EIO)
             dev = self.streams.get(stream)
@@ -93,46 +103,51 @@ class PagingService:
             raise OSError(errno.EBADF, f"stream {stream} is not open")
         return dev
 
-    def op_open(self, stream, slot, count, payload):
+    def op_open(self, stream, slot, count, payload, fds):
+        """The device, and (SCM_RIGHTS) the partition's memory: WRITE takes
+        its pages from there."""
+        if len(fds) != 1:
+            raise OSError(errno.EINVAL, "OPEN carries the partition's memory as one fd")
         spec = json.loads(bytes(self.view[:payload]))
-        old = self.streams.pop(stream, None)
-        if old is not None:
-            old.close()
+        self.op_close(stream, slot, count, payload, [])
         dev = PagingDevice(spec["id"], spec["path"], spec["kind"], spec["size"], spec["direct"])
         dev.open()
+        try:
+            self.engine.stream_set(stream, dev.fd, dev.pages, fds[0], int(spec["memory"]))
+        except OSError:
+            dev.close()
+            raise
         self.streams[stream] = dev
         log.info("paging service %s: stream %d opened device %s (%s %s, %d pages)", self.name,
                  stream, dev.id, dev.kind, dev.path, dev.pages)  # fmt: skip
 
-    def op_close(self, stream, slot, count, payload):
+    def op_close(self, stream, slot, count, payload, fds):
         dev = self.streams.pop(stream, None)
+        self.engine.stream_clear(stream)
         if dev is not None:
             dev.close()
 
-    def _crcs(self, at: int, count: int) -> list[int]:
-        return [wire.CRC.unpack_from(self.view, at + i * wire.CRC.size)[0] for i in range(count)]
+    def op_read(self, stream, slot, count, payload, fds):
+        """Only what the engine refused comes here: say why."""
+        self._paging_refused(stream, slot, count, payload)
 
-    def op_read(self, stream, slot, count, payload):
+    op_write = op_read
+
+    def _paging_refused(self, stream, slot, count, payload):
+        dev = self.device(stream)
         if not 1 <= count <= wire.MAX_PAGES or payload != count * wire.CRC.size:
-            raise OSError(errno.EINVAL, f"READ of {count} pages carries {payload} bytes")
-        crcs = self._crcs(0, count)
-        self.device(stream).read(slot, count, self.view, crcs)
-        return self.view[: count * PAGE_SIZE]
+            raise OSError(errno.EINVAL, f"{count} pages with {payload} bytes of payload")
+        raise OSError(errno.EINVAL, f"slots {slot}+{count} outside device of {dev.pages}")
 
-    def op_write(self, stream, slot, count, payload):
-        if not 1 <= count <= wire.MAX_PAGES or payload != count * (PAGE_SIZE + wire.CRC.size):
-            raise OSError(errno.EINVAL, f"WRITE of {count} pages carries {payload} bytes")
-        crcs = self._crcs(count * PAGE_SIZE, count)
-        self.device(stream).write(slot, count, self.view, crcs)
-
-    def op_flush(self, stream, slot, count, payload):
+    def op_flush(self, stream, slot, count, payload, fds):
         self.device(stream).flush()
 
-    def op_discard(self, stream, slot, count, payload):
+    def op_discard(self, stream, slot, count, payload, fds):
         self.device(stream).discard(slot, count)
 
-    def op_query(self, stream, slot, count, payload):
-        return json.dumps(self.device(stream).query()).encode()
+    def op_query(self, stream, slot, count, payload, fds):
+        dev = self.device(stream)
+        return json.dumps(dev.query(self.engine.stream_errors(stream))).encode()
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ service has written a newer one.
 
 from __future__ import annotations
 
+import array
 import collections
 import logging
 import mmap
@@ -43,25 +44,29 @@ FLOWING = (ENABLED, RESUMED)  # states in which requests go out
 
 
 class Request:
-    __slots__ = ("op", "slot", "count", "payload", "done", "id", "sent", "control")
+    __slots__ = ("op", "slot", "count", "payload", "done", "id", "sent", "control", "fds",
+                 "flags")  # fmt: skip
 
     def __init__(self, op: int, slot: int, count: int, payload, done: Callable,
-                 control: bool = False):  # fmt: skip
+                 control: bool = False, fds=()):  # fmt: skip
         self.op = op
         self.slot = slot
         self.count = count
         self.payload = payload  # bytes-like or a list of them
-        self.done = done  # done(status, count, data_addr, data_len)
+        self.done = done  # done(status, count, data_addr, data): data a memoryview of the reply's
         self.id = 0
         self.sent = 0.0
+        self.fds = fds  # sent with it (OPEN: the partition's memory)
+        self.flags = 0  # wire.FLAG_RETRY once it was in flight on a service that failed
         # OPEN and FLUSH belong to one service's tenure of the stream: they
         # are not in the stream's in-flight set and never resent elsewhere
         self.control = control
 
 
 class Stream:
-    def __init__(self, index: int, name: str, device_spec: dict, paging: list[str]):
+    def __init__(self, index: int, name: str, device_spec: dict, paging: list[str], memfd: int):
         self.index = index
+        self.memfd = memfd  # the partition's memory: each service it binds to gets it at OPEN
         self.name = name  # the partition's
         self.device_spec = device_spec
         self.paging = paging  # service names: primary, then the redundant one
@@ -107,7 +112,7 @@ class Stream:
             svc.send(self, req)
             self.inflight[req.id] = req
 
-    def answered(self, req: Request, status: int, count: int, addr: int, n: int) -> None:
+    def answered(self, req: Request, status: int, count: int, addr: int, data) -> None:
         if self._failover is not None and not req.control:  # first served after failover
             fo, self._failover = self._failover, None
             fo["seconds"] = time.monotonic() - fo.pop("t0")
@@ -115,12 +120,14 @@ class Stream:
             log.warning("partition %s: failover %s -> %s took %.1f ms, %d requests were in "
                         "flight", self.name, fo["from"], fo["to"], fo["seconds"] * 1e3,
                         fo["in_flight"])  # fmt: skip
-        req.done(status, count, addr, n)
+        req.done(status, count, addr, data)
 
     def take_back(self) -> list[Request]:
         """Unsent again: every in-flight request returns to the queue, oldest
         first, ready to go to another service."""
         back = sorted(self.inflight.values(), key=lambda r: r.id)
+        for req in back:
+            req.flags |= wire.FLAG_RETRY
         self.inflight.clear()
         self.queued.extendleft(reversed(back))
         return back
@@ -205,16 +212,21 @@ class ServiceLink:
         req.sent = time.monotonic()
         self.requests += 1
         self.sent[req.id] = (stream, req)
-        frame = [wire.pack_header(req.id, stream.index, req.op, 0, req.slot, req.count)]
+        frame = [wire.pack_header(req.id, stream.index, req.op, 0, req.slot, req.count,
+                                  flags=req.flags)]  # fmt: skip
         if isinstance(req.payload, list):
             frame += req.payload
         elif req.payload is not None:
             frame.append(req.payload)
+        if req.fds:
+            frame = (frame, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", req.fds))])
+        else:
+            frame = (frame, [])
         if self.outq or self.sock is None:
             self.outq.append(frame)
             return
         try:
-            self.sock.sendmsg(frame)
+            self.sock.sendmsg(*frame)
         except BlockingIOError:
             self.outq.append(frame)
             self.hv.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
@@ -231,7 +243,7 @@ class ServiceLink:
     def _flush_out(self) -> None:
         while self.outq and self.sock is not None:
             try:
-                self.sock.sendmsg(self.outq[0])
+                self.sock.sendmsg(*self.outq[0])
             except BlockingIOError:
                 return
             except OSError:
@@ -264,7 +276,8 @@ class ServiceLink:
             stream, req = entry
             if stream.inflight.pop(rid, None) is None and not req.control:
                 continue  # taken back from this service meanwhile: answered elsewhere
-            stream.answered(req, status, count, self.scratch_addr, n - wire.HEADER.size)
+            stream.answered(req, status, count, self.scratch_addr,
+                            self.scratch_view[: n - wire.HEADER.size])  # fmt: skip
 
     def oldest_age(self, now: float) -> float:
         """Age of the oldest unanswered request: `sent` is in sending order."""

@@ -201,11 +201,6 @@ def in_memory(start: int, length: int) -> bytes:
     return ffi.buffer(vec)[:]
 
 
-def read_at(addr: int, length: int) -> bytes:
-    """A copy of `length` bytes at `addr` (a reply in a scratch buffer)."""
-    return bytes(ffi.buffer(ffi.cast("char *", addr), length))
-
-
 def address_of(buf, writable: bool = True) -> int:
     """Start address of a buffer (an mmap), without keeping it exported."""
     p = ffi.from_buffer(buf, require_writable=writable)
@@ -229,6 +224,44 @@ class Watchdog:
         if self._w is not None:
             w, self._w = self._w, None
             _check(lib.pyhv_watchdog_stop(w), "watchdog stop")
+
+
+class ServiceEngine:
+    """The paging service's C I/O engine (csrc/service.c): READ and WRITE
+    served by `threads` threads; :meth:`serve` returns every other frame."""
+
+    MAX_FRAME = lib.PYHV_SVC_MAX_FRAME
+
+    def __init__(self, sock_fd: int, threads: int = 4):
+        s = lib.pyhv_svc_new(sock_fd, threads)
+        if s == ffi.NULL:
+            raise OSError(errno.ENOMEM, "cannot start the I/O engine")
+        self._s = s
+        self._flags = ffi.new("int *")
+        self._nfds = ffi.new("int *")
+        self._fds = ffi.new("int[]", 8)
+
+    def serve(self, buf) -> tuple[int, int, list[int]]:
+        """Serve READ and WRITE until another frame comes; returns (its length,
+        recvmsg flags, fds that came with it), with nothing in flight.
+        Length 0 is end-of-file."""
+        with ffi.from_buffer(buf, require_writable=True) as p:
+            n = lib.pyhv_svc_serve(self._s, p, len(buf), self._flags, self._fds, 8, self._nfds)
+        fds = [self._fds[i] for i in range(self._nfds[0])]
+        if n < 0:
+            raise OSError(-n, os.strerror(-n), "recvmsg(stream)")
+        return n, self._flags[0], fds
+
+    def stream_set(self, stream: int, fd: int, pages: int, memfd: int, mem_size: int) -> None:
+        """Serve a stream: device fd of `pages` slots, the partition's memory."""
+        _check(lib.pyhv_svc_stream_set(self._s, stream, fd, pages, memfd, mem_size),
+               "mmap(partition memory)")  # fmt: skip
+
+    def stream_clear(self, stream: int) -> None:
+        lib.pyhv_svc_stream_clear(self._s, stream)
+
+    def stream_errors(self, stream: int) -> int:
+        return lib.pyhv_svc_stream_errors(self._s, stream)
 
 
 def bench_kernel_touch(npages: int) -> list[int]:

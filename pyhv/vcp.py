@@ -18,7 +18,7 @@ import os
 from pyhv.config import ConfigError, DeviceConfig, PartitionConfig, assign_device, \
     format_size, parse_device, parse_pages, parse_partition  # fmt: skip
 from pyhv import wire
-from pyhv.uffd import PAGE_SIZE, read_at
+from pyhv.uffd import PAGE_SIZE
 
 log = logging.getLogger("pyhv.vcp")
 
@@ -213,8 +213,8 @@ def device_list(hv, conn, msg):
             row["query"] = None
             continue
 
-        def answered(status, count, addr, n, row=row):
-            row["query"] = json.loads(read_at(addr, n)) if status == 0 else {
+        def answered(status, count, addr, data, row=row):
+            row["query"] = json.loads(bytes(data)) if status == 0 else {
                 "error": os.strerror(-status)}  # fmt: skip
             asked.remove(row["id"])
 

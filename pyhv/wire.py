@@ -7,7 +7,9 @@ message is one ``recvmsg`` and a peer can never leave half a frame behind:
   per message, file descriptors alongside as ``SCM_RIGHTS``.  A message that
   does not parse costs the sender its connection.
 * **Paging stream** (hypervisor <-> paging service): a fixed binary header
-  (:data:`HEADER`) followed by page data for READ replies and WRITE requests.
+  (:data:`HEADER`) followed by the command's payload (:data:`COMMANDS`):
+  pages only in READ replies; a WRITE names pages of the partition's memory,
+  which the service maps from the memfd it was given at OPEN.
 """
 
 from __future__ import annotations
@@ -135,15 +137,19 @@ class Command:
 #: its reply, and the device operation it becomes.  The paging service
 #: dispatches from this table; the README prints it.
 COMMANDS = (
-    Command(1, "OPEN", "payload: JSON {id, path, kind, size, direct}", "-",
+    Command(1, "OPEN", "payload: JSON {id, path, kind, size, direct, memory}; SCM_RIGHTS: "
+            "the partition's memory (memfd)", "-",
             {"file": "open(O_CREAT), ftruncate to size", "block": "open(O_DIRECT), size check"}),
     Command(2, "CLOSE", "-", "-", {"file": "close", "block": "close"}),
     Command(3, "READ", "slot, count; payload: count expected CRC32s",
             "count pages; EBADMSG if a page does not match its CRC32, EIO on a short read",
             {"file": "preadv", "block": "preadv (O_DIRECT)"}),
-    Command(4, "WRITE", "slot, count; payload: count pages, then their CRC32s",
-            "-; EBADMSG if a page does not match its CRC32, ENOSPC on a short write",
-            {"file": "pwritev", "block": "pwritev (O_DIRECT)"}),
+    Command(4, "WRITE", "slot, count; payload: count page numbers (u32) of the partition's "
+            "memory, written to slots slot..slot+count-1, then punched out of the memory; "
+            "flag RETRY: a page gone from memory was written already (by the failed service)",
+            "count CRC32s of the pages written; ENOSPC on a short write",
+            {"file": "pwritev from the memory, fallocate(PUNCH_HOLE) on the memfd",
+             "block": "pwritev (O_DIRECT) from the memory, fallocate(PUNCH_HOLE) on the memfd"}),
     Command(5, "FLUSH", "-", "-", {"file": "fdatasync", "block": "fdatasync"}),
     Command(6, "DISCARD", "slot, count", "-",
             {"file": "fallocate(PUNCH_HOLE)", "block": "ioctl(BLKDISCARD)"}),
@@ -157,8 +163,10 @@ OP_HELLO = 0  # not a command: the service's first frame (request id 0), "ready 
 
 MAX_PAGES = 64  # pages in one READ or WRITE
 PAGE = 4096
-CRC = struct.Struct("<I")  # one page's CRC32, as READ and WRITE carry them
+CRC = struct.Struct("<I")  # one page's CRC32, as READ requests and WRITE replies carry them
+PAGE_NO = struct.Struct("<I")  # a page of the partition's memory, as WRITE names them
 MAX_FRAME = HEADER.size + MAX_PAGES * (PAGE + CRC.size)
+FLAG_RETRY = 1  # header flag: the request was in flight on a service that failed
 
 
 def pack_header(req: int, stream: int, op: int, status: int = 0, slot: int = 0,

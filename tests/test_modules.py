@@ -3,6 +3,7 @@ the paging service process driven over a real socketpair."""
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import mmap
@@ -14,7 +15,7 @@ import zlib
 
 import pytest
 
-from pyhv import wire
+from pyhv import uffd, wire
 from pyhv.config import ConfigError, load_config_text, parse_size
 from pyhv.device import PagingDevice
 from pyhv.pattern import page_pattern
@@ -131,51 +132,31 @@ def test_wire_header_round_trip_and_short_frame():
         wire.unpack_header(h[:10])
 
 
-def _aligned(n_pages: int) -> memoryview:
-    return memoryview(mmap.mmap(-1, n_pages * P))
-
-
 @pytest.mark.parametrize("direct", [False, True])
-def test_device_write_read_and_checksum(tmp_path, direct):
+def test_device_opens_at_its_size_discards_and_reports(tmp_path, direct):
     path = tmp_path / "dev.img"
     dev = PagingDevice("d0", path, "file", 8 * P, direct)
     dev.open()
     assert path.stat().st_size == 8 * P  # created at its size
-    pages = [page_pattern("p", 3, 1), page_pattern("p", 4, 1)]
-    crcs = [zlib.crc32(x) for x in pages]
-    buf = _aligned(2)
-    buf[:] = b"".join(pages)
-    with pytest.raises(OSError) as e:  # a page that does not match its CRC is not written
-        dev.write(3, 2, buf, [crcs[0], crcs[1] ^ 1])
-    assert e.value.errno == errno.EBADMSG
-    dev.write(3, 2, buf, crcs)
-    out = _aligned(2)
-    dev.read(3, 2, out, crcs)
-    assert out[:P] == pages[0] and out[P:] == pages[1]
-    with pytest.raises(OSError) as e:  # never written: zeros do not match, never returned
-        dev.read(5, 1, out, [crcs[0]])
-    assert e.value.errno == errno.EBADMSG
-    with open(path, "r+b") as f:  # a byte changes behind the service's back
-        f.seek(4 * P + 100)
-        f.write(b"\x00" if pages[1][100] else b"\x01")
-    with pytest.raises(OSError) as e:
-        dev.read(3, 2, out, crcs)
-    assert e.value.errno == errno.EBADMSG
-    with pytest.raises(OSError) as e:
-        dev.read(7, 2, out, crcs)
-    assert e.value.errno == errno.EINVAL
+    os.pwrite(dev.fd if not direct else os.open(path, os.O_WRONLY), b"x" * P, 3 * P)
     dev.discard(3, 1)
-    with pytest.raises(OSError):
-        dev.read(3, 1, out, crcs[:1])
+    with open(path, "rb") as f:
+        f.seek(3 * P)
+        assert f.read(P) == bytes(P)  # punched: zeros
+    with pytest.raises(OSError) as e:
+        dev.discard(7, 2)
+    assert e.value.errno == errno.EINVAL
     q = dev.query()
     assert q["capacity_pages"] == 8 and q["type"] == "file" and q["health"] == "ok"
+    assert dev.query(io_errors=2)["health"] == "degraded"
     dev.close()
 
 
 class ServiceProc:
-    """A real paging service process on one end of a socketpair."""
+    """A real paging service process on one end of a socketpair, serving a
+    partition memory (a memfd) of `pages` pages."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, pages=16):
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(10)
         self.proc = subprocess.Popen(
@@ -185,45 +166,144 @@ class ServiceProc:
         self.req = 0
         hello = wire.unpack_header(self.sock.recv(wire.MAX_FRAME))
         assert hello[0] == 0 and hello[2] == wire.OP_HELLO  # "ready to serve"
+        self.memfd = uffd.memfd("svc-test", pages * P)
+        self.mem = mmap.mmap(self.memfd, pages * P)
+        self.addr = uffd.address_of(self.mem)
 
-    def call(self, stream, op, slot=0, count=0, payload=b""):
+    def send(self, stream, op, slot=0, count=0, payload=b"", fds=(), flags=0):
         self.req += 1
-        self.sock.sendmsg([wire.pack_header(self.req, stream, op, 0, slot, count), payload])
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        self.sock.sendmsg([wire.pack_header(self.req, stream, op, 0, slot, count, flags=flags),
+                           payload], anc)  # fmt: skip
+        return self.req
+
+    def recv(self):
         data = self.sock.recv(wire.MAX_FRAME)
         req, st, o, _f, status, _s, _c, _crc = wire.unpack_header(data)
-        assert (req, st, o) == (self.req, stream, op)
-        return status, data[wire.HEADER.size :]
+        return req, o, status, data[wire.HEADER.size :]
+
+    def call(self, stream, op, slot=0, count=0, payload=b"", fds=(), flags=0):
+        req = self.send(stream, op, slot, count, payload, fds, flags)
+        got, o, status, data = self.recv()
+        assert (got, o) == (req, op)
+        return status, data
+
+    def open(self, tmp_path, stream=0, direct=True, slots=16):
+        spec = {"id": "d0", "path": str(tmp_path / "d0.img"), "kind": "file", "size": slots * P,
+                "direct": direct, "memory": len(self.mem)}  # fmt: skip
+        return self.call(stream, wire.OP_OPEN, payload=json.dumps(spec).encode(),
+                         fds=[self.memfd])[0]  # fmt: skip
+
+    def resident(self, page):
+        return bool(uffd.in_memory(self.addr + page * P, P)[0] & 1)
 
     def close(self):
         self.sock.close()
         return self.proc.wait(10)
 
 
-def test_paging_service_executes_commands(tmp_path):
+def pages_no(*pages):
+    return b"".join(wire.PAGE_NO.pack(p) for p in pages)
+
+
+def crcs_of(data):
+    return [c for (c,) in wire.CRC.iter_unpack(data)]
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_paging_service_writes_from_memory_and_reads_back_checked(tmp_path, direct):
     svc = ServiceProc(tmp_path)
-    spec = {"id": "d0", "path": str(tmp_path / "d0.img"), "kind": "file", "size": 16 * P,
-            "direct": True}  # fmt: skip
-    assert svc.call(0, wire.OP_OPEN, payload=json.dumps(spec).encode())[0] == 0
-    page = page_pattern("x", 1, 1)
-    crc = wire.CRC.pack(zlib.crc32(page))
-    assert svc.call(0, wire.OP_WRITE, 5, 1, page + crc) == (0, b"")
-    assert svc.call(0, wire.OP_READ, 5, 1, crc) == (0, page)
-    assert svc.call(0, wire.OP_READ, 6, 1, crc)[0] == -errno.EBADMSG  # zeros there
-    assert svc.call(0, wire.OP_WRITE, 5, 2, page + crc)[0] == -errno.EINVAL  # 1 page for 2
+    assert svc.open(tmp_path, direct=direct) == 0
+    pages = {p: page_pattern("x", p, 1) for p in (2, 3, 9)}
+    for p, data in pages.items():
+        svc.mem[p * P : (p + 1) * P] = data
+    # three pages of memory to slots 5, 6, 7 in one WRITE; the reply has their CRC32s
+    status, data = svc.call(0, wire.OP_WRITE, 5, 3, pages_no(2, 3, 9))
+    assert status == 0 and crcs_of(data) == [zlib.crc32(pages[p]) for p in (2, 3, 9)]
+    assert not any(svc.resident(p) for p in (2, 3, 9))  # on the device, out of memory
+    assert svc.resident(0) is False and svc.mem[0] == 0  # (others untouched)
+    crcs = data
+    status, back = svc.call(0, wire.OP_READ, 5, 3, crcs)
+    assert status == 0 and back == pages[2] + pages[3] + pages[9]
+    assert svc.call(0, wire.OP_READ, 6, 1, crcs[4:8])[1] == pages[3]
+    assert svc.call(0, wire.OP_READ, 8, 1, crcs[:4])[0] == -errno.EBADMSG  # zeros there
+    with open(tmp_path / "d0.img", "r+b") as f:  # a byte changes behind the service's back
+        f.seek(6 * P + 100)
+        f.write(b"\x00" if pages[3][100] else b"\x01")
+    assert svc.call(0, wire.OP_READ, 5, 3, crcs)[0] == -errno.EBADMSG  # never returned
+    # malformed paging requests are answered with the error, not served
+    assert svc.call(0, wire.OP_WRITE, 5, 2, pages_no(2))[0] == -errno.EINVAL  # 1 page for 2
     assert svc.call(0, wire.OP_READ, 5, 1)[0] == -errno.EINVAL  # no CRC to check against
+    assert svc.call(0, wire.OP_READ, 15, 2, crcs[:8])[0] == -errno.EINVAL  # past the end
+    assert svc.call(0, wire.OP_WRITE, 1, 1, pages_no(16))[0] == -errno.EINVAL  # not memory
     assert svc.call(0, wire.OP_FLUSH)[0] == 0
     status, q = svc.call(0, wire.OP_QUERY)
     q = json.loads(q)
     assert status == 0 and q["capacity_pages"] == 16 and q["health"] == "degraded"
-    assert svc.call(1, wire.OP_READ, 0, 1, crc)[0] == -errno.EBADF  # stream 1 is not open
+    assert svc.call(1, wire.OP_READ, 0, 1, crcs[:4])[0] == -errno.EBADF  # stream 1 is not open
     assert svc.call(0, 99)[0] == -errno.EOPNOTSUPP
     assert svc.call(0, wire.OP_DISCARD, 5, 1)[0] == 0
-    assert svc.call(0, wire.OP_READ, 5, 1, crc)[0] == -errno.EBADMSG
+    assert svc.call(0, wire.OP_READ, 5, 1, crcs[:4])[0] == -errno.EBADMSG
+    assert svc.call(0, wire.OP_OPEN, payload=b"{}")[0] == -errno.EINVAL  # no memory given
     # end-of-file: the hypervisor is gone, and the service exits
     assert svc.close() == 0
 
 
+def test_a_retried_write_keeps_what_the_failed_service_wrote(tmp_path):
+    """A WRITE resent after the service that held it died: a page already
+    gone from memory was written by that service (it punches only after a
+    complete write); its CRC32 comes from the device, never from zeros."""
+    svc = ServiceProc(tmp_path)
+    assert svc.open(tmp_path) == 0
+    a, b = page_pattern("r", 1, 1), page_pattern("r", 2, 1)
+    svc.mem[P : 2 * P] = a
+    svc.mem[2 * P : 3 * P] = b
+    assert svc.call(0, wire.OP_WRITE, 4, 1, pages_no(1))[0] == 0  # "the failed service"
+    assert not svc.resident(1) and svc.resident(2)
+    status, data = svc.call(0, wire.OP_WRITE, 4, 2, pages_no(1, 2), flags=wire.FLAG_RETRY)
+    assert status == 0 and crcs_of(data) == [zlib.crc32(a), zlib.crc32(b)]
+    assert svc.call(0, wire.OP_READ, 4, 2, data) == (0, a + b)
+    assert not svc.resident(1) and not svc.resident(2)
+    assert svc.close() == 0
+
+
+def test_the_service_serves_many_requests_at_once_and_barriers_wait(tmp_path):
+    """32 READs and WRITEs in flight at once all come back, each with its own
+    data; a FLUSH sent behind them is answered after every one of them."""
+    svc = ServiceProc(tmp_path, pages=64)
+    assert svc.open(tmp_path, slots=32) == 0
+    for p in range(16):
+        svc.mem[p * P : (p + 1) * P] = page_pattern("m", p, 3)
+    crc = {}
+    for p in range(16):  # slots 0..15
+        status, data = svc.call(0, wire.OP_WRITE, p, 1, pages_no(p))
+        crc[p] = data
+    sent = {}
+    for p in range(16):
+        sent[svc.send(0, wire.OP_READ, p, 1, crc[p])] = ("read", p)
+    for p in range(16, 32):  # and 16 other pages to slots 16..31 meanwhile
+        svc.mem[p * P : (p + 1) * P] = page_pattern("m", p, 3)
+        sent[svc.send(0, wire.OP_WRITE, p, 1, pages_no(p))] = ("write", p)
+    flush = svc.send(0, wire.OP_FLUSH)
+    seen = set()
+    for _ in range(33):
+        req, op, status, data = svc.recv()
+        assert status == 0, (req, op)
+        if req == flush:
+            assert seen == set(sent)  # the barrier: after everything sent before it
+            continue
+        kind, p = sent[req]
+        if kind == "read":
+            assert data == page_pattern("m", p, 3)
+        else:
+            assert crcs_of(data) == [zlib.crc32(page_pattern("m", p, 3))]
+        seen.add(req)
+    assert seen == set(sent)
+    assert svc.close() == 0
+
+
 def test_every_paging_command_has_one_definition():
+    assert wire.MAX_FRAME == uffd.ServiceEngine.MAX_FRAME  # the C engine agrees
     assert sorted(c.name for c in wire.COMMANDS) == sorted(wire.OP_NAMES.values())
     assert len({c.op for c in wire.COMMANDS}) == len(wire.COMMANDS)
     for c in wire.COMMANDS:

@@ -110,7 +110,8 @@ def test_stopping_the_last_service_suspends_paging_until_one_starts(system):
 
 
 def test_a_hung_service_is_fenced_and_its_streams_fail_over(system):
-    system.up(redundant(pool="4MiB", mem="16MiB", n=1, service_extra="timeout = 1\n"))
+    # (64 MiB: the writer must still be writing when the service hangs)
+    system.up(redundant(pool="4MiB", mem="64MiB", n=1, service_extra="timeout = 1\n"))
     writer = system.workload("p1", "write", "--generation", "4")
     system.wait_for(lambda st: st["partitions"][0]["page_outs"] > 100, "page-outs under way")
     hung = system.service("vios1")["pid"]
@@ -219,7 +220,8 @@ def test_stop_right_after_start_strands_nothing(system):
 
 
 def test_stop_of_a_hung_service_fails_over_at_its_deadline(system):
-    system.up(redundant(pool="4MiB", mem="16MiB", n=1, service_extra="timeout = 1\n"))
+    # (64 MiB: the writer must still be writing when the service hangs)
+    system.up(redundant(pool="4MiB", mem="64MiB", n=1, service_extra="timeout = 1\n"))
     writer = system.workload("p1", "write", "--generation", "4")
     system.wait_for(lambda st: st["partitions"][0]["page_outs"] > 100, "page-outs under way")
     hung = system.service("vios1")["pid"]

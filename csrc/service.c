@@ -1,0 +1,429 @@
+/*
+ * The paging service's I/O engine: READ and WRITE served by a few threads,
+ * so that a page-in is never queued behind a write-back and the device sees
+ * several requests at once (a loop device with direct I/O on these machines
+ * does ~9k random 4 KiB writes/s one at a time and ~40k sixteen at a time).
+ *
+ * The service's Python loop calls pyhv_svc_serve(), which receives frames
+ * on the stream socket and hands READ and WRITE to the threads.  Any other
+ * frame (OPEN, CLOSE, FLUSH, DISCARD, QUERY, anything malformed) waits until
+ * every request in flight has been answered, and then goes back to Python:
+ * those commands are barriers, so a DISCARD or FLUSH is ordered after every
+ * earlier WRITE.  Replies go out in completion order; the hypervisor matches
+ * them by request id.
+ *
+ * READ  slot, count; payload count CRC32s.  preadv into a page-aligned
+ *       buffer, every page checked against its CRC32 (EBADMSG), short read
+ *       EIO; the reply carries the pages.
+ * WRITE slot, count; payload count page numbers of the partition's memory
+ *       (the memfd given at OPEN).  The pages are written from the shared
+ *       mapping straight to slots slot..slot+count-1 (one pwritev; a short
+ *       write is ENOSPC), then punched out of the memfd; the reply carries
+ *       their CRC32s.  Flag RETRY (the request was in flight on a service
+ *       that died): a page already gone from memory was written and punched
+ *       by that service, so its CRC32 is read back from the device instead.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include "pyhv.h"
+
+#define PG 4096u
+#define HDR 28u /* wire.HEADER.size */
+#define OP_READ 3
+#define OP_WRITE 4
+#define JOBS 16 /* requests the engine holds at once */
+
+struct svc_stream {
+	int fd; /* the device (owned by Python), -1: not open */
+	uint64_t pages;
+	int memfd; /* the partition's memory (owned here) */
+	uint8_t *mem;
+	uint64_t mem_pages;
+	uint64_t errors;
+};
+
+struct job {
+	struct job *next;
+	uint8_t hdr[HDR];
+	uint8_t *payload; /* MAX frame */
+	uint8_t *io;	  /* PYHV_SVC_MAX_PAGES pages, page-aligned */
+	size_t len;	  /* payload bytes */
+};
+
+struct pyhv_svc {
+	int sock;
+	pthread_mutex_t mu;
+	pthread_cond_t work, idle;
+	struct job *free, *reads, *writes, *writes_tail, *reads_tail;
+	int busy; /* jobs taken from the free list and not returned */
+	struct svc_stream *streams;
+	struct job jobs[JOBS];
+	int nthreads;
+	pthread_t threads[16];
+};
+
+struct frame_hdr { /* wire.HEADER, "<QHBBiIII" */
+	uint64_t req;
+	uint16_t stream;
+	uint8_t op;
+	uint8_t flags;
+	int32_t status;
+	uint32_t slot;
+	uint32_t count;
+	uint32_t crc;
+} __attribute__((packed));
+_Static_assert(sizeof(struct frame_hdr) == HDR, "wire.HEADER");
+
+static void reply(struct pyhv_svc *s, const struct frame_hdr *rq, int status, const void *data,
+		  size_t n)
+{
+	struct frame_hdr h = *rq;
+	h.status = status;
+	struct iovec iov[2] = {{&h, HDR}, {(void *)data, n}};
+	struct msghdr m = {.msg_iov = iov, .msg_iovlen = (data && n) ? 2 : 1};
+	while (sendmsg(s->sock, &m, MSG_NOSIGNAL) < 0 && errno == EINTR)
+		;
+	/* EPIPE and the like: the hypervisor is gone; the receiving loop sees EOF */
+}
+
+static void note_error(struct svc_stream *st, const struct frame_hdr *h, int err)
+{
+	__atomic_add_fetch(&st->errors, 1, __ATOMIC_RELAXED);
+	fprintf(stderr, "pyhv-service: stream %u %s slot %u+%u: %s\n", h->stream,
+		h->op == OP_READ ? "READ" : "WRITE", h->slot, h->count, strerror(err));
+}
+
+static uint32_t page_crc(const uint8_t *p)
+{
+	return (uint32_t)crc32(0L, p, PG);
+}
+
+static int do_read(struct svc_stream *st, const struct frame_hdr *h, struct job *j)
+{
+	size_t n = (size_t)h->count * PG;
+	ssize_t got;
+	do
+		got = pread(st->fd, j->io, n, (off_t)h->slot * PG);
+	while (got < 0 && errno == EINTR);
+	if (got < 0)
+		return -errno;
+	if ((size_t)got != n)
+		return -EIO;
+	for (uint32_t i = 0; i < h->count; i++) {
+		uint32_t want;
+		memcpy(&want, j->payload + 4 * i, 4);
+		if (page_crc(j->io + (size_t)i * PG) != want)
+			return -EBADMSG;
+	}
+	return 0;
+}
+
+static int write_full(int fd, struct iovec *iov, int cnt, off_t off)
+{
+	size_t want = 0;
+	for (int i = 0; i < cnt; i++)
+		want += iov[i].iov_len;
+	ssize_t put;
+	do
+		put = pwritev(fd, iov, cnt, off);
+	while (put < 0 && errno == EINTR);
+	if (put < 0)
+		return -errno;
+	return (size_t)put == want ? 0 : -ENOSPC;
+}
+
+/* CRC32s into crcs[]; returns 0 or -errno */
+static int do_write(struct svc_stream *st, const struct frame_hdr *h, struct job *j,
+		    uint32_t *crcs)
+{
+	uint32_t pages[PYHV_SVC_MAX_PAGES];
+	struct iovec iov[PYHV_SVC_MAX_PAGES];
+	memcpy(pages, j->payload, 4 * (size_t)h->count);
+	for (uint32_t i = 0; i < h->count; i++)
+		if (pages[i] >= st->mem_pages)
+			return -EINVAL;
+	if (h->flags & PYHV_SVC_RETRY) {
+		/* page by page: what is gone from memory was written by the
+		 * service that held this request before (it punches only after
+		 * a complete write) */
+		for (uint32_t i = 0; i < h->count; i++) {
+			uint8_t *p = st->mem + (size_t)pages[i] * PG;
+			unsigned char in = 0;
+			off_t off = (off_t)(h->slot + i) * PG;
+			if (mincore(p, PG, &in) < 0)
+				return -errno;
+			if (in & 1) {
+				iov[0] = (struct iovec){p, PG};
+				int r = write_full(st->fd, iov, 1, off);
+				if (r)
+					return r;
+				crcs[i] = page_crc(p);
+			} else {
+				ssize_t got = pread(st->fd, j->io, PG, off);
+				if (got != PG)
+					return got < 0 ? -errno : -EIO;
+				crcs[i] = page_crc(j->io);
+			}
+		}
+	} else {
+		for (uint32_t i = 0; i < h->count; i++)
+			iov[i] = (struct iovec){st->mem + (size_t)pages[i] * PG, PG};
+		int r = write_full(st->fd, iov, (int)h->count, (off_t)h->slot * PG);
+		if (r)
+			return r;
+		/* the pages are write-protected in every worker while they are
+		 * paged out: what was written is what is there */
+		for (uint32_t i = 0; i < h->count; i++)
+			crcs[i] = page_crc(iov[i].iov_base);
+	}
+	/* on the device now: out of memory, runs of neighbours in one punch */
+	for (uint32_t i = 0; i < h->count;) {
+		uint32_t k = i + 1;
+		while (k < h->count && pages[k] == pages[k - 1] + 1)
+			k++;
+		if (fallocate(st->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			      (off_t)pages[i] * PG, (off_t)(k - i) * PG) < 0)
+			return -errno;
+		i = k;
+	}
+	return 0;
+}
+
+static void run_job(struct pyhv_svc *s, struct job *j)
+{
+	struct frame_hdr h;
+	memcpy(&h, j->hdr, HDR);
+	struct svc_stream *st = &s->streams[h.stream];
+	int r;
+	if (h.op == OP_READ) {
+		r = do_read(st, &h, j);
+		if (r)
+			note_error(st, &h, -r);
+		reply(s, &h, r, r ? NULL : j->io, r ? 0 : (size_t)h.count * PG);
+	} else {
+		uint32_t crcs[PYHV_SVC_MAX_PAGES];
+		r = do_write(st, &h, j, crcs);
+		if (r)
+			note_error(st, &h, -r);
+		reply(s, &h, r, r ? NULL : crcs, r ? 0 : 4 * (size_t)h.count);
+	}
+}
+
+static void *io_thread(void *arg)
+{
+	struct pyhv_svc *s = arg;
+	pthread_mutex_lock(&s->mu);
+	for (;;) {
+		struct job *j = s->reads; /* page-ins first: a fault waits on them */
+		if (j) {
+			s->reads = j->next;
+			if (!s->reads)
+				s->reads_tail = NULL;
+		} else if ((j = s->writes)) {
+			s->writes = j->next;
+			if (!s->writes)
+				s->writes_tail = NULL;
+		} else {
+			pthread_cond_wait(&s->work, &s->mu);
+			continue;
+		}
+		pthread_mutex_unlock(&s->mu);
+		run_job(s, j);
+		pthread_mutex_lock(&s->mu);
+		j->next = s->free;
+		s->free = j;
+		if (--s->busy == 0 || s->busy == JOBS - 1)
+			pthread_cond_broadcast(&s->idle);
+	}
+	return NULL;
+}
+
+struct pyhv_svc *pyhv_svc_new(int sock, int threads)
+{
+	struct pyhv_svc *s = calloc(1, sizeof(*s));
+	if (!s)
+		return NULL;
+	s->sock = sock;
+	s->streams = calloc(PYHV_SVC_MAX_STREAMS, sizeof(*s->streams));
+	if (!s->streams)
+		goto fail;
+	for (int i = 0; i < PYHV_SVC_MAX_STREAMS; i++)
+		s->streams[i].fd = s->streams[i].memfd = -1;
+	for (int i = 0; i < JOBS; i++) {
+		struct job *j = &s->jobs[i];
+		j->payload = malloc(PYHV_SVC_MAX_FRAME);
+		if (!j->payload || posix_memalign((void **)&j->io, PG, PYHV_SVC_MAX_PAGES * PG))
+			goto fail;
+		j->next = s->free;
+		s->free = j;
+	}
+	pthread_mutex_init(&s->mu, NULL);
+	pthread_cond_init(&s->work, NULL);
+	pthread_cond_init(&s->idle, NULL);
+	if (threads < 1)
+		threads = 1;
+	if (threads > 16)
+		threads = 16;
+	for (int i = 0; i < threads; i++) {
+		if (pthread_create(&s->threads[i], NULL, io_thread, s))
+			goto fail; /* the process is starting: it exits on NULL */
+		s->nthreads++;
+	}
+	return s;
+fail:
+	return NULL; /* leaks what it got: the service cannot run and exits */
+}
+
+int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pages, int memfd,
+			uint64_t mem_size)
+{
+	/* called between serve() calls: no job runs */
+	if (stream >= PYHV_SVC_MAX_STREAMS)
+		return -EINVAL;
+	pyhv_svc_stream_clear(s, stream);
+	struct svc_stream *st = &s->streams[stream];
+	void *mem = mmap(NULL, mem_size, PROT_READ, MAP_SHARED, memfd, 0);
+	if (mem == MAP_FAILED)
+		return -errno;
+	st->memfd = dup(memfd);
+	if (st->memfd < 0) {
+		int e = errno;
+		munmap(mem, mem_size);
+		return -e;
+	}
+	st->mem = mem;
+	st->mem_pages = mem_size / PG;
+	st->fd = fd;
+	st->pages = pages;
+	st->errors = 0;
+	return 0;
+}
+
+void pyhv_svc_stream_clear(struct pyhv_svc *s, unsigned stream)
+{
+	if (stream >= PYHV_SVC_MAX_STREAMS)
+		return;
+	struct svc_stream *st = &s->streams[stream];
+	if (st->mem)
+		munmap(st->mem, st->mem_pages * PG);
+	if (st->memfd >= 0)
+		close(st->memfd);
+	st->mem = NULL;
+	st->memfd = st->fd = -1;
+	st->pages = st->mem_pages = 0;
+}
+
+uint64_t pyhv_svc_stream_errors(struct pyhv_svc *s, unsigned stream)
+{
+	return stream < PYHV_SVC_MAX_STREAMS ? s->streams[stream].errors : 0;
+}
+
+/* Is this frame one the threads serve?  Anything not quite right is left to
+ * Python, which answers it with the error. */
+static int hot(struct pyhv_svc *s, const struct frame_hdr *h, size_t payload)
+{
+	if (h->op != OP_READ && h->op != OP_WRITE)
+		return 0;
+	struct svc_stream *st = &s->streams[h->stream];
+	if (st->fd < 0 || !st->mem || h->count < 1 || h->count > PYHV_SVC_MAX_PAGES)
+		return 0;
+	if ((uint64_t)h->slot + h->count > st->pages || payload != 4 * (size_t)h->count)
+		return 0;
+	return 1;
+}
+
+static void wait_idle(struct pyhv_svc *s)
+{
+	pthread_mutex_lock(&s->mu);
+	while (s->busy)
+		pthread_cond_wait(&s->idle, &s->mu);
+	pthread_mutex_unlock(&s->mu);
+}
+
+long pyhv_svc_serve(struct pyhv_svc *s, uint8_t *buf, size_t cap, int *flags_out, int *fds,
+		    int maxfds, int *nfds)
+{
+	*nfds = 0;
+	for (;;) {
+		pthread_mutex_lock(&s->mu);
+		while (!s->free)
+			pthread_cond_wait(&s->idle, &s->mu);
+		struct job *j = s->free;
+		s->free = j->next;
+		s->busy++;
+		pthread_mutex_unlock(&s->mu);
+
+		union {
+			char b[CMSG_SPACE(sizeof(int) * 8)];
+			struct cmsghdr align;
+		} cbuf;
+		struct iovec iov[2] = {{j->hdr, HDR}, {j->payload, PYHV_SVC_MAX_FRAME - HDR}};
+		struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2, .msg_control = cbuf.b,
+				   .msg_controllen = sizeof(cbuf.b)};
+		ssize_t n;
+		do
+			n = recvmsg(s->sock, &m, MSG_CMSG_CLOEXEC);
+		while (n < 0 && errno == EINTR);
+		int err = n < 0 ? errno : 0;
+		int got_fds = 0;
+		for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+			if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+				continue;
+			int k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+			for (int i = 0; i < k; i++) {
+				int fd;
+				memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+				if (*nfds < maxfds)
+					fds[(*nfds)++] = fd;
+				else
+					close(fd);
+			}
+			got_fds = 1;
+		}
+		struct frame_hdr h;
+		memcpy(&h, j->hdr, HDR);
+		if (n >= (ssize_t)HDR && !got_fds && !(m.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) &&
+		    hot(s, &h, (size_t)n - HDR)) {
+			j->len = (size_t)n - HDR;
+			pthread_mutex_lock(&s->mu);
+			j->next = NULL;
+			struct job **head = h.op == OP_READ ? &s->reads : &s->writes;
+			struct job **tail = h.op == OP_READ ? &s->reads_tail : &s->writes_tail;
+			if (*tail)
+				(*tail)->next = j;
+			else
+				*head = j;
+			*tail = j;
+			pthread_cond_signal(&s->work);
+			pthread_mutex_unlock(&s->mu);
+			continue;
+		}
+		/* for Python: once everything before it has been answered */
+		pthread_mutex_lock(&s->mu);
+		j->next = s->free;
+		s->free = j;
+		s->busy--;
+		pthread_mutex_unlock(&s->mu);
+		wait_idle(s);
+		if (n < 0)
+			return -err;
+		*flags_out = m.msg_flags;
+		size_t take = (size_t)n < cap ? (size_t)n : cap;
+		size_t first = take < HDR ? take : HDR;
+		memcpy(buf, j->hdr, first);
+		if (take > HDR)
+			memcpy(buf + HDR, j->payload, take - HDR);
+		return (long)take;
+	}
+}
