@@ -74,7 +74,7 @@ def pyhv_device(bench_dir):
     if os.geteuid() != 0 or not shutil.which("losetup"):
         pytest.skip("pyhv on a loop device needs root and losetup")
     try:
-        loop = B.LoopDevice(os.path.join(bench_dir, "pyhv-dev.img"), B.MEMORY + 16 * B.MiB)
+        loop = B.LoopDevice(os.path.join(bench_dir, "pyhv-dev.img"), B.DEVICE)
     except B.BenchError as e:
         pytest.skip(f"no loop device: {e}")
     try:

@@ -72,6 +72,7 @@ MiB = 1 << 20
 MEMORY = 64 * MiB  # the workload's memory: 16,384 pages
 POOL = 16 * MiB  # pyhv's pool, and the kernel cgroup's share for data
 INTERPRETER = 8 * MiB  # the cgroup's allowance for the Python interpreter
+DEVICE = 2 * MEMORY  # the paging device, the same size for both: kernel swap and pyhv
 WORKLOADS = ("random", "sequential", "zipf")
 SEED = 5
 CGROUP_PREFIX = "pyhv-bench-"
@@ -363,7 +364,7 @@ class KernelSwap:
         version, root = _memory_cgroup_root()
         other = _sh("swapon", "--show=NAME", "--noheadings")
         try:
-            self.loop = LoopDevice(os.path.join(tmpdir, "swap.img"), 2 * MEMORY)
+            self.loop = LoopDevice(os.path.join(tmpdir, "swap.img"), DEVICE)
             _sh("mkswap", self.loop.dev)
             _sh("swapon", self.loop.dev)
             self.swap_on = True
@@ -377,7 +378,7 @@ class KernelSwap:
             self.info = {
                 "cgroup": self.cgroup, "cgroup_version": version, "limit_bytes": limit,
                 "swap_device": self.loop.dev, "direct_io": self.loop.direct_io,
-                "swap_size_bytes": 2 * MEMORY, "other_swap": other.split() if other else [],
+                "swap_size_bytes": DEVICE, "other_swap": other.split() if other else [],
                 "page_cluster": _read_int("/proc/sys/vm/page-cluster"),
                 "swappiness": _read_int(os.path.join(self.cgroup, "memory.swappiness"))
                 if version == "v1" else _read_int("/proc/sys/vm/swappiness"),
@@ -662,9 +663,9 @@ def run(quick: bool = False, json_file: str | None = None, plot_file: str | None
                 result["kernel_swap"] = {"available": True, "skipped": None, **kswap.info}
             except BenchError as e:
                 result["kernel_swap"] = {"available": False, "skipped": str(e)}
-            loop = LoopDevice(os.path.join(tmpdir, "pyhv-dev.img"), MEMORY + 16 * MiB)
+            loop = LoopDevice(os.path.join(tmpdir, "pyhv-dev.img"), DEVICE)
             result["pyhv_device"] = {"device": loop.dev, "direct_io": loop.direct_io,
-                                     "size_bytes": MEMORY + 16 * MiB}  # fmt: skip
+                                     "size_bytes": DEVICE}  # fmt: skip
             bar.advance(1)
 
             for i, name in enumerate(WORKLOADS):

@@ -65,7 +65,9 @@ EVICT_AHEAD = 16  # pages paged out ahead of demand once the pool is full
 MAX_CONNECTIONS = 512  # control connections, workers' included
 MAX_BACKLOG = 32  # replies a client may leave unread before it is dropped
 FULL_BACKOFF = 1.0  # seconds a full device gets before new space on it is tried again
-PREFETCH = 8  # pages read ahead of a sequential run of page-ins
+PREFETCH = 8, 64  # pages read ahead of a sequential run of page-ins: first, at most
+GUESS_WRITTEN = 0.5  # past this share of page-ins written soon after, install them writable
+GUESS_PROBE = 8  # ...except one page-in in this many, which keeps measuring the share
 WRITE_BATCH = 32  # dirty pages written back together, to neighbouring slots, in one WRITE
 SLOT_FREE, SLOT_USED, SLOT_BAD = 0, 1, 2
 
@@ -122,6 +124,14 @@ class Partition:
         self.full_until = 0.0  # monotonic time until which the device counts as full
         self.evicting = 0  # page-outs of this partition in flight or queued
         self.last_page_in = -2  # for spotting a sequential run of page-ins
+        self.readahead_end = -1  # the page after the last window read ahead
+        self.readahead = PREFETCH[0]  # the next window, doubled while the run goes on
+        # Share of pages installed clean after a page-in that were written
+        # before their eviction (a WP fault each), decayed: once most are, a
+        # page-in is installed writable, and the WP fault that would follow
+        # it is saved (such a page is written back even if it was not written).
+        self.written_share = 0.0
+        self.page_in_count = 0
         self.mcelog = uffd.MceLog(cfg.name)
         self.waiters: dict[int, list] = {}  # page -> [(worker, write)] while filling/out
         self.workers: dict[int, Worker] = {}
@@ -135,6 +145,18 @@ class Partition:
         """What the per-page tables take (waiters and victims come on top:
         they hold in-flight and resident pages only, bounded by the pool)."""
         return sum(sys.getsizeof(t) for t in (self.table, self.crc, self.slot, self.slot_map))
+
+    def note_written(self, written: bool) -> None:
+        """A page installed clean was written (WP fault), or evicted clean."""
+        self.written_share = self.written_share * 0.97 + (0.03 if written else 0.0)
+
+    def guess_written(self, pages: int = 1) -> bool:
+        """Install this page-in (of `pages` pages) writable, assumed written soon?"""
+        self.page_in_count += 1
+        if self.written_share > GUESS_WRITTEN and self.page_in_count % GUESS_PROBE != 0:
+            self.counters["installed_writable"] += pages
+            return True
+        return False
 
     def in_memory(self, page: int) -> bool:
         """Is the page in the memfd's page cache (mincore: no fault, no fill)?"""
@@ -194,6 +216,8 @@ class Partition:
             "prefetched": c["prefetched"],
             "clean_drops": c["clean_drops"],
             "wp_faults": c["wp_faults"],
+            "installed_writable": c["installed_writable"],
+            "written_share": round(self.written_share, 3),
             "io_errors": c["io_errors"],
             "machine_checks": c["machine_checks"],
             "isolation": self.cfg.isolation,
@@ -828,6 +852,7 @@ class Hypervisor:
             if st == CLEAN or st == DIRTY:
                 if st == CLEAN:  # its copy on the device is stale from now on
                     part.release_slot(page)
+                    part.note_written(True)
                 part.table[page] = DIRTY
                 if uffd.writeprotect(w.uffd, start, PAGE_SIZE, False) == uffd.GONE:
                     self._drop_worker(w, "its memory is gone")
@@ -845,8 +870,11 @@ class Hypervisor:
             pool = self.pool
             if pool.try_take():
                 fill(part, page)  # the worker runs on while eviction keeps frames free
-                if st == ON_DEVICE and page == part.last_page_in + 1:
-                    self._prefetch(part, page + 1)
+                if st == ON_DEVICE:
+                    if page == part.last_page_in + 1 or page == part.readahead_end:
+                        self._prefetch(part, page + 1)
+                    else:
+                        part.readahead = PREFETCH[0]
                 if pool.pages - pool.used < self.reserve:
                     self.replenish()
             else:
@@ -870,12 +898,16 @@ class Hypervisor:
     def _prefetch(self, part: Partition, first: int) -> None:
         """A sequential run of page-ins: read the next pages on the device
         too, while the worker handles this one, in one READ where their
-        slots follow each other.  Only with free frames (never ahead of a
-        waiting fault) and a stream that flows."""
+        slots follow each other.  The window doubles each time the run
+        reaches its end (up to PREFETCH[1] pages).  Only with free frames
+        (never ahead of a waiting fault) and a stream that flows."""
         if part.stream.state not in FLOWING:
             return
         run: list[int] = []
-        for page in range(first, min(first + PREFETCH, part.pages)):
+        end = min(first + part.readahead, part.pages)
+        part.readahead_end = end
+        part.readahead = min(2 * part.readahead, PREFETCH[1])
+        for page in range(first, end):
             if part.table[page] != ON_DEVICE or not self.pool.try_take():
                 break
             if run and part.slot[page] != part.slot[run[-1]] + 1:
@@ -902,8 +934,11 @@ class Hypervisor:
 
         def done(status, count, addr, data):
             if status == 0 and len(data) == n * PAGE_SIZE:
+                part.counters["page_ins"] += n
+                if n > 1 and not any(part.waiters[p] for p in pages):
+                    self._install_run(part, pages, addr)  # read ahead, nobody waits yet
+                    return
                 for i, page in enumerate(pages):
-                    part.counters["page_ins"] += 1
                     self._install(part, page, addr + i * PAGE_SIZE)
             elif n > 1:
                 for page in pages:
@@ -919,7 +954,8 @@ class Hypervisor:
         wake everyone waiting for it.  A frame is held for it already."""
         waiters = part.waiters.pop(page)
         off = page * PAGE_SIZE
-        clean = src is not None and not any(write for _, write in waiters)
+        clean = src is not None and not any(write for _, write in waiters) and \
+            not part.guess_written()  # fmt: skip
         # a prefetched page has no waiter: any worker of the partition maps it
         first = waiters[0][0] if waiters else next(iter(part.workers.values()), None)
         if clean:  # before the page appears, so no worker can write it unseen
@@ -952,6 +988,47 @@ class Hypervisor:
         part.resident += 1
         part.victims.append(page)
         self._wake(waiters, off, skip=installer)
+
+    def _install_run(self, part: Partition, pages: list[int], src: int) -> None:
+        """Map pages read ahead (neighbours, nobody waiting on them) with one
+        UFFDIO_COPY into one worker; the other workers fault them in from
+        the memfd.  Like _install, for a run."""
+        first, n = pages[0], len(pages)
+        off, length = first * PAGE_SIZE, n * PAGE_SIZE
+        clean = not part.guess_written(n)
+        workers = [w for w in part.workers.values() if w.uffd >= 0]
+        if clean:  # before the pages appear, so that no worker can write them unseen
+            for w in workers[1:]:
+                if uffd.writeprotect(w.uffd, w.base + off, length, True) == uffd.GONE:
+                    self._drop_worker(w, "its memory is gone")
+        installer = None
+        for w in workers:
+            if not w.alive:
+                continue
+            r = uffd.copy(w.uffd, w.base + off, src, length, uffd.COPY_WP if clean else 0)
+            if r == uffd.GONE:
+                self._drop_worker(w, "its memory is gone")
+                continue
+            if r == uffd.EXISTS:  # cannot be (they are FILLING): page by page, to be sure
+                for i, page in enumerate(pages):
+                    self._install(part, page, src + i * PAGE_SIZE)
+                return
+            installer = w
+            break
+        if installer is None:  # nobody left to map them into
+            for page in pages:
+                part.waiters.pop(page, None)
+                part.table[page] = ON_DEVICE
+                self.pool.release()
+            return
+        state = CLEAN if clean else DIRTY
+        for page in pages:
+            if not clean:
+                part.release_slot(page)
+            part.table[page] = state
+            self._wake(part.waiters.pop(page), page * PAGE_SIZE, skip=installer)
+        part.resident += n
+        part.victims.extend(pages)
 
     def _wake(self, waiters: list, off: int, skip: Worker | None = None) -> None:
         """Let every worker blocked on the page at `off` retry its access."""
@@ -1106,6 +1183,7 @@ class Hypervisor:
             uffd.punch_hole(part.memfd, off, PAGE_SIZE)
             part.table[page] = ON_DEVICE
             part.counters["clean_drops"] += 1
+            part.note_written(False)
             self.pool.release()
             return False
         part.table[page] = PAGING_OUT
