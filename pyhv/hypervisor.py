@@ -70,6 +70,7 @@ GUESS_WRITTEN = 0.5  # past this share of page-ins written soon after, install t
 GUESS_PROBE = 8  # ...except one page-in in this many, which keeps measuring the share
 WRITE_BATCH = 32  # dirty pages written back together, to neighbouring slots, in one WRITE
 SLOT_FREE, SLOT_USED, SLOT_BAD = 0, 1, 2
+EPOCHS = 4  # eviction epochs in a pool-full of evictions (see Hypervisor._enqueue)
 
 
 class Control:
@@ -138,13 +139,23 @@ class Partition:
         self.stream = Stream(index, cfg.name, {**device_spec(device), "memory": cfg.memory},
                              list(cfg.paging), self.memfd)  # fmt: skip
         self.resident = 0
-        self.victims: collections.deque[int] = collections.deque()  # resident, oldest first
+        # Victim policy, two queues (2Q): a page enters `victims` (inactive)
+        # when it is installed; a page that comes back soon after its
+        # eviction -- within a pool's worth of evictions, so a pool twice
+        # the size would have kept it -- is in use and enters `active`
+        # instead.  Eviction takes the oldest inactive page; the oldest
+        # active pages go back to the inactive queue, for a second round,
+        # whenever they are more than half of what is resident.
+        self.victims: collections.deque[int] = collections.deque()  # inactive, oldest first
+        self.active: collections.deque[int] = collections.deque()
+        self.evicted_epoch = bytearray(self.pages)  # 1 + epoch % 255 at eviction; 0: never
         self.counters = collections.Counter()
 
     def metadata_bytes(self) -> int:
         """What the per-page tables take (waiters and victims come on top:
         they hold in-flight and resident pages only, bounded by the pool)."""
-        return sum(sys.getsizeof(t) for t in (self.table, self.crc, self.slot, self.slot_map))
+        return sum(sys.getsizeof(t) for t in (self.table, self.crc, self.slot, self.slot_map,
+                                              self.evicted_epoch))  # fmt: skip
 
     def note_written(self, written: bool) -> None:
         """A page installed clean was written (WP fault), or evicted clean."""
@@ -157,6 +168,15 @@ class Partition:
             self.counters["installed_writable"] += pages
             return True
         return False
+
+    def next_victim(self) -> int:
+        """The page to evict next (there is one resident: see `looks`)."""
+        if len(self.active) > self.resident // 2 or not self.victims:
+            self.victims.append(self.active.popleft())  # demoted: a second round
+        return self.victims.popleft()
+
+    def queued(self) -> int:
+        return len(self.victims) + len(self.active)
 
     def in_memory(self, page: int) -> bool:
         """Is the page in the memfd's page cache (mincore: no fault, no fill)?"""
@@ -215,6 +235,8 @@ class Partition:
             "page_outs": c["page_outs"],
             "prefetched": c["prefetched"],
             "clean_drops": c["clean_drops"],
+            "refaults": c["refaults"],
+            "active_pages": len(self.active),
             "wp_faults": c["wp_faults"],
             "installed_writable": c["installed_writable"],
             "written_share": round(self.written_share, 3),
@@ -261,6 +283,8 @@ class Hypervisor:
         self.next_index = len(self.partitions)
         self.locks: dict[str, int] = {}  # device id -> fd holding its flock
         self.faults = uffd.FaultBuffer(256)
+        self.evictions = 0
+        self.epoch = 0  # advances every pool.pages / EPOCHS evictions, modulo 255
         self.stopping = False
         self.done = False
         self.failed: str | None = None  # why start-up failed
@@ -986,7 +1010,7 @@ class Hypervisor:
             part.release_slot(page)
         part.table[page] = CLEAN if clean else DIRTY
         part.resident += 1
-        part.victims.append(page)
+        self._enqueue(part, page)
         self._wake(waiters, off, skip=installer)
 
     def _install_run(self, part: Partition, pages: list[int], src: int) -> None:
@@ -1028,7 +1052,19 @@ class Hypervisor:
             part.table[page] = state
             self._wake(part.waiters.pop(page), page * PAGE_SIZE, skip=installer)
         part.resident += n
-        part.victims.extend(pages)
+        for page in pages:
+            self._enqueue(part, page)
+
+    def _enqueue(self, part: Partition, page: int) -> None:
+        """A page just installed joins the victim queues: `active` if it was
+        evicted no more than a pool's worth of evictions ago (in use), else
+        `victims`."""
+        stamp = part.evicted_epoch[page]
+        if stamp and (self.epoch - (stamp - 1)) % 255 < EPOCHS:
+            part.active.append(page)
+            part.counters["refaults"] += 1
+        else:
+            part.victims.append(page)
 
     def _wake(self, waiters: list, off: int, skip: Worker | None = None) -> None:
         """Let every worker blocked on the page at `off` retry its access."""
@@ -1146,14 +1182,14 @@ class Hypervisor:
             return
         want += self.batch
         now = time.monotonic()
-        looks = {p: len(p.victims) for p in self.partitions if p.victims}  # each page once
+        looks = {p: p.queued() for p in self.partitions if p.queued()}  # each page once
         dirty: dict[Partition, list[int]] = {}
         while want > 0 and looks:
             part = max(looks, key=lambda p: p.resident / p.cfg.weight)
             looks[part] -= 1
             if not looks[part]:
                 del looks[part]
-            page = part.victims.popleft()
+            page = part.next_victim()
             if part.table[page] == DIRTY and (part.stream.state not in FLOWING
                                               or part.full_until > now):  # fmt: skip
                 # it would have to be written, and cannot be now (no service
@@ -1179,6 +1215,10 @@ class Hypervisor:
             if w.uffd >= 0 and uffd.writeprotect(w.uffd, w.base + off, PAGE_SIZE, True) == uffd.GONE:
                 self._drop_worker(w, "its memory is gone")
         part.resident -= 1
+        self.evictions += 1
+        if self.evictions % max(1, self.pool.pages // EPOCHS) == 0:
+            self.epoch = (self.epoch + 1) % 255
+        part.evicted_epoch[page] = 1 + self.epoch
         if part.table[page] == CLEAN:
             uffd.punch_hole(part.memfd, off, PAGE_SIZE)
             part.table[page] = ON_DEVICE

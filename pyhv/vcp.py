@@ -88,7 +88,7 @@ def pool_resize(hv, conn, msg):
         # what cannot be evicted now: pages in flight, and dirty pages of
         # partitions whose stream has no service to write them to
         stuck = pool.used - sum(
-            1 for part in hv.partitions for page in part.victims
+            1 for part in hv.partitions for q in (part.victims, part.active) for page in q
             if part.table[page] == 2 or part.stream.service is not None  # 2: CLEAN
         )  # fmt: skip
         if new < stuck:

@@ -387,3 +387,43 @@ def test_per_page_metadata_of_a_1_gib_partition_is_at_most_16_bytes(system):
     assert part["pages"] == 262144
     assert part["metadata_bytes_per_page"] <= 16, part["metadata_bytes_per_page"]
     print("metadata bytes per page (1 GiB partition):", part["metadata_bytes_per_page"])
+
+
+HOT_AND_COLD = textwrap.dedent("""
+    import random, sys, pyhv
+    from pyhv import wire
+    import os
+    mem = pyhv.attach()
+    P, HOT, COLD, ROUNDS = 4096, 64, 128, 30
+    n = len(mem) // P
+    for page in range(n):
+        mem[page * P] = 1
+    def page_ins():
+        st = wire.request(os.path.join(os.environ["PYHV_RUN_DIR"], "control.sock"),
+                          {"op": "status"})
+        return st["partitions"][0]["page_ins"]
+    rng = random.Random(3)
+    hot = range(HOT)
+    before = page_ins()
+    for _ in range(ROUNDS):
+        for page in hot:             # the hot set, every round
+            mem[page * P]
+        for page in rng.sample(range(HOT, n), COLD):  # cold pages, scattered
+            mem[page * P]
+    print("page_ins", page_ins() - before, "cold", ROUNDS * COLD)
+""")
+
+
+def test_pages_in_use_outlive_a_stream_of_cold_ones(system):
+    """Victim policy (2Q): the hot set refaults once, is then kept active, and
+    a stream of cold pages twice its size per round cannot push it out (FIFO
+    would evict it every time the pool turns over)."""
+    system.up(config_text(pool="1MiB", partitions=[("p1", "8MiB")]))
+    rc, out, err = finish(system.run("p1", PY, "-c", HOT_AND_COLD))
+    assert rc == 0, err
+    _, page_ins, _, cold = out.split()
+    # every cold touch may page in; the 64 hot pages about once in 6 rounds
+    # (FIFO: about once a round, for the pool turns over about every round)
+    assert int(page_ins) <= int(cold) + 8 * 64, out
+    part = system.partition("p1")
+    assert part["refaults"] >= 64 and part["active_pages"] > 0
