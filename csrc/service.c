@@ -92,9 +92,19 @@ static void reply(struct pyhv_svc *s, const struct frame_hdr *rq, int status, co
 	h.status = status;
 	struct iovec iov[2] = {{&h, HDR}, {(void *)data, n}};
 	struct msghdr m = {.msg_iov = iov, .msg_iovlen = (data && n) ? 2 : 1};
-	while (sendmsg(s->sock, &m, MSG_NOSIGNAL) < 0 && errno == EINTR)
-		;
-	/* EPIPE and the like: the hypervisor is gone; the receiving loop sees EOF */
+	for (;;) {
+		if (sendmsg(s->sock, &m, MSG_NOSIGNAL) >= 0)
+			return;
+		if (errno == EINTR)
+			continue;
+		if (errno == EPIPE || errno == ECONNRESET || m.msg_iovlen == 1)
+			return; /* the hypervisor is gone: the receiving loop sees EOF */
+		/* the reply cannot go as it is: never leave the request unanswered */
+		fprintf(stderr, "pyhv-service: reply to request %llu: %s; answering the error\n",
+			(unsigned long long)rq->req, strerror(errno));
+		h.status = -errno;
+		m.msg_iovlen = 1;
+	}
 }
 
 static void note_error(struct svc_stream *st, const struct frame_hdr *h, int err)
@@ -255,6 +265,11 @@ struct pyhv_svc *pyhv_svc_new(int sock, int threads)
 	if (!s)
 		return NULL;
 	s->sock = sock;
+	/* a READ reply of PYHV_SVC_MAX_PAGES pages is one message: room for a
+	 * few (root may pass net.core.wmem_max) */
+	int room = 4 * PYHV_SVC_MAX_FRAME;
+	if (setsockopt(sock, SOL_SOCKET, SO_SNDBUFFORCE, &room, sizeof(room)) < 0)
+		setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &room, sizeof(room));
 	s->streams = calloc(PYHV_SVC_MAX_STREAMS, sizeof(*s->streams));
 	if (!s->streams)
 		goto fail;
@@ -397,6 +412,18 @@ long pyhv_svc_serve(struct pyhv_svc *s, uint8_t *buf, size_t cap, int *flags_out
 		    hot(s, &h, (size_t)n - HDR)) {
 			j->len = (size_t)n - HDR;
 			pthread_mutex_lock(&s->mu);
+			if (h.op == OP_READ && s->busy == 1) {
+				/* nothing else in hand: served by this thread, which
+				 * saves waking another on the path of a fault */
+				pthread_mutex_unlock(&s->mu);
+				run_job(s, j);
+				pthread_mutex_lock(&s->mu);
+				j->next = s->free;
+				s->free = j;
+				s->busy--;
+				pthread_mutex_unlock(&s->mu);
+				continue;
+			}
 			j->next = NULL;
 			struct job **head = h.op == OP_READ ? &s->reads : &s->writes;
 			struct job **tail = h.op == OP_READ ? &s->reads_tail : &s->writes_tail;

@@ -61,7 +61,7 @@ CONTROL_SOCKET = "control.sock"
 PID_FILE = "hypervisor.pid"
 LOG_FILE = "hypervisor.log"
 ERROR_LOG = "errors.jsonl"  # one machine-check record a line
-EVICT_AHEAD = 16  # pages paged out ahead of demand once the pool is full
+EVICT_AHEAD = 64  # frames kept free ahead of demand once the pool is full (read-ahead takes them)
 MAX_CONNECTIONS = 512  # control connections, workers' included
 MAX_BACKLOG = 32  # replies a client may leave unread before it is dropped
 FULL_BACKOFF = 1.0  # seconds a full device gets before new space on it is tried again
@@ -260,6 +260,17 @@ class Partition:
                 if (n := self.table.count(s))
             },
         }
+
+
+def _runs(pages: list[int]) -> list[tuple[int, int]]:
+    """Sorted pages as runs of neighbours: [(first, count)]."""
+    runs: list[tuple[int, int]] = []
+    for page in pages:
+        if runs and runs[-1][0] + runs[-1][1] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((page, 1))
+    return runs
 
 
 def device_spec(dev) -> dict:
@@ -1183,7 +1194,7 @@ class Hypervisor:
         want += self.batch
         now = time.monotonic()
         looks = {p: p.queued() for p in self.partitions if p.queued()}  # each page once
-        dirty: dict[Partition, list[int]] = {}
+        chosen: dict[Partition, list[int]] = {}
         while want > 0 and looks:
             part = max(looks, key=lambda p: p.resident / p.cfg.weight)
             looks[part] -= 1
@@ -1196,40 +1207,54 @@ class Hypervisor:
                 # flows for it, or its device was full a moment ago): later
                 part.victims.append(page)
                 continue
-            if self._evict(part, page):
-                dirty.setdefault(part, []).append(page)
+            part.resident -= 1  # (counted now: the next choice sees it)
+            chosen.setdefault(part, []).append(page)
             want -= 1
-        for part, pages in dirty.items():
-            self._write_back(part, pages)
+        for part, pages in chosen.items():
+            self._evict(part, pages)
 
     @property
     def batch(self) -> int:
         """Pages evicted beyond the shortfall once eviction must start."""
         return min(WRITE_BATCH, max(1, self.pool.pages // 8))
 
-    def _evict(self, part: Partition, page: int) -> bool:
-        """Take the page from every worker; a clean one is dropped now, a
-        dirty one is PAGING_OUT and must be written (returns True)."""
-        off = page * PAGE_SIZE
+    def _evict(self, part: Partition, pages: list[int]) -> None:
+        """Take the pages from every worker (write-protect them: one ioctl
+        for each run of neighbours); clean ones are dropped now, dirty ones
+        are PAGING_OUT and written back."""
+        pages.sort()
+        runs = _runs(pages)
         for w in list(part.workers.values()):
-            if w.uffd >= 0 and uffd.writeprotect(w.uffd, w.base + off, PAGE_SIZE, True) == uffd.GONE:
-                self._drop_worker(w, "its memory is gone")
-        part.resident -= 1
-        self.evictions += 1
-        if self.evictions % max(1, self.pool.pages // EPOCHS) == 0:
-            self.epoch = (self.epoch + 1) % 255
-        part.evicted_epoch[page] = 1 + self.epoch
-        if part.table[page] == CLEAN:
-            uffd.punch_hole(part.memfd, off, PAGE_SIZE)
-            part.table[page] = ON_DEVICE
-            part.counters["clean_drops"] += 1
-            part.note_written(False)
+            if w.uffd < 0:
+                continue
+            for first, n in runs:
+                if uffd.writeprotect(w.uffd, w.base + first * PAGE_SIZE, n * PAGE_SIZE,
+                                     True) == uffd.GONE:  # fmt: skip
+                    self._drop_worker(w, "its memory is gone")
+                    break
+        clean, dirty = [], []
+        table = part.table
+        for page in pages:
+            self.evictions += 1
+            if self.evictions % max(1, self.pool.pages // EPOCHS) == 0:
+                self.epoch = (self.epoch + 1) % 255
+            part.evicted_epoch[page] = 1 + self.epoch
+            if table[page] == CLEAN:
+                table[page] = ON_DEVICE
+                clean.append(page)
+                part.note_written(False)
+            else:
+                table[page] = PAGING_OUT
+                part.waiters[page] = []
+                dirty.append(page)
+        for first, n in _runs(clean):
+            uffd.punch_hole(part.memfd, first * PAGE_SIZE, n * PAGE_SIZE)
+        part.counters["clean_drops"] += len(clean)
+        part.evicting += len(dirty)
+        if dirty:
+            self._write_back(part, dirty)
+        for _ in clean:
             self.pool.release()
-            return False
-        part.table[page] = PAGING_OUT
-        part.waiters[page] = []
-        part.evicting += 1
-        return True
 
     def _write_back(self, part: Partition, pages: list[int]) -> None:
         """Write PAGING_OUT pages to new slots, neighbouring ones where the

@@ -318,3 +318,17 @@ def test_a_malformed_frame_costs_the_sender_its_connection(tmp_path):
     log = (tmp_path / "svc.log").read_text()
     assert "shorter than a header" in log and "Traceback" not in log
     svc.sock.close()
+
+
+def test_the_largest_read_and_write_fit_in_one_message(tmp_path):
+    """MAX_PAGES pages in one WRITE and one READ reply (a full read-ahead
+    window), more than a socket's default buffer takes."""
+    n = wire.MAX_PAGES
+    svc = ServiceProc(tmp_path, pages=n)
+    assert svc.open(tmp_path, slots=n) == 0
+    data = b"".join(page_pattern("big", p, 1) for p in range(n))
+    svc.mem[:] = data
+    status, crcs = svc.call(0, wire.OP_WRITE, 0, n, pages_no(*range(n)))
+    assert status == 0
+    assert svc.call(0, wire.OP_READ, 0, n, crcs) == (0, data)
+    assert svc.close() == 0

@@ -394,7 +394,7 @@ HOT_AND_COLD = textwrap.dedent("""
     from pyhv import wire
     import os
     mem = pyhv.attach()
-    P, HOT, COLD, ROUNDS = 4096, 64, 128, 30
+    P, HOT, COLD, ROUNDS = 4096, 32, 128, 30
     n = len(mem) // P
     for page in range(n):
         mem[page * P] = 1
@@ -416,14 +416,14 @@ HOT_AND_COLD = textwrap.dedent("""
 
 def test_pages_in_use_outlive_a_stream_of_cold_ones(system):
     """Victim policy (2Q): the hot set refaults once, is then kept active, and
-    a stream of cold pages twice its size per round cannot push it out (FIFO
-    would evict it every time the pool turns over)."""
+    a stream of cold pages four times its size per round cannot push it out
+    (FIFO would evict it every time the pool turns over)."""
     system.up(config_text(pool="1MiB", partitions=[("p1", "8MiB")]))
     rc, out, err = finish(system.run("p1", PY, "-c", HOT_AND_COLD))
     assert rc == 0, err
     _, page_ins, _, cold = out.split()
-    # every cold touch may page in; the 64 hot pages about once in 6 rounds
-    # (FIFO: about once a round, for the pool turns over about every round)
-    assert int(page_ins) <= int(cold) + 8 * 64, out
+    # every cold touch may page in; the 32 hot pages twice while they warm up
+    # (measured: +67; FIFO evicts them as the pool turns over: +494)
+    assert int(page_ins) <= int(cold) + 4 * 32, out
     part = system.partition("p1")
-    assert part["refaults"] >= 64 and part["active_pages"] > 0
+    assert part["refaults"] >= 32 and part["active_pages"] > 0
