@@ -71,7 +71,7 @@ int pyhv_mce_remove(uint64_t start);
 #define PYHV_SVC_MAX_FRAME 262428 /* header + 64 * (page + CRC32) */
 #define PYHV_SVC_RETRY 1 /* header flag: resent after the service holding it failed */
 struct pyhv_svc;
-struct pyhv_svc *pyhv_svc_new(int sock, int threads);
+struct pyhv_svc *pyhv_svc_new(int sock, int threads, int spin_us);
 int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pages, int memfd,
 			uint64_t mem_size);
 void pyhv_svc_stream_clear(struct pyhv_svc *s, unsigned stream);

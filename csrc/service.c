@@ -27,6 +27,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,7 +73,16 @@ struct pyhv_svc {
 	struct job jobs[JOBS];
 	int nthreads;
 	pthread_t threads[16];
+	uint64_t spin_ns; /* after a request, poll this long before sleeping */
+	uint64_t last_ns;
 };
+
+static uint64_t now_ns(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
 
 struct frame_hdr { /* wire.HEADER, "<QHBBiIII" */
 	uint64_t req;
@@ -259,12 +270,13 @@ static void *io_thread(void *arg)
 	return NULL;
 }
 
-struct pyhv_svc *pyhv_svc_new(int sock, int threads)
+struct pyhv_svc *pyhv_svc_new(int sock, int threads, int spin_us)
 {
 	struct pyhv_svc *s = calloc(1, sizeof(*s));
 	if (!s)
 		return NULL;
 	s->sock = sock;
+	s->spin_ns = spin_us > 0 ? (uint64_t)spin_us * 1000u : 0;
 	/* a READ reply of PYHV_SVC_MAX_PAGES pages is one message: room for a
 	 * few (root may pass net.core.wmem_max) */
 	int room = 4 * PYHV_SVC_MAX_FRAME;
@@ -387,9 +399,23 @@ long pyhv_svc_serve(struct pyhv_svc *s, uint8_t *buf, size_t cap, int *flags_out
 		struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2, .msg_control = cbuf.b,
 				   .msg_controllen = sizeof(cbuf.b)};
 		ssize_t n;
-		do
-			n = recvmsg(s->sock, &m, MSG_CMSG_CLOEXEC);
-		while (n < 0 && errno == EINTR);
+		for (;;) {
+			/* busy for a moment after a request: the next one is often
+			 * close behind, and a sleeping thread costs a wake-up */
+			int spin = s->spin_ns && now_ns() - s->last_ns < s->spin_ns;
+			n = recvmsg(s->sock, &m, MSG_CMSG_CLOEXEC | (spin ? MSG_DONTWAIT : 0));
+			if (n >= 0)
+				break;
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN && spin) {
+				sched_yield(); /* whoever else wants this CPU has it */
+				continue;
+			}
+			break;
+		}
+		if (n > 0)
+			s->last_ns = now_ns();
 		int err = n < 0 ? errno : 0;
 		int got_fds = 0;
 		for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {

@@ -99,12 +99,19 @@ class PartitionConfig:
         return self.memory // PAGE_SIZE
 
 
+POLL_US = 300  # default [hypervisor] poll_us
+
+
 @dataclasses.dataclass
 class Config:
     pool_size: int
     services: list[ServiceConfig]
     devices: list[DeviceConfig]
     partitions: list[PartitionConfig]
+    # after an event, the hypervisor and the paging services poll this many
+    # microseconds for the next one before they sleep: a fault or reply that
+    # arrives meanwhile costs no wake-up of a sleeping CPU (0: never poll)
+    poll_us: int = POLL_US
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -119,6 +126,7 @@ class Config:
             services=[ServiceConfig(**s) for s in d["services"]],
             devices=[DeviceConfig(**{**x, "path": Path(x["path"])}) for x in d["devices"]],
             partitions=[PartitionConfig(**p) for p in d["partitions"]],
+            poll_us=d.get("poll_us", POLL_US),
         )
 
 
@@ -247,12 +255,20 @@ def parse_partition(entry: dict, service_names: list[str]) -> dict:
 
 def parse_config(doc: dict, run_dir: Path) -> Config:
     """Validate a parsed TOML document; raises ConfigError on the first problem."""
-    _unknown_keys(doc, {"pool", "paging_service", "device", "partition"}, "config")
+    _unknown_keys(doc, {"pool", "hypervisor", "paging_service", "device", "partition"}, "config")
     pool = doc.get("pool")
     if not isinstance(pool, dict) or "size" not in pool:
         raise ConfigError("[pool] size is required")
     _unknown_keys(pool, {"size"}, "[pool]")
     pool_size = parse_pages(pool["size"], "[pool] size")
+    hv = doc.get("hypervisor", {})
+    if not isinstance(hv, dict):
+        raise ConfigError("[hypervisor] must be a table")
+    _unknown_keys(hv, {"poll_us"}, "[hypervisor]")
+    poll_us = hv.get("poll_us", POLL_US)
+    if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= 100_000:
+        raise ConfigError("[hypervisor] poll_us must be a whole number of microseconds, "
+                          "0 to 100000")  # fmt: skip
 
     services = []
     for entry in _table_list(doc, "paging_service"):
@@ -290,7 +306,7 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
     # explicit assignments first, then the best fit for the rest
     for p in sorted(parts, key=lambda p: p["device"] is None):
         taken[assign_device(p, by_id, taken).id] = p["name"]
-    return Config(pool_size, services, devices, [PartitionConfig(**p) for p in parts])
+    return Config(pool_size, services, devices, [PartitionConfig(**p) for p in parts], poll_us)
 
 
 def assign_device(p: dict, devices: dict[str, DeviceConfig], taken: dict[str, str]) -> DeviceConfig:

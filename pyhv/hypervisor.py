@@ -161,13 +161,17 @@ class Partition:
         """A page installed clean was written (WP fault), or evicted clean."""
         self.written_share = self.written_share * 0.97 + (0.03 if written else 0.0)
 
-    def guess_written(self, pages: int = 1) -> bool:
-        """Install this page-in (of `pages` pages) writable, assumed written soon?"""
+    def install_clean(self, pages: int = 1) -> int:
+        """How many pages of this page-in (a run of `pages`) to install clean,
+        write-protected: all, unless most page-ins are written soon after;
+        then none, but for one page of one page-in in GUESS_PROBE, which
+        keeps measuring."""
         self.page_in_count += 1
-        if self.written_share > GUESS_WRITTEN and self.page_in_count % GUESS_PROBE != 0:
-            self.counters["installed_writable"] += pages
-            return True
-        return False
+        if self.written_share <= GUESS_WRITTEN:
+            return pages
+        clean = 1 if self.page_in_count % GUESS_PROBE == 0 else 0
+        self.counters["installed_writable"] += pages - clean
+        return clean
 
     def next_victim(self) -> int:
         """The page to evict next (there is one resident: see `looks`)."""
@@ -418,8 +422,21 @@ class Hypervisor:
                 op[1]()
 
     def run(self) -> None:
+        spin = self.config.poll_us / 1e6  # see Config.poll_us
+        busy_until = 0.0
+        yield_ = os.sched_yield
         while not self.done:
-            for key, mask in self.sel.select(1.0):
+            now = time.monotonic()
+            if now < busy_until:  # polling: whoever else wants this CPU has it
+                events = self.sel.select(0)
+                if not events:
+                    yield_()
+                    continue
+            else:
+                events = self.sel.select(1.0)
+            if events:
+                busy_until = now + spin
+            for key, mask in events:
                 try:
                     key.data(mask)
                 except Exception:  # a bug must not take every partition down
@@ -971,7 +988,13 @@ class Hypervisor:
             if status == 0 and len(data) == n * PAGE_SIZE:
                 part.counters["page_ins"] += n
                 if n > 1 and not any(part.waiters[p] for p in pages):
-                    self._install_run(part, pages, addr)  # read ahead, nobody waits yet
+                    # read ahead, nobody waits yet: one UFFDIO_COPY (a probe apart)
+                    k = part.install_clean(n)
+                    if k == 1:
+                        self._install(part, pages[0], addr, clean=True)
+                        self._install_run(part, pages[1:], addr + PAGE_SIZE, clean=False)
+                    else:
+                        self._install_run(part, pages, addr, clean=k == n)
                     return
                 for i, page in enumerate(pages):
                     self._install(part, page, addr + i * PAGE_SIZE)
@@ -984,13 +1007,16 @@ class Hypervisor:
         crcs = b"".join(wire.CRC.pack(part.crc[p]) for p in pages)
         part.stream.submit(wire.OP_READ, part.slot[pages[0]], n, crcs, done)
 
-    def _install(self, part: Partition, page: int, src: int | None) -> None:
+    def _install(self, part: Partition, page: int, src: int | None,
+                 clean: bool | None = None) -> None:  # fmt: skip
         """Map the page (zeros if src is None, else PAGE_SIZE bytes at src) and
         wake everyone waiting for it.  A frame is held for it already."""
         waiters = part.waiters.pop(page)
         off = page * PAGE_SIZE
-        clean = src is not None and not any(write for _, write in waiters) and \
-            not part.guess_written()  # fmt: skip
+        if src is None or any(write for _, write in waiters):
+            clean = False
+        elif clean is None:
+            clean = part.install_clean() == 1
         # a prefetched page has no waiter: any worker of the partition maps it
         first = waiters[0][0] if waiters else next(iter(part.workers.values()), None)
         if clean:  # before the page appears, so no worker can write it unseen
@@ -1024,13 +1050,12 @@ class Hypervisor:
         self._enqueue(part, page)
         self._wake(waiters, off, skip=installer)
 
-    def _install_run(self, part: Partition, pages: list[int], src: int) -> None:
+    def _install_run(self, part: Partition, pages: list[int], src: int, clean: bool) -> None:
         """Map pages read ahead (neighbours, nobody waiting on them) with one
         UFFDIO_COPY into one worker; the other workers fault them in from
         the memfd.  Like _install, for a run."""
         first, n = pages[0], len(pages)
         off, length = first * PAGE_SIZE, n * PAGE_SIZE
-        clean = not part.guess_written(n)
         workers = [w for w in part.workers.values() if w.uffd >= 0]
         if clean:  # before the pages appear, so that no worker can write them unseen
             for w in workers[1:]:
@@ -1046,7 +1071,7 @@ class Hypervisor:
                 continue
             if r == uffd.EXISTS:  # cannot be (they are FILLING): page by page, to be sure
                 for i, page in enumerate(pages):
-                    self._install(part, page, src + i * PAGE_SIZE)
+                    self._install(part, page, src + i * PAGE_SIZE, clean=clean)
                 return
             installer = w
             break

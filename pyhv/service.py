@@ -31,10 +31,10 @@ log = logging.getLogger("pyhv.service")
 class PagingService:
     IO_THREADS = 4
 
-    def __init__(self, name: str, sock: socket.socket):
+    def __init__(self, name: str, sock: socket.socket, poll_us: int = 0):
         self.name = name
         self.sock = sock
-        self.engine = ServiceEngine(sock.fileno(), self.IO_THREADS)
+        self.engine = ServiceEngine(sock.fileno(), self.IO_THREADS, poll_us)
         self.streams: dict[int, PagingDevice] = {}
         self.frame = bytearray(ServiceEngine.MAX_FRAME)
         self.view = memoryview(self.frame)[wire.HEADER.size :]
@@ -154,12 +154,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pyhv-service")
     ap.add_argument("--name", required=True)
     ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--poll-us", type=int, default=0, help="poll this long for the next request")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the hypervisor decides when we stop
     sock = socket.socket(fileno=args.fd)
-    return PagingService(args.name, sock).serve()
+    return PagingService(args.name, sock, args.poll_us).serve()
 
 
 if __name__ == "__main__":

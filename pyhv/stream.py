@@ -191,7 +191,7 @@ class ServiceLink:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pyhv.service", "--name", self.name,
-                 "--fd", str(theirs.fileno())],
+                 "--fd", str(theirs.fileno()), "--poll-us", str(self.hv.config.poll_us)],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
             )  # fmt: skip
         finally:

@@ -232,8 +232,8 @@ class ServiceEngine:
 
     MAX_FRAME = lib.PYHV_SVC_MAX_FRAME
 
-    def __init__(self, sock_fd: int, threads: int = 4):
-        s = lib.pyhv_svc_new(sock_fd, threads)
+    def __init__(self, sock_fd: int, threads: int = 4, spin_us: int = 0):
+        s = lib.pyhv_svc_new(sock_fd, threads, spin_us)
         if s == ffi.NULL:
             raise OSError(errno.ENOMEM, "cannot start the I/O engine")
         self._s = s

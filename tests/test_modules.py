@@ -72,6 +72,25 @@ def test_config_picks_the_best_fitting_free_device(tmp_path):
     assert {p.name: p.device for p in cfg.partitions} == {"z": "small", "x": "mid", "y": "big"}
     assert cfg.devices[0].path == tmp_path / "big.img"  # relative to the run directory
     assert cfg.partitions[0].paging == ["a"] and cfg.partitions[0].weight == 128
+    assert cfg.poll_us == 300
+
+
+MINIMAL = '[pool]\nsize = "4MiB"\n[[paging_service]]\nname = "a"\n[[partition]]\nname = "x"\n' \
+          'memory = "4MiB"\n[[device]]\nid = "d"\npath = "d.img"\nsize = "4MiB"\n'
+
+
+@pytest.mark.parametrize("hv,ok", [("poll_us = 0", 0), ("poll_us = 50", 50),
+                                   ("poll_us = -1", None), ("poll_us = 1.5", None),
+                                   ("poll_us = true", None), ("poll_us = 100001", None),
+                                   ("spin = 1", None)])  # fmt: skip
+def test_hypervisor_polling_is_configured_and_checked(tmp_path, hv, ok):
+    text = MINIMAL + f"[hypervisor]\n{hv}\n"
+    if ok is None:
+        with pytest.raises(ConfigError, match="hypervisor"):
+            load_config_text(text, tmp_path)
+    else:
+        cfg = load_config_text(text, tmp_path)
+        assert cfg.poll_us == ok and type(cfg).from_dict(cfg.to_dict()).poll_us == ok
 
 
 def test_config_round_trips_through_json(tmp_path):
