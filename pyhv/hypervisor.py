@@ -957,11 +957,12 @@ class Hypervisor:
             return
         run: list[int] = []
         end = min(first + part.readahead, part.pages)
-        part.readahead_end = end
         part.readahead = min(2 * part.readahead, PREFETCH[1])
+        part.readahead_end = first  # where the next window starts: after what is read now
         for page in range(first, end):
             if part.table[page] != ON_DEVICE or not self.pool.try_take():
                 break
+            part.readahead_end = page + 1
             if run and part.slot[page] != part.slot[run[-1]] + 1:
                 self._page_in_run(part, run)
                 run = []
@@ -987,17 +988,7 @@ class Hypervisor:
         def done(status, count, addr, data):
             if status == 0 and len(data) == n * PAGE_SIZE:
                 part.counters["page_ins"] += n
-                if n > 1 and not any(part.waiters[p] for p in pages):
-                    # read ahead, nobody waits yet: one UFFDIO_COPY (a probe apart)
-                    k = part.install_clean(n)
-                    if k == 1:
-                        self._install(part, pages[0], addr, clean=True)
-                        self._install_run(part, pages[1:], addr + PAGE_SIZE, clean=False)
-                    else:
-                        self._install_run(part, pages, addr, clean=k == n)
-                    return
-                for i, page in enumerate(pages):
-                    self._install(part, page, addr + i * PAGE_SIZE)
+                self._install_read(part, pages, addr)
             elif n > 1:
                 for page in pages:
                     self._page_in_run(part, [page])
@@ -1006,6 +997,20 @@ class Hypervisor:
 
         crcs = b"".join(wire.CRC.pack(part.crc[p]) for p in pages)
         part.stream.submit(wire.OP_READ, part.slot[pages[0]], n, crcs, done)
+
+    def _install_read(self, part: Partition, pages: list[int], addr: int) -> None:
+        """Map what one READ brought (at addr): clean or writable as
+        Partition.install_clean says, neighbours with one UFFDIO_COPY."""
+        n = len(pages)
+        k = part.install_clean(n)  # n, none, or the first page (a probe)
+        if n == 1:
+            self._install(part, pages[0], addr, clean=k == 1)
+            return
+        first = 0
+        if k == 1:
+            self._install(part, pages[0], addr, clean=True)
+            first = 1
+        self._install_run(part, pages[first:], addr + first * PAGE_SIZE, k == n)
 
     def _install(self, part: Partition, page: int, src: int | None,
                  clean: bool | None = None) -> None:  # fmt: skip
@@ -1051,9 +1056,11 @@ class Hypervisor:
         self._wake(waiters, off, skip=installer)
 
     def _install_run(self, part: Partition, pages: list[int], src: int, clean: bool) -> None:
-        """Map pages read ahead (neighbours, nobody waiting on them) with one
-        UFFDIO_COPY into one worker; the other workers fault them in from
-        the memfd.  Like _install, for a run."""
+        """Map neighbouring pages read together with one UFFDIO_COPY into one
+        worker, then wake whoever waits on them; the other workers map them
+        from the memfd.  Like _install, for a run: clean ones are
+        write-protected everywhere first (a waiter that writes takes a WP
+        fault and makes its page dirty)."""
         first, n = pages[0], len(pages)
         off, length = first * PAGE_SIZE, n * PAGE_SIZE
         workers = [w for w in part.workers.values() if w.uffd >= 0]
