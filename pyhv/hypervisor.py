@@ -157,9 +157,13 @@ class Partition:
         return sum(sys.getsizeof(t) for t in (self.table, self.crc, self.slot, self.slot_map,
                                               self.evicted_epoch))  # fmt: skip
 
-    def note_written(self, written: bool) -> None:
-        """A page installed clean was written (WP fault), or evicted clean."""
-        self.written_share = self.written_share * 0.97 + (0.03 if written else 0.0)
+    def note_written(self, written: bool, pages: int = 1) -> None:
+        """A page installed clean was written (WP fault), or `pages` were
+        evicted clean."""
+        if written:
+            self.written_share = self.written_share * 0.97 + 0.03
+        else:
+            self.written_share *= 0.97**pages
 
     def install_clean(self, pages: int = 1) -> int:
         """How many pages of this page-in (a run of `pages`) to install clean,
@@ -980,7 +984,7 @@ class Hypervisor:
         self._page_in_run(part, [page])
 
     def _page_in_run(self, part: Partition, pages: list[int]) -> None:
-        """Read pages whose slots follow each other with one READ.  If it
+        """Read neighbouring pages whose slots follow each other with one READ.  If it
         fails, each page is read again on its own, so that an error costs
         only the page that has it."""
         n = len(pages)
@@ -995,7 +999,8 @@ class Hypervisor:
             else:
                 self._page_in_failed(part, pages[0], -status if status else errno.EIO)
 
-        crcs = b"".join(wire.CRC.pack(part.crc[p]) for p in pages)
+        first = pages[0]  # (the pages of a run are neighbours)
+        crcs = part.crc[first : first + n].tobytes()
         part.stream.submit(wire.OP_READ, part.slot[pages[0]], n, crcs, done)
 
     def _install_read(self, part: Partition, pages: list[int], addr: int) -> None:
@@ -1228,7 +1233,10 @@ class Hypervisor:
         looks = {p: p.queued() for p in self.partitions if p.queued()}  # each page once
         chosen: dict[Partition, list[int]] = {}
         while want > 0 and looks:
-            part = max(looks, key=lambda p: p.resident / p.cfg.weight)
+            if len(looks) == 1:
+                part = next(iter(looks))
+            else:
+                part = max(looks, key=lambda p: p.resident / p.cfg.weight)
             looks[part] -= 1
             if not looks[part]:
                 del looks[part]
@@ -1264,29 +1272,32 @@ class Hypervisor:
                                      True) == uffd.GONE:  # fmt: skip
                     self._drop_worker(w, "its memory is gone")
                     break
+        span = max(1, self.pool.pages // EPOCHS)  # evictions an epoch
+        self.epoch = (self.epoch + (self.evictions + len(pages)) // span
+                      - self.evictions // span) % 255  # fmt: skip
+        self.evictions += len(pages)
+        stamp = 1 + self.epoch
         clean, dirty = [], []
-        table = part.table
+        table, stamps, waiters = part.table, part.evicted_epoch, part.waiters
         for page in pages:
-            self.evictions += 1
-            if self.evictions % max(1, self.pool.pages // EPOCHS) == 0:
-                self.epoch = (self.epoch + 1) % 255
-            part.evicted_epoch[page] = 1 + self.epoch
+            stamps[page] = stamp
             if table[page] == CLEAN:
                 table[page] = ON_DEVICE
                 clean.append(page)
-                part.note_written(False)
             else:
                 table[page] = PAGING_OUT
-                part.waiters[page] = []
+                waiters[page] = []
                 dirty.append(page)
         for first, n in _runs(clean):
             uffd.punch_hole(part.memfd, first * PAGE_SIZE, n * PAGE_SIZE)
-        part.counters["clean_drops"] += len(clean)
+        if clean:
+            part.note_written(False, len(clean))
+            part.counters["clean_drops"] += len(clean)
         part.evicting += len(dirty)
         if dirty:
             self._write_back(part, dirty)
-        for _ in clean:
-            self.pool.release()
+        if clean:
+            self.pool.release(len(clean))
 
     def _write_back(self, part: Partition, pages: list[int]) -> None:
         """Write PAGING_OUT pages to new slots, neighbouring ones where the
@@ -1321,12 +1332,14 @@ class Hypervisor:
                     self._page_out_failed(part, page, -status)
                 return
             crcs = data.cast("I")
+            crc, table, waiters = part.crc, part.table, part.waiters
             for k, page in enumerate(pages):  # on the device, and gone from memory
-                part.crc[page] = crcs[k]
-                part.table[page] = ON_DEVICE
-                self._wake(part.waiters.pop(page, []), page * PAGE_SIZE)
-                self.pool.release()
+                crc[page] = crcs[k]
+                table[page] = ON_DEVICE
+                if w := waiters.pop(page, None):
+                    self._wake(w, page * PAGE_SIZE)
             crcs.release()
+            self.pool.release(len(pages))
             part.counters["page_outs"] += len(pages)
             self.replenish()
 

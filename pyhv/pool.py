@@ -32,9 +32,9 @@ class Pool:
             self.high_water = self.used
         assert self.used <= self.pages, "pool invariant broken"
 
-    def release(self) -> None:
-        """Give a frame back and hand it to the oldest waiter, if any."""
-        self.used -= 1
+    def release(self, frames: int = 1) -> None:
+        """Give frames back and hand them to the oldest waiters, if any."""
+        self.used -= frames
         self.serve()
 
     def serve(self) -> None:
