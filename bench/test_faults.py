@@ -23,7 +23,9 @@ Two groups in the table, every row **per fault** (one touch of one page):
                           drops only (no page-out during measured rounds);
     ``pyhv_page_in_dirty[P]`` the same with each round *writing* its page:
                           the steady state of cyclic writes, one page-in
-                          plus one page-out (of an older page) per fault.
+                          plus one page-out (of an older page) per fault;
+    ``pyhv_page_in_cached`` the device file without O_DIRECT (page cache);
+    ``pyhv_page_in_sequential`` in order: read-ahead, mean per page.
 
 Placement ``P`` (see conftest): ``cpu0`` = faulting thread, handler /
 hypervisor and paging service all on CPU 0; ``split`` = faulting thread on
@@ -161,9 +163,9 @@ def _delta(before: dict, after: dict) -> dict:
     return {k: after[k] - before[k] for k in COUNTERS}
 
 
-def _start(pyhv_system, attach_to, placement, *, pool: str, memory: str):
+def _start(pyhv_system, attach_to, placement, *, pool: str, memory: str, direct: bool = True):
     worker_cpu, daemon_cpu = PLACEMENTS[placement]
-    system = pyhv_system(pool=pool, memory=memory, direct=True)
+    system = pyhv_system(pool=pool, memory=memory, direct=direct)
     system.pin(daemon_cpu)
     a = attach_to(system, cpu=worker_cpu)
     return system, a
@@ -227,6 +229,13 @@ def test_pyhv_page_in(benchmark, pyhv_system, attach_to, placement):
 
 
 @pytest.mark.benchmark(group="page-in")
+def test_pyhv_page_in_cached(benchmark, pyhv_system, attach_to):
+    """The device file without O_DIRECT: its pages are in the page cache, so
+    the device costs a memory copy, and what is left is pyhv's own path."""
+    _page_in(benchmark, pyhv_system, attach_to, "free", dirty=False, direct=False)
+
+
+@pytest.mark.benchmark(group="page-in")
 def test_pyhv_page_in_sequential(benchmark, pyhv_system, attach_to):
     """Pages read in order: the hypervisor reads ahead of the faults, so a
     round is often no fault at all; the mean is the cost per page of a scan."""
@@ -240,8 +249,9 @@ def test_pyhv_page_in_dirty(benchmark, pyhv_system, attach_to, placement):
 
 
 def _page_in(benchmark, pyhv_system, attach_to, placement, dirty: bool,
-             sequential: bool = False) -> None:  # fmt: skip
-    system, a = _start(pyhv_system, attach_to, placement, pool="4MiB", memory="64MiB")
+             sequential: bool = False, direct: bool = True) -> None:  # fmt: skip
+    system, a = _start(pyhv_system, attach_to, placement, pool="4MiB", memory="64MiB",
+                       direct=direct)  # fmt: skip
     view = a.view
     pool_pages = system.partition()["pool"]["pages"]
     assert a.pages >= 8 * pool_pages
