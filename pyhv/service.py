@@ -15,7 +15,6 @@ import argparse
 import errno
 import json
 import logging
-import mmap
 import os
 import signal
 import socket
@@ -45,7 +44,7 @@ class PagingService:
     def serve(self) -> int:
         """Serve until the hypervisor goes; 0, or 1 if it sent a malformed frame
         (which costs it the connection)."""
-        log.info("paging service %s: serving (pid %d, %d I/O threads)", self.name, os.getpid(),
+        log.info("paging service %s: serving (pid %d), %d I/O threads", self.name, os.getpid(),
                  self.IO_THREADS)  # fmt: skip
         self.sock.sendmsg([wire.pack_header(0, 0, wire.OP_HELLO)])
         code = 0

@@ -40,9 +40,13 @@ def main(argv=None) -> int:
     ap.add_argument("--read-first", action="store_true",
                     help="write: read each page before writing it (a clean page-in, then a "
                     "write-protect fault)")  # fmt: skip
+    ap.add_argument("--start-file", help="attach, then wait for this file before the first page "
+                    "(several workers start together)")  # fmt: skip
     args = ap.parse_args(argv)
 
     mem = pyhv.attach()
+    while args.start_file and not os.path.exists(args.start_file):
+        time.sleep(0.001)
     view = memoryview(mem)
     name = os.environ["PYHV_PARTITION"]
     worker = int(os.environ.get("PYHV_WORKER", "0"))
@@ -55,6 +59,7 @@ def main(argv=None) -> int:
     lat: list[int] = []
     bad: list[int] = []
     clock = time.perf_counter_ns
+    started = time.monotonic()  # (system-wide: comparable between workers)
     for done, page in enumerate(pages, 1):
         off = page * PAGE_SIZE
         want = page_pattern(name, page, args.generation)
@@ -73,11 +78,13 @@ def main(argv=None) -> int:
                 bad.append(page)
         if args.progress and done % args.progress == 0:
             print(f"progress {args.progress}", flush=True)
+    ended = time.monotonic()
     lat.sort()
     print(json.dumps({
         "partition": name, "worker": worker, "pid": os.getpid(), "action": args.action,
         "pages": len(pages), "mismatches": len(bad), "bad_pages": bad[:16],
         "p50_ns": percentile(lat, 0.50), "p99_ns": percentile(lat, 0.99),
+        "started": started, "ended": ended,
         "latencies_ns": lat if os.environ.get("PYHV_WORKLOAD_LATENCIES") else None,
     }), flush=True)  # fmt: skip
     return 1 if bad else 0
