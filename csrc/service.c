@@ -12,9 +12,13 @@
  * earlier WRITE.  Replies go out in completion order; the hypervisor matches
  * them by request id.
  *
- * READ  slot, count; payload count CRC32s.  preadv into a page-aligned
- *       buffer, every page checked against its CRC32 (EBADMSG), short read
- *       EIO; the reply carries the pages.
+ * READ  slot, count; payload count CRC32s, then the first page of the
+ *       partition's memory they go to.  pread straight into the memory
+ *       (with O_DIRECT, the device writes the pages where they will be
+ *       mapped: no copy), every page checked against its CRC32 (EBADMSG),
+ *       short read EIO; on an error the pages are punched out again.  No
+ *       worker maps them until the hypervisor does (UFFDIO_CONTINUE): the
+ *       workers register MINOR faults too.  The reply carries no data.
  * WRITE slot, count; payload count page numbers of the partition's memory
  *       (the memfd given at OPEN).  The pages are written from the shared
  *       mapping straight to slots slot..slot+count-1 (one pwritev; a short
@@ -59,7 +63,7 @@ struct job {
 	struct job *next;
 	uint8_t hdr[HDR];
 	uint8_t *payload; /* MAX frame */
-	uint8_t *io;	  /* PYHV_SVC_MAX_PAGES pages, page-aligned */
+	uint8_t *io;	  /* a page, page-aligned (a retried WRITE reads a slot back) */
 	size_t len;	  /* payload bytes */
 };
 
@@ -130,25 +134,41 @@ static uint32_t page_crc(const uint8_t *p)
 	return (uint32_t)crc32(0L, p, PG);
 }
 
-static int do_read(struct svc_stream *st, const struct frame_hdr *h, struct job *j)
+static int punch(struct svc_stream *st, uint64_t page, uint64_t count)
 {
+	if (fallocate(st->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(page * PG),
+		      (off_t)(count * PG)) < 0)
+		return -errno;
+	return 0;
+}
+
+/* straight into the partition's memory, where no worker maps them yet (they
+ * fault on them, MISSING or MINOR, until the hypervisor maps them) */
+static int read_in(struct svc_stream *st, const struct frame_hdr *h, struct job *j)
+{
+	uint32_t first;
+	memcpy(&first, j->payload + 4 * (size_t)h->count, 4);
+	if ((uint64_t)first + h->count > st->mem_pages)
+		return -EINVAL;
+	uint8_t *dst = st->mem + (size_t)first * PG;
 	size_t n = (size_t)h->count * PG;
 	ssize_t got;
 	do
-		got = pread(st->fd, j->io, n, (off_t)h->slot * PG);
+		got = pread(st->fd, dst, n, (off_t)h->slot * PG);
 	while (got < 0 && errno == EINTR);
-	if (got < 0)
-		return -errno;
-	if ((size_t)got != n)
-		return -EIO;
-	for (uint32_t i = 0; i < h->count; i++) {
+	int r = got < 0 ? -errno : (size_t)got != n ? -EIO : 0;
+	for (uint32_t i = 0; !r && i < h->count; i++) {
 		uint32_t want;
 		memcpy(&want, j->payload + 4 * i, 4);
-		if (page_crc(j->io + (size_t)i * PG) != want)
-			return -EBADMSG;
+		if (page_crc(dst + (size_t)i * PG) != want)
+			r = -EBADMSG;
 	}
-	return 0;
+	if (r)
+		punch(st, first, h->count); /* nothing of it stays behind */
+	return r;
 }
+
+
 
 static int write_full(int fd, struct iovec *iov, int cnt, off_t off)
 {
@@ -213,9 +233,9 @@ static int do_write(struct svc_stream *st, const struct frame_hdr *h, struct job
 		uint32_t k = i + 1;
 		while (k < h->count && pages[k] == pages[k - 1] + 1)
 			k++;
-		if (fallocate(st->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-			      (off_t)pages[i] * PG, (off_t)(k - i) * PG) < 0)
-			return -errno;
+		int r = punch(st, pages[i], k - i);
+		if (r)
+			return r;
 		i = k;
 	}
 	return 0;
@@ -228,10 +248,10 @@ static void run_job(struct pyhv_svc *s, struct job *j)
 	struct svc_stream *st = &s->streams[h.stream];
 	int r;
 	if (h.op == OP_READ) {
-		r = do_read(st, &h, j);
+		r = read_in(st, &h, j);
 		if (r)
 			note_error(st, &h, -r);
-		reply(s, &h, r, r ? NULL : j->io, r ? 0 : (size_t)h.count * PG);
+		reply(s, &h, r, NULL, 0);
 	} else {
 		uint32_t crcs[PYHV_SVC_MAX_PAGES];
 		r = do_write(st, &h, j, crcs);
@@ -277,11 +297,6 @@ struct pyhv_svc *pyhv_svc_new(int sock, int threads, int spin_us)
 		return NULL;
 	s->sock = sock;
 	s->spin_ns = spin_us > 0 ? (uint64_t)spin_us * 1000u : 0;
-	/* a READ reply of PYHV_SVC_MAX_PAGES pages is one message: room for a
-	 * few (root may pass net.core.wmem_max) */
-	int room = 4 * PYHV_SVC_MAX_FRAME;
-	if (setsockopt(sock, SOL_SOCKET, SO_SNDBUFFORCE, &room, sizeof(room)) < 0)
-		setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &room, sizeof(room));
 	s->streams = calloc(PYHV_SVC_MAX_STREAMS, sizeof(*s->streams));
 	if (!s->streams)
 		goto fail;
@@ -290,7 +305,7 @@ struct pyhv_svc *pyhv_svc_new(int sock, int threads, int spin_us)
 	for (int i = 0; i < JOBS; i++) {
 		struct job *j = &s->jobs[i];
 		j->payload = malloc(PYHV_SVC_MAX_FRAME);
-		if (!j->payload || posix_memalign((void **)&j->io, PG, PYHV_SVC_MAX_PAGES * PG))
+		if (!j->payload || posix_memalign((void **)&j->io, PG, PG))
 			goto fail;
 		j->next = s->free;
 		s->free = j;
@@ -320,7 +335,7 @@ int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pa
 		return -EINVAL;
 	pyhv_svc_stream_clear(s, stream);
 	struct svc_stream *st = &s->streams[stream];
-	void *mem = mmap(NULL, mem_size, PROT_READ, MAP_SHARED, memfd, 0);
+	void *mem = mmap(NULL, mem_size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
 	if (mem == MAP_FAILED)
 		return -errno;
 	st->memfd = dup(memfd);
@@ -365,7 +380,9 @@ static int hot(struct pyhv_svc *s, const struct frame_hdr *h, size_t payload)
 	struct svc_stream *st = &s->streams[h->stream];
 	if (st->fd < 0 || !st->mem || h->count < 1 || h->count > PYHV_SVC_MAX_PAGES)
 		return 0;
-	if ((uint64_t)h->slot + h->count > st->pages || payload != 4 * (size_t)h->count)
+	if ((uint64_t)h->slot + h->count > st->pages)
+		return 0;
+	if (payload != 4 * (size_t)h->count + (h->op == OP_READ ? 4 : 0))
 		return 0;
 	return 1;
 }

@@ -104,7 +104,7 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
         missing = [n for n in uffd.WORKER_FEATURES if not offered & uffd.FEATURES[n]]
         if missing:
             raise AttachError(f"this kernel's userfaultfd lacks {', '.join(missing)}")
-        uffd.register(uffd_fd, base, len(mem), uffd.MODE_MISSING | uffd.MODE_WP)
+        uffd.register(uffd_fd, base, len(mem), uffd.MODE_MISSING | uffd.MODE_MINOR | uffd.MODE_WP)
         wire.send_control(sock, {"op": "register", "base": base}, [uffd_fd])
         reply, fds = wire.recv_control(sock)
         wire.close_fds(fds)

@@ -940,9 +940,10 @@ class Hypervisor:
                 part.last_page_in = page
         elif st == FILLING or st == PAGING_OUT:
             part.waiters[page].append((w, bool(flags & uffd.FLAG_WRITE)))
-        elif part.in_memory(page):  # raced with an install: it is there now
-            if uffd.wake(w.uffd, start, PAGE_SIZE) == uffd.GONE:
-                self._drop_worker(w, "its memory is gone")
+        elif flags & uffd.FLAG_MINOR or part.in_memory(page):
+            # resident, not mapped by this worker yet (a MINOR fault), or
+            # mapped meanwhile (an install raced with the fault): map it here
+            self._map(w, page, 1, st == CLEAN)
         else:  # resident by the table, gone from the memfd: a worker removed it
             part.counters["removed_by_worker"] += 1  # (MADV_REMOVE): it reads zeros now
             log.info("partition %s: page %d was removed by a worker; it is a zero page now",
@@ -978,7 +979,7 @@ class Hypervisor:
             self._page_in_run(part, run)
 
     def _zero_fill(self, part: Partition, page: int) -> None:
-        self._install(part, page, None)
+        self._install(part, page, False)
 
     def _page_in(self, part: Partition, page: int) -> None:
         self._page_in_run(part, [page])
@@ -990,9 +991,9 @@ class Hypervisor:
         n = len(pages)
 
         def done(status, count, addr, data):
-            if status == 0 and len(data) == n * PAGE_SIZE:
+            if status == 0:
                 part.counters["page_ins"] += n
-                self._install_read(part, pages, addr)
+                self._install_read(part, pages)
             elif n > 1:
                 for page in pages:
                     self._page_in_run(part, [page])
@@ -1000,105 +1001,120 @@ class Hypervisor:
                 self._page_in_failed(part, pages[0], -status if status else errno.EIO)
 
         first = pages[0]  # (the pages of a run are neighbours)
-        crcs = part.crc[first : first + n].tobytes()
-        part.stream.submit(wire.OP_READ, part.slot[pages[0]], n, crcs, done)
+        payload = part.crc[first : first + n].tobytes() + wire.PAGE_NO.pack(first)
+        part.stream.submit(wire.OP_READ, part.slot[pages[0]], n, payload, done)
 
-    def _install_read(self, part: Partition, pages: list[int], addr: int) -> None:
-        """Map what one READ brought (at addr): clean or writable as
-        Partition.install_clean says, neighbours with one UFFDIO_COPY."""
+    def _install_read(self, part: Partition, pages: list[int]) -> None:
+        """Map what one READ put into the memory: clean or writable as
+        Partition.install_clean says, neighbours with one UFFDIO_CONTINUE."""
         n = len(pages)
         k = part.install_clean(n)  # n, none, or the first page (a probe)
         if n == 1:
-            self._install(part, pages[0], addr, clean=k == 1)
+            self._install(part, pages[0], True, clean=k == 1)
             return
         first = 0
         if k == 1:
-            self._install(part, pages[0], addr, clean=True)
+            self._install(part, pages[0], True, clean=True)
             first = 1
-        self._install_run(part, pages[first:], addr + first * PAGE_SIZE, k == n)
+        self._install_run(part, pages[first:], k == n)
 
-    def _install(self, part: Partition, page: int, src: int | None,
+    def _map(self, w: Worker, page: int, n: int, clean: bool) -> int:
+        """UFFDIO_CONTINUE: map n pages that are in the memory into worker w
+        (write-protected if clean); OK, EXISTS (mapped already: woken) or
+        GONE (the worker is dropped)."""
+        start = w.base + page * PAGE_SIZE
+        r = uffd.continue_(w.uffd, start, n * PAGE_SIZE, uffd.CONTINUE_WP if clean else 0)
+        if r == uffd.EXISTS:
+            r = uffd.wake(w.uffd, start, n * PAGE_SIZE)
+            r = uffd.EXISTS if r == uffd.OK else r
+        if r == uffd.GONE:
+            self._drop_worker(w, "its memory is gone")
+        return r
+
+    def _install(self, part: Partition, page: int, read: bool,
                  clean: bool | None = None) -> None:  # fmt: skip
-        """Map the page (zeros if src is None, else PAGE_SIZE bytes at src) and
-        wake everyone waiting for it.  A frame is held for it already."""
+        """Map the page into its waiters (the first, else any worker) and
+        wake them: zeros (read False, UFFDIO_ZEROPAGE), or what a READ put
+        into the memory (UFFDIO_CONTINUE; no worker maps a page of the memory
+        until then, for they register MINOR faults too).  A frame is held
+        for it already."""
         waiters = part.waiters.pop(page)
         off = page * PAGE_SIZE
-        if src is None or any(write for _, write in waiters):
+        if not read or any(write for _, write in waiters):
             clean = False
         elif clean is None:
             clean = part.install_clean() == 1
-        # a prefetched page has no waiter: any worker of the partition maps it
-        first = waiters[0][0] if waiters else next(iter(part.workers.values()), None)
-        if clean:  # before the page appears, so no worker can write it unseen
-            for w in list(part.workers.values()):
-                if w is not first and w.uffd >= 0:
-                    if uffd.writeprotect(w.uffd, w.base + off, PAGE_SIZE, True) == uffd.GONE:
-                        self._drop_worker(w, "its memory is gone")
         installer = None
         candidates = [w for w, _ in waiters if w.alive] + list(part.workers.values())
         for w in candidates:
             if not w.alive or w.uffd < 0:
                 continue
-            dst = w.base + off
-            if src is None:
-                r = uffd.zeropage(w.uffd, dst, PAGE_SIZE)
+            if read:
+                r = self._map(w, page, 1, clean)
             else:
-                r = uffd.copy(w.uffd, dst, src, PAGE_SIZE, uffd.COPY_WP if clean else 0)
+                r = uffd.zeropage(w.uffd, w.base + off, PAGE_SIZE)
+                if r == uffd.GONE:
+                    self._drop_worker(w, "its memory is gone")
             if r == uffd.GONE:
-                self._drop_worker(w, "its memory is gone")
                 continue
             installer = w
             break
         if installer is None:  # nobody left to map it into: the page stays where it was
-            part.table[page] = UNTOUCHED if src is None else ON_DEVICE
+            part.table[page] = UNTOUCHED if not read else ON_DEVICE
+            if read:
+                uffd.punch_hole(part.memfd, off, PAGE_SIZE)
             self.pool.release()
             return
-        if src is not None and not clean:  # written at once: its device copy is stale
+        if read and not clean:  # written at once: its device copy is stale
             part.release_slot(page)
         part.table[page] = CLEAN if clean else DIRTY
         part.resident += 1
         self._enqueue(part, page)
-        self._wake(waiters, off, skip=installer)
+        self._map_waiters(part, waiters, page, clean, skip=installer)
 
-    def _install_run(self, part: Partition, pages: list[int], src: int, clean: bool) -> None:
-        """Map neighbouring pages read together with one UFFDIO_COPY into one
-        worker, then wake whoever waits on them; the other workers map them
-        from the memfd.  Like _install, for a run: clean ones are
-        write-protected everywhere first (a waiter that writes takes a WP
-        fault and makes its page dirty)."""
+    def _map_waiters(self, part: Partition, waiters: list, page: int, clean: bool,
+                     skip: Worker | None) -> None:  # fmt: skip
+        """Map a page now resident into every other worker blocked on it."""
+        done = {skip}
+        for w, _ in waiters:
+            if w not in done and w.alive:
+                done.add(w)
+                self._map(w, page, 1, clean)
+
+    def _install_run(self, part: Partition, pages: list[int], clean: bool) -> None:
+        """Map neighbouring pages one READ put into the memory with one
+        UFFDIO_CONTINUE into one worker, then into whoever else waits on
+        them; other workers map them when they touch them (a MINOR fault).
+        Clean ones are mapped write-protected: a waiter that writes takes a
+        WP fault and makes its page dirty."""
         first, n = pages[0], len(pages)
-        off, length = first * PAGE_SIZE, n * PAGE_SIZE
-        workers = [w for w in part.workers.values() if w.uffd >= 0]
-        if clean:  # before the pages appear, so that no worker can write them unseen
-            for w in workers[1:]:
-                if uffd.writeprotect(w.uffd, w.base + off, length, True) == uffd.GONE:
-                    self._drop_worker(w, "its memory is gone")
         installer = None
-        for w in workers:
-            if not w.alive:
+        for w in list(part.workers.values()):
+            if not w.alive or w.uffd < 0:
                 continue
-            r = uffd.copy(w.uffd, w.base + off, src, length, uffd.COPY_WP if clean else 0)
+            r = self._map(w, first, n, clean)
             if r == uffd.GONE:
-                self._drop_worker(w, "its memory is gone")
                 continue
             if r == uffd.EXISTS:  # cannot be (they are FILLING): page by page, to be sure
-                for i, page in enumerate(pages):
-                    self._install(part, page, src + i * PAGE_SIZE, clean=clean)
+                for page in pages:
+                    self._install(part, page, True, clean=clean)
                 return
             installer = w
             break
         if installer is None:  # nobody left to map them into
+            uffd.punch_hole(part.memfd, first * PAGE_SIZE, n * PAGE_SIZE)
             for page in pages:
                 part.waiters.pop(page, None)
                 part.table[page] = ON_DEVICE
-                self.pool.release()
+            self.pool.release(n)
             return
         state = CLEAN if clean else DIRTY
         for page in pages:
             if not clean:
                 part.release_slot(page)
             part.table[page] = state
-            self._wake(part.waiters.pop(page), page * PAGE_SIZE, skip=installer)
+            if waiters := part.waiters.pop(page):
+                self._map_waiters(part, waiters, page, clean, skip=installer)
         part.resident += n
         for page in pages:
             self._enqueue(part, page)

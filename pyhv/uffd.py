@@ -33,6 +33,7 @@ MODE_WP = lib.UFFDIO_REGISTER_MODE_WP
 MODE_MINOR = lib.UFFDIO_REGISTER_MODE_MINOR
 COPY_DONTWAKE = lib.UFFDIO_COPY_MODE_DONTWAKE
 COPY_WP = lib.UFFDIO_COPY_MODE_WP
+CONTINUE_WP = lib.UFFDIO_CONTINUE_MODE_WP
 WP_PROTECT = lib.UFFDIO_WRITEPROTECT_MODE_WP
 WP_DONTWAKE = lib.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
 
@@ -59,7 +60,8 @@ FEATURES = {
 
 #: What a worker's uffd needs for pyhv: faults on shmem holes, and
 #: write-protection of shmem pages (eviction and dirty tracking).
-WORKER_FEATURES = ("MISSING_SHMEM", "WP_HUGETLBFS_SHMEM", "PAGEFAULT_FLAG_WP", "THREAD_ID")
+WORKER_FEATURES = ("MISSING_SHMEM", "MINOR_SHMEM", "WP_HUGETLBFS_SHMEM", "PAGEFAULT_FLAG_WP",
+                   "THREAD_ID")  # fmt: skip
 
 # Outcomes of an ioctl that resolves or wakes a range.
 OK = 0

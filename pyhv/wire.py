@@ -8,7 +8,7 @@ message is one ``recvmsg`` and a peer can never leave half a frame behind:
   does not parse costs the sender its connection.
 * **Paging stream** (hypervisor <-> paging service): a fixed binary header
   (:data:`HEADER`) followed by the command's payload (:data:`COMMANDS`):
-  pages only in READ replies; a WRITE names pages of the partition's memory,
+  no page data at all: READ and WRITE name pages of the partition's memory,
   which the service maps from the memfd it was given at OPEN.
 """
 
@@ -141,9 +141,11 @@ COMMANDS = (
             "the partition's memory (memfd)", "-",
             {"file": "open(O_CREAT), ftruncate to size", "block": "open(O_DIRECT), size check"}),
     Command(2, "CLOSE", "-", "-", {"file": "close", "block": "close"}),
-    Command(3, "READ", "slot, count; payload: count expected CRC32s",
-            "count pages; EBADMSG if a page does not match its CRC32, EIO on a short read",
-            {"file": "preadv", "block": "preadv (O_DIRECT)"}),
+    Command(3, "READ", "slot, count; payload: count expected CRC32s, then the first page (u32) "
+            "of the partition's memory they are read into",
+            "-; EBADMSG if a page does not match its CRC32, EIO on a short read (the pages are "
+            "punched out of the memory again)",
+            {"file": "pread into the memory", "block": "pread (O_DIRECT) into the memory"}),
     Command(4, "WRITE", "slot, count; payload: count page numbers (u32) of the partition's "
             "memory, written to slots slot..slot+count-1, then punched out of the memory; "
             "flag RETRY: a page gone from memory was written already (by the failed service)",
@@ -164,7 +166,7 @@ OP_HELLO = 0  # not a command: the service's first frame (request id 0), "ready 
 MAX_PAGES = 64  # pages in one READ or WRITE
 PAGE = 4096
 CRC = struct.Struct("<I")  # one page's CRC32, as READ requests and WRITE replies carry them
-PAGE_NO = struct.Struct("<I")  # a page of the partition's memory, as WRITE names them
+PAGE_NO = struct.Struct("<I")  # a page of the partition's memory, as READ and WRITE name them
 MAX_FRAME = HEADER.size + MAX_PAGES * (PAGE + CRC.size)
 FLAG_RETRY = 1  # header flag: the request was in flight on a service that failed
 
