@@ -28,6 +28,7 @@ import array
 import collections
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import mmap
@@ -1045,8 +1046,7 @@ class Hypervisor:
         elif clean is None:
             clean = part.install_clean() == 1
         installer = None
-        candidates = [w for w, _ in waiters if w.alive] + list(part.workers.values())
-        for w in candidates:
+        for w in itertools.chain((w for w, _ in waiters), list(part.workers.values())):
             if not w.alive or w.uffd < 0:
                 continue
             if read:
@@ -1075,6 +1075,8 @@ class Hypervisor:
     def _map_waiters(self, part: Partition, waiters: list, page: int, clean: bool,
                      skip: Worker | None) -> None:  # fmt: skip
         """Map a page now resident into every other worker blocked on it."""
+        if len(waiters) == 1 and waiters[0][0] is skip:
+            return
         done = {skip}
         for w, _ in waiters:
             if w not in done and w.alive:
