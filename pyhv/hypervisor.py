@@ -432,10 +432,10 @@ class Hypervisor:
         yield_ = os.sched_yield
         while not self.done:
             now = time.monotonic()
-            if now < busy_until:  # polling: whoever else wants this CPU has it
+            if now < busy_until:  # polling: whoever else wants this CPU has it first
+                yield_()  # (the worker just woken, if it waits for this CPU)
                 events = self.sel.select(0)
                 if not events:
-                    yield_()
                     continue
             else:
                 events = self.sel.select(1.0)
