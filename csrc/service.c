@@ -112,13 +112,15 @@ static void reply(struct pyhv_svc *s, const struct frame_hdr *rq, int status, co
 			return;
 		if (errno == EINTR)
 			continue;
-		if (errno == EPIPE || errno == ECONNRESET || m.msg_iovlen == 1)
+		if (errno == EPIPE || errno == ECONNRESET)
 			return; /* the hypervisor is gone: the receiving loop sees EOF */
-		/* the reply cannot go as it is: never leave the request unanswered */
-		fprintf(stderr, "pyhv-service: reply to request %llu: %s; answering the error\n",
+		/* A reply that cannot be sent must not become a wrong one (a WRITE
+		 * done but answered as failed would leave its pages as holes): this
+		 * service ends, and the hypervisor resends what it had in flight to
+		 * the other one, marked RETRY. */
+		fprintf(stderr, "pyhv-service: reply to request %llu cannot be sent: %s; exiting\n",
 			(unsigned long long)rq->req, strerror(errno));
-		h.status = -errno;
-		m.msg_iovlen = 1;
+		_exit(1);
 	}
 }
 
@@ -200,18 +202,23 @@ static int do_write(struct svc_stream *st, const struct frame_hdr *h, struct job
 		 * a complete write) */
 		for (uint32_t i = 0; i < h->count; i++) {
 			uint8_t *p = st->mem + (size_t)pages[i] * PG;
-			unsigned char in = 0;
 			off_t off = (off_t)(h->slot + i) * PG;
-			if (mincore(p, PG, &in) < 0)
+			/* in memory (SEEK_DATA counts a page swapped out as data,
+			 * where mincore would not) */
+			off_t at = lseek(st->memfd, (off_t)pages[i] * PG, SEEK_DATA);
+			if (at < 0 && errno != ENXIO)
 				return -errno;
-			if (in & 1) {
+			if (at == (off_t)pages[i] * PG) {
 				iov[0] = (struct iovec){p, PG};
 				int r = write_full(st->fd, iov, 1, off);
 				if (r)
 					return r;
 				crcs[i] = page_crc(p);
 			} else {
-				ssize_t got = pread(st->fd, j->io, PG, off);
+				ssize_t got;
+				do
+					got = pread(st->fd, j->io, PG, off);
+				while (got < 0 && errno == EINTR);
 				if (got != PG)
 					return got < 0 ? -errno : -EIO;
 				crcs[i] = page_crc(j->io);
@@ -228,14 +235,17 @@ static int do_write(struct svc_stream *st, const struct frame_hdr *h, struct job
 		for (uint32_t i = 0; i < h->count; i++)
 			crcs[i] = page_crc(iov[i].iov_base);
 	}
-	/* on the device now: out of memory, runs of neighbours in one punch */
+	/* on the device now: out of memory, runs of neighbours in one punch.  A
+	 * punch that fails leaves a copy in memory, which is harmless (the
+	 * page is on the device; a page-in reads over it): the WRITE is done. */
 	for (uint32_t i = 0; i < h->count;) {
 		uint32_t k = i + 1;
 		while (k < h->count && pages[k] == pages[k - 1] + 1)
 			k++;
 		int r = punch(st, pages[i], k - i);
 		if (r)
-			return r;
+			fprintf(stderr, "pyhv-service: stream %u: punch of pages %u+%u: %s\n",
+				h->stream, pages[i], k - i, strerror(-r));
 		i = k;
 	}
 	return 0;

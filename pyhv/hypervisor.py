@@ -1338,16 +1338,23 @@ class Hypervisor:
                 part.slot[page] = first + k
             self._submit_write(part, first, chunk)
 
-    def _submit_write(self, part: Partition, first: int, pages: list[int]) -> None:
+    def _submit_write(self, part: Partition, first: int, pages: list[int], flags: int = 0) -> None:
         def done(status, count, addr, data):
+            retried = req.flags & wire.FLAG_RETRY
             if status and len(pages) > 1 and status != -errno.ENOSPC:
                 for k, page in enumerate(pages):  # which page's slot failed: one by one
-                    self._submit_write(part, first + k, [page])
+                    self._submit_write(part, first + k, [page], retried)
                 return
             part.evicting -= len(pages)
             if status:
                 for page in pages:
-                    self._page_out_failed(part, page, -status)
+                    if retried and not part.in_memory(page):
+                        # the service that died wrote it, then punched it;
+                        # its copy on the device could not be confirmed: a
+                        # page the system cannot deliver, never zeros
+                        self._page_in_failed(part, page, -status)
+                    else:
+                        self._page_out_failed(part, page, -status)
                 return
             crcs = data.cast("I")
             crc, table, waiters = part.crc, part.table, part.waiters
@@ -1361,8 +1368,8 @@ class Hypervisor:
             part.counters["page_outs"] += len(pages)
             self.replenish()
 
-        part.stream.submit(wire.OP_WRITE, first, len(pages), array.array("I", pages).tobytes(),
-                           done)  # fmt: skip
+        req = part.stream.submit(wire.OP_WRITE, first, len(pages),
+                                 array.array("I", pages).tobytes(), done, flags)  # fmt: skip
 
     def _page_out_failed(self, part: Partition, page: int, err: int, wrote: bool = True) -> None:
         """Nothing is lost: the page stays resident (dirty) and goes to the

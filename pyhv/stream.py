@@ -97,10 +97,14 @@ class Stream:
 
     # --- requests ------------------------------------------------------------------
 
-    def submit(self, op: int, slot: int, count: int, payload, done: Callable) -> None:
+    def submit(self, op: int, slot: int, count: int, payload, done: Callable,
+               flags: int = 0) -> Request:  # fmt: skip
         self.requests += 1
-        self.queued.append(Request(op, slot, count, payload, done))
+        req = Request(op, slot, count, payload, done)
+        req.flags = flags
+        self.queued.append(req)
         self.pump()
+        return req
 
     def pump(self) -> None:
         """Send what is queued, if the stream flows."""
@@ -124,11 +128,14 @@ class Stream:
 
     def take_back(self) -> list[Request]:
         """Unsent again: every in-flight request returns to the queue, oldest
-        first, ready to go to another service."""
+        first, ready to go to another service, marked RETRY.  Except DISCARD:
+        advisory, and done again it could wipe a slot that a later WRITE,
+        resent with it, reuses (and that WRITE may have to read back)."""
         back = sorted(self.inflight.values(), key=lambda r: r.id)
         for req in back:
             req.flags |= wire.FLAG_RETRY
         self.inflight.clear()
+        back = [r for r in back if r.op != wire.OP_DISCARD]
         self.queued.extendleft(reversed(back))
         return back
 

@@ -359,3 +359,20 @@ def test_the_largest_read_and_write_fit_in_one_message(tmp_path):
     assert status == 0
     assert svc.read(0, 0, n, crcs, into=n) == (0, data)
     assert svc.close() == 0
+
+
+def test_take_back_resends_in_order_marked_retry_but_never_a_discard():
+    """After a service fails, its in-flight requests go to the other one in
+    their order, marked RETRY; a DISCARD is left out: done again, it could
+    wipe a slot that a later WRITE resent with it reuses."""
+    from pyhv.stream import Request, Stream
+
+    s = Stream(0, "p", {}, ["a", "b"], -1)
+    for rid, op in ((3, wire.OP_WRITE), (1, wire.OP_READ), (2, wire.OP_DISCARD)):
+        req = Request(op, rid, 1, None, lambda *a: None)
+        req.id = rid
+        s.inflight[rid] = req
+    back = s.take_back()
+    assert [r.op for r in back] == [wire.OP_READ, wire.OP_WRITE]
+    assert [r.op for r in s.queued] == [wire.OP_READ, wire.OP_WRITE] and not s.inflight
+    assert all(r.flags & wire.FLAG_RETRY for r in s.queued)
