@@ -310,7 +310,9 @@ def _page_in(benchmark, pyhv_system, attach_to, placement, dirty: bool,
     benchmark.extra_info.update(pool_pages=pool_pages, partition_pages=a.pages,
                                 access="write" if dirty else "read")  # fmt: skip
     assert n == (rounds if benchmark.enabled else 1)
-    assert d["page_ins"] >= n, d
+    # (in order, the window read ahead of the first measured page may have
+    # come in before the counters were read: up to 64 pages)
+    assert d["page_ins"] >= n - (64 if sequential else 0), d
     assert d["faults"] + d["prefetched"] >= n, d  # read ahead: no fault for that page
     assert sequential or d["prefetched"] == 0, d
     assert d["first_touches"] == 0, d
