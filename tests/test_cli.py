@@ -4,6 +4,7 @@ its connection, not the daemon its life."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -172,3 +173,28 @@ def test_a_stream_socket_client_is_refused_harmlessly(system):
 def test_control_socket_is_private(system):
     system.up(GOOD)
     assert (os.stat(system.run_dir / "control.sock").st_mode & 0o777) == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pyhv bench sets up loop devices and swap: root")
+def test_pyhv_bench_quick_runs_and_reports_every_workload(tmp_path):
+    """`pyhv bench --quick` from this install: the table, and JSON with every
+    workload under pyhv (counters checked against the work) and the kernel's
+    swap measured in the same run, or skipped with its reason.  No time is
+    asserted: speed is for the benchmarks."""
+    out = tmp_path / "bench.json"
+    p = pyhv("bench", "--quick", "--json", str(out), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "workload" in p.stdout and "kernel swap" in p.stdout and "Traceback" not in p.stderr
+    result = json.loads(out.read_text())
+    assert result["quick"] and result["errors"] == []
+    assert set(result["workloads"]) == {"random", "sequential", "zipf"}
+    for name, row in result["workloads"].items():
+        y = row["pyhv"]
+        assert y["seconds"] > 0 and y["touches"] == row["touches"], name
+        assert y["counters"]["page_ins"] > 0 and y["counters"]["io_errors"] == 0, name
+        swap = result["kernel_swap"]
+        if swap["available"]:
+            assert row["kernel_swap"]["seconds"] > 0 and row["ratio"] > 0, name
+        else:
+            assert swap["skipped"], "an unavailable kernel swap says why"
+    assert result["c_floor"]["page_in"] and result["c_floor"]["first_touch"]
