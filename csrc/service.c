@@ -64,7 +64,6 @@ struct job {
 	uint8_t hdr[HDR];
 	uint8_t *payload; /* MAX frame */
 	uint8_t *io;	  /* a page, page-aligned (a retried WRITE reads a slot back) */
-	size_t len;	  /* payload bytes */
 };
 
 struct pyhv_svc {
@@ -463,7 +462,6 @@ long pyhv_svc_serve(struct pyhv_svc *s, uint8_t *buf, size_t cap, int *flags_out
 		memcpy(&h, j->hdr, HDR);
 		if (n >= (ssize_t)HDR && !got_fds && !(m.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) &&
 		    hot(s, &h, (size_t)n - HDR)) {
-			j->len = (size_t)n - HDR;
 			pthread_mutex_lock(&s->mu);
 			if (h.op == OP_READ && s->busy == 1) {
 				/* nothing else in hand: served by this thread, which

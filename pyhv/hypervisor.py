@@ -537,7 +537,7 @@ class Hypervisor:
         stream.service = svc
         stream.bound_to(svc)
 
-        def opened(status, count, addr, data):
+        def opened(status, count, data):
             if stream.service is not svc:
                 return
             if status:
@@ -599,7 +599,7 @@ class Hypervisor:
         stream.set_state(SUSPENDING)
         flushed = [False]
 
-        def on_flush(status, count, addr, data):
+        def on_flush(status, count, data):
             if status:
                 log.error("partition %s: flush on %s failed: %s", stream.name, svc.name,
                           os.strerror(-status))  # fmt: skip
@@ -993,7 +993,7 @@ class Hypervisor:
         only the page that has it."""
         n = len(pages)
 
-        def done(status, count, addr, data):
+        def done(status, count, data):
             if status == 0:
                 part.counters["page_ins"] += n
                 self._install_read(part, pages)
@@ -1341,7 +1341,7 @@ class Hypervisor:
             self._submit_write(part, first, chunk)
 
     def _submit_write(self, part: Partition, first: int, pages: list[int], flags: int = 0) -> None:
-        def done(status, count, addr, data):
+        def done(status, count, data):
             retried = req.flags & wire.FLAG_RETRY
             if status and len(pages) > 1 and status != -errno.ENOSPC:
                 for k, page in enumerate(pages):  # which page's slot failed: one by one

@@ -128,13 +128,14 @@ class PagingService:
 
     def op_read(self, stream, slot, count, payload, fds):
         """Only what the engine refused comes here: say why."""
-        self._paging_refused(stream, slot, count, payload)
+        self._paging_refused(stream, slot, count, payload, count * wire.CRC.size + wire.PAGE_NO.size)
 
-    op_write = op_read
+    def op_write(self, stream, slot, count, payload, fds):
+        self._paging_refused(stream, slot, count, payload, count * wire.PAGE_NO.size)
 
-    def _paging_refused(self, stream, slot, count, payload):
+    def _paging_refused(self, stream, slot, count, payload, want):
         dev = self.device(stream)
-        if not 1 <= count <= wire.MAX_PAGES or payload != count * wire.CRC.size:
+        if not 1 <= count <= wire.MAX_PAGES or payload != want:
             raise OSError(errno.EINVAL, f"{count} pages with {payload} bytes of payload")
         raise OSError(errno.EINVAL, f"slots {slot}+{count} outside device of {dev.pages}")
 

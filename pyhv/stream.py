@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Callable
 
-from pyhv import uffd, wire
+from pyhv import wire
 
 log = logging.getLogger("pyhv.stream")
 
@@ -53,7 +53,7 @@ class Request:
         self.slot = slot
         self.count = count
         self.payload = payload  # bytes-like or a list of them
-        self.done = done  # done(status, count, data_addr, data): data a memoryview of the reply's
+        self.done = done  # done(status, count, data): data a memoryview of the reply's payload
         self.id = 0
         self.sent = 0.0
         self.fds = fds  # sent with it (OPEN: the partition's memory)
@@ -116,7 +116,7 @@ class Stream:
             svc.send(self, req)
             self.inflight[req.id] = req
 
-    def answered(self, req: Request, status: int, count: int, addr: int, data) -> None:
+    def answered(self, req: Request, status: int, count: int, data) -> None:
         if self._failover is not None and not req.control:  # first served after failover
             fo, self._failover = self._failover, None
             fo["seconds"] = time.monotonic() - fo.pop("t0")
@@ -124,7 +124,7 @@ class Stream:
             log.warning("partition %s: failover %s -> %s took %.1f ms, %d requests were in "
                         "flight", self.name, fo["from"], fo["to"], fo["seconds"] * 1e3,
                         fo["in_flight"])  # fmt: skip
-        req.done(status, count, addr, data)
+        req.done(status, count, data)
 
     def take_back(self) -> list[Request]:
         """Unsent again: every in-flight request returns to the queue, oldest
@@ -181,7 +181,6 @@ class ServiceLink:
         self.deaths = 0
         self.scratch = mmap.mmap(-1, wire.MAX_FRAME)
         self.scratch_view = memoryview(self.scratch)
-        self.scratch_addr = uffd.address_of(self.scratch)
         self.hdr = bytearray(wire.HEADER.size)
 
     @property
@@ -283,8 +282,7 @@ class ServiceLink:
             stream, req = entry
             if stream.inflight.pop(rid, None) is None and not req.control:
                 continue  # taken back from this service meanwhile: answered elsewhere
-            stream.answered(req, status, count, self.scratch_addr,
-                            self.scratch_view[: n - wire.HEADER.size])  # fmt: skip
+            stream.answered(req, status, count, self.scratch_view[: n - wire.HEADER.size])
 
     def oldest_age(self, now: float) -> float:
         """Age of the oldest unanswered request: `sent` is in sending order."""

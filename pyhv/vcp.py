@@ -213,7 +213,7 @@ def device_list(hv, conn, msg):
             row["query"] = None
             continue
 
-        def answered(status, count, addr, data, row=row):
+        def answered(status, count, data, row=row):
             row["query"] = json.loads(bytes(data)) if status == 0 else {
                 "error": os.strerror(-status)}  # fmt: skip
             asked.remove(row["id"])
