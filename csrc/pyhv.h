@@ -68,7 +68,7 @@ int pyhv_mce_remove(uint64_t start);
  * by threads, everything else handed back to Python as a barrier. */
 #define PYHV_SVC_MAX_PAGES 64
 #define PYHV_SVC_MAX_STREAMS 65536
-#define PYHV_SVC_MAX_FRAME 262428 /* header + 64 * (page + CRC32) */
+#define PYHV_SVC_MAX_FRAME 65564 /* wire.MAX_FRAME: header + 64 KiB (no page data) */
 #define PYHV_SVC_RETRY 1 /* header flag: resent after the service holding it failed */
 struct pyhv_svc;
 struct pyhv_svc *pyhv_svc_new(int sock, int threads, int spin_us);

@@ -167,7 +167,7 @@ MAX_PAGES = 64  # pages in one READ or WRITE
 PAGE = 4096
 CRC = struct.Struct("<I")  # one page's CRC32, as READ requests and WRITE replies carry them
 PAGE_NO = struct.Struct("<I")  # a page of the partition's memory, as READ and WRITE name them
-MAX_FRAME = HEADER.size + MAX_PAGES * (PAGE + CRC.size)
+MAX_FRAME = HEADER.size + 65536  # no page data: CRC32s and page numbers, or JSON
 FLAG_RETRY = 1  # header flag: the request was in flight on a service that failed
 
 
