@@ -12,13 +12,17 @@ from the selector's ``data``:
 * the signal wake-up socket (SIGCHLD, SIGTERM, SIGINT).
 
 A fault on a page that is not resident takes a frame from the pool (evicting
-the oldest resident page when there is none), fills it with zeros on first
-touch or with the page read through the partition's stream, and installs it
-atomically with UFFDIO_ZEROPAGE/UFFDIO_COPY.  Pages read from the device are
-installed write-protected: the first write is seen (a WP fault) and marks the
-page dirty, so clean pages are dropped at eviction with no I/O.  Eviction
-write-protects the page in every worker, writes it out if dirty, punches it
-out of the memfd, and wakes whoever blocked on it meanwhile.
+victims, 2Q, when there is none), fills it with zeros on first touch
+(UFFDIO_ZEROPAGE), or has the paging service read it through the
+partition's stream straight into the memfd and maps it with UFFDIO_CONTINUE
+(workers register MINOR faults too, so none sees it before).  Pages read
+from the device are mapped write-protected: the first write is seen (a WP
+fault) and marks the page dirty, so clean pages are dropped at eviction with
+no I/O (unless most page-ins are written soon after: then they are mapped
+writable).  Eviction write-protects the victims in every worker and drops
+the clean ones; the service writes the dirty ones, many to neighbouring
+slots in one WRITE, and punches them out of the memfd; whoever blocked on
+them meanwhile is woken and faults again.
 """
 
 from __future__ import annotations
@@ -1134,10 +1138,10 @@ class Hypervisor:
         else:
             part.victims.append(page)
 
-    def _wake(self, waiters: list, off: int, skip: Worker | None = None) -> None:
+    def _wake(self, waiters: list, off: int) -> None:
         """Let every worker blocked on the page at `off` retry its access."""
         for w, _ in waiters:
-            if w is not skip and w.alive:
+            if w.alive:
                 if uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
                     self._drop_worker(w, "its memory is gone")
 
