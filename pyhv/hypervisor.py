@@ -319,8 +319,8 @@ class Hypervisor:
         self.ready_fd = -1
         self.listener: socket.socket | None = None
         self.conns: dict[socket.socket, Control] = {}
-        self.pending_ops: list = []
-        self.errors: list[dict] = []  # machine-check records, oldest first  # (predicate, action) of operations still under way
+        self.pending_ops: list = []  # (predicate, action) of operations still under way
+        self.errors: list[dict] = []  # machine-check records, oldest first
         self.control_handlers = {
             "status": self.op_status,
             "shutdown": self.op_shutdown,
@@ -1076,10 +1076,9 @@ class Hypervisor:
         part.table[page] = CLEAN if clean else DIRTY
         part.resident += 1
         self._enqueue(part, page)
-        self._map_waiters(part, waiters, page, clean, skip=installer)
+        self._map_waiters(waiters, page, clean, skip=installer)
 
-    def _map_waiters(self, part: Partition, waiters: list, page: int, clean: bool,
-                     skip: Worker | None) -> None:  # fmt: skip
+    def _map_waiters(self, waiters: list, page: int, clean: bool, skip: Worker | None) -> None:
         """Map a page now resident into every other worker blocked on it."""
         if len(waiters) == 1 and waiters[0][0] is skip:
             return
@@ -1122,7 +1121,7 @@ class Hypervisor:
                 part.release_slot(page)
             part.table[page] = state
             if waiters := part.waiters.pop(page):
-                self._map_waiters(part, waiters, page, clean, skip=installer)
+                self._map_waiters(waiters, page, clean, skip=installer)
         part.resident += n
         for page in pages:
             self._enqueue(part, page)

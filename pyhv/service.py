@@ -128,7 +128,8 @@ class PagingService:
 
     def op_read(self, stream, slot, count, payload, fds):
         """Only what the engine refused comes here: say why."""
-        self._paging_refused(stream, slot, count, payload, count * wire.CRC.size + wire.PAGE_NO.size)
+        want = count * wire.CRC.size + wire.PAGE_NO.size  # CRC32s, then the first page
+        self._paging_refused(stream, slot, count, payload, want)
 
     def op_write(self, stream, slot, count, payload, fds):
         self._paging_refused(stream, slot, count, payload, count * wire.PAGE_NO.size)

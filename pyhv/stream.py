@@ -48,7 +48,7 @@ class Request:
                  "flags")  # fmt: skip
 
     def __init__(self, op: int, slot: int, count: int, payload, done: Callable,
-                 control: bool = False, fds=()):  # fmt: skip
+                 control: bool = False, fds=(), flags: int = 0):  # fmt: skip
         self.op = op
         self.slot = slot
         self.count = count
@@ -57,7 +57,7 @@ class Request:
         self.id = 0
         self.sent = 0.0
         self.fds = fds  # sent with it (OPEN: the partition's memory)
-        self.flags = 0  # wire.FLAG_RETRY once it was in flight on a service that failed
+        self.flags = flags  # wire.FLAG_RETRY once it was in flight on a service that failed
         # OPEN and FLUSH belong to one service's tenure of the stream: they
         # are not in the stream's in-flight set and never resent elsewhere
         self.control = control
@@ -100,8 +100,7 @@ class Stream:
     def submit(self, op: int, slot: int, count: int, payload, done: Callable,
                flags: int = 0) -> Request:  # fmt: skip
         self.requests += 1
-        req = Request(op, slot, count, payload, done)
-        req.flags = flags
+        req = Request(op, slot, count, payload, done, flags=flags)
         self.queued.append(req)
         self.pump()
         return req
