@@ -38,6 +38,7 @@ int pyhv_memfd_new(const char *name, uint64_t size);
 int pyhv_punch_hole(int fd, uint64_t offset, uint64_t len);
 int64_t pyhv_blkdev_size(int fd);
 int pyhv_mincore(uint64_t start, uint64_t len, unsigned char *vec);
+int64_t pyhv_fs_magic(int fd);
 
 /* Worker watchdog: a thread that ends the process with _exit(status) when
  * fd reports end-of-file or an error (the hypervisor is gone). */

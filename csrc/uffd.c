@@ -12,6 +12,7 @@
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <string.h>
@@ -198,4 +199,15 @@ int64_t pyhv_blkdev_size(int fd)
 int pyhv_mincore(uint64_t start, uint64_t len, unsigned char *vec)
 {
 	return mincore((void *)start, len, vec) < 0 ? NEG_ERRNO() : 0;
+}
+
+/* The filesystem type (statfs f_type, a *_SUPER_MAGIC) of the file open on
+ * fd, so that a paging device on a pseudo filesystem (proc, sysfs) is
+ * refused.  Returns the magic (>= 0) or -errno. */
+int64_t pyhv_fs_magic(int fd)
+{
+	struct statfs st;
+	if (fstatfs(fd, &st) < 0)
+		return NEG_ERRNO();
+	return (int64_t)(uint32_t)st.f_type;
 }

@@ -16,7 +16,7 @@ import sys
 import time
 
 from pyhv import wire
-from pyhv.config import ConfigError, load_config
+from pyhv.config import ConfigError, human_size, load_config
 from pyhv.hypervisor import CONTROL_SOCKET, ERROR_LOG, LOG_FILE, PID_FILE
 
 EXIT_USAGE = 2
@@ -215,18 +215,11 @@ def cmd_run(args) -> int:
 # --- status and shutdown -------------------------------------------------------------------
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f}{unit}"
-    return f"{n}B"
-
-
 def format_status(st: dict) -> str:
     pool = st["pool"]
     lines = [
         f"hypervisor pid {st['pid']}  {st['state']}  up {st['uptime']:.0f}s  run dir {st['run_dir']}",
-        f"pool {_fmt_bytes(pool['size_bytes'])}: {pool['resident_pages']}/{pool['pages']} pages "
+        f"pool {human_size(pool['size_bytes'])}: {pool['resident_pages']}/{pool['pages']} pages "
         f"resident (high water {pool['frames_high_water']}), {pool['fault_waiters']} faults "
         "waiting for a frame",
         "",
@@ -235,7 +228,7 @@ def format_status(st: dict) -> str:
     ]
     for p in st["partitions"]:
         lines.append(
-            f"{p['name']:<12}{_fmt_bytes(p['memory_bytes']):>9}{p['resident_pages']:>10}"
+            f"{p['name']:<12}{human_size(p['memory_bytes']):>9}{p['resident_pages']:>10}"
             f"{p['faults']:>10}{p['page_ins']:>10}{p['page_outs']:>11}{p['clean_drops']:>8}"
             f"{len(p['workers']):>9}  {p['device']}"
         )
@@ -321,14 +314,14 @@ def _names(value: str | None) -> list[str] | None:
 def cmd_pool_resize(args) -> int:
     r = _op(args, {"op": "pool_resize", "size": args.size})
     return _emit(args, r, f"pool: {r['old_pages']} -> {r['pages']} pages "
-                          f"({_fmt_bytes(r['pages'] * 4096)})")  # fmt: skip
+                          f"({human_size(r['pages'] * 4096)})")  # fmt: skip
 
 
 def format_partitions(parts: list[dict]) -> str:
     lines = [f"{'PARTITION':<12}{'MEMORY':>9}{'RESIDENT':>10}  {'DEVICE':<10}{'PAGING':<14}"
              f"{'SERVICE':<10}{'STREAM':<11}WORKERS"]  # fmt: skip
     for p in parts:
-        lines.append(f"{p['name']:<12}{_fmt_bytes(p['memory_bytes']):>9}{p['resident_pages']:>10}  "
+        lines.append(f"{p['name']:<12}{human_size(p['memory_bytes']):>9}{p['resident_pages']:>10}  "
                      f"{p['device']:<10}{','.join(p['paging']):<14}{p['service'] or '-':<10}"
                      f"{p['stream']:<11}{len(p['workers'])}")
     return "\n".join(lines)
@@ -351,7 +344,7 @@ def format_devices(devs: list[dict]) -> str:
              f"{'ACTIVE':<10}{'STREAM':<11}{'HEALTH':<10}PATH"]  # fmt: skip
     for d in devs:
         q = d.get("query") or {}
-        lines.append(f"{d['id']:<10}{d['type']:<7}{_fmt_bytes(d['size_bytes']):>9}  "
+        lines.append(f"{d['id']:<10}{d['type']:<7}{human_size(d['size_bytes']):>9}  "
                      f"{d['partition'] or '-':<12}{','.join(d['services']):<14}"
                      f"{d['active_service'] or '-':<10}{d['stream'] or '-':<11}"
                      f"{q.get('health', '-'):<10}{d['path']}")
@@ -472,6 +465,8 @@ def cmd_inject(args) -> int:
 
         inject.small_filesystem(args.dir, parse_size(args.size or "", "--size"))
         return _emit(args, {"ok": True}, f"tmpfs of {args.size} at {args.dir}")
+    except inject.InjectUsage as e:
+        raise Fail(str(e), EXIT_USAGE) from None
     except inject.InjectError as e:
         raise Fail(str(e)) from None
     except OSError as e:

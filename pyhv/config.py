@@ -7,6 +7,7 @@ Every check happens here, before anything is started; a failure is one
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import stat
@@ -25,6 +26,25 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ISOLATIONS = ("process", "partition")
+#: The smallest pool: enough frames for a fault to find one while others page out.
+MIN_POOL_PAGES = 16
+#: A config file larger than this is refused unread (``-c /dev/zero``).
+MAX_CONFIG_BYTES = 1 << 20
+#: What the hypervisor keeps for each page of a partition's memory (state 1,
+#: CRC32 4, slot 4, eviction epoch 1) and for each slot of its device (the
+#: slot map, 1): checked against the machine's memory before anything starts.
+METADATA_PER_PAGE = 10
+METADATA_PER_SLOT = 1
+#: Filesystems whose files are no paging device (statfs f_type): proc, sysfs,
+#: debugfs, tracefs, securityfs, cgroup, cgroup2, devpts, configfs, bpf,
+#: pstore, efivarfs, selinuxfs, fusectl, binfmt_misc, nsfs.
+PSEUDO_FILESYSTEMS = {
+    0x9FA0: "proc", 0x62656572: "sysfs", 0x64626720: "debugfs", 0x74726163: "tracefs",
+    0x73636673: "securityfs", 0x27E0EB: "cgroup", 0x63677270: "cgroup2", 0x1CD1: "devpts",
+    0x62656570: "configfs", 0xCAFE4A11: "bpf", 0x6165676C: "pstore", 0xDE5E81E4: "efivarfs",
+    0xF97CFF8C: "selinuxfs", 0x65735543: "fusectl", 0x42494E4D: "binfmt_misc",
+    0x6E736673: "nsfs",
+}  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -58,10 +78,61 @@ def parse_pages(value, what: str) -> int:
 
 
 def format_size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+    """Exact, as a config would say it: "64MiB", or bytes."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return str(n)
+
+
+def human_size(n: int) -> str:
+    """Rounded, for people: "22.9GiB"."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f}{unit}"
+    return f"{n}B"
+
+
+def available_memory() -> int:
+    """Bytes this machine can give now without swapping (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def metadata_bytes(pages: int, slots: int) -> int:
+    """What the hypervisor keeps for a partition of `pages` pages on a device
+    of `slots` slots."""
+    return pages * METADATA_PER_PAGE + slots * METADATA_PER_SLOT
+
+
+def check_pool_size(pages: int, what: str = "[pool] size", available: int | None = None) -> None:
+    """A pool must hold MIN_POOL_PAGES pages and fit in the memory the machine
+    can give (`available` bytes; default: MemAvailable now)."""
+    if pages < MIN_POOL_PAGES:
+        raise ConfigError(f"{what}: the pool cannot be smaller than {MIN_POOL_PAGES} pages "
+                          f"({format_size(MIN_POOL_PAGES * PAGE_SIZE)})")  # fmt: skip
+    available = available_memory() if available is None else available
+    if pages * PAGE_SIZE > available:
+        raise ConfigError(f"{what}: {human_size(pages * PAGE_SIZE)} is more memory than this "
+                          f"machine can give ({human_size(available)} available)")  # fmt: skip
+
+
+def check_metadata(name: str, memory: int, device_size: int, available: int | None = None) -> None:
+    """A partition's page tables must fit in the memory the machine can give."""
+    need = metadata_bytes(memory // PAGE_SIZE, device_size // PAGE_SIZE)
+    available = available_memory() if available is None else available
+    if need > available:
+        raise ConfigError(f"partition {name!r}: {format_size(memory)} of memory on a "
+                          f"{format_size(device_size)} device needs {human_size(need)} of "
+                          f"hypervisor metadata ({METADATA_PER_PAGE} bytes a page, "
+                          f"{METADATA_PER_SLOT} a device slot), more than this machine can "
+                          f"give ({human_size(available)} available)")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -197,6 +268,8 @@ def parse_device(entry: dict, run_dir: Path, service_names: list[str]) -> Device
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{where}: {path} is neither a regular file nor a block device")
         kind = "file"
+    _check_usable(path if st is not None else path.parent, where, st is None)
+    if kind == "file":
         if "size" in entry:
             size = parse_pages(entry["size"], f"{where}: size")
         elif st is not None:
@@ -210,6 +283,35 @@ def parse_device(entry: dict, run_dir: Path, service_names: list[str]) -> Device
     if not isinstance(direct, bool):
         raise ConfigError(f"{where}: direct must be true or false")
     return DeviceConfig(did, path, size, kind, list(services), direct)
+
+
+def _check_usable(path: Path, where: str, directory: bool) -> None:
+    """A paging device is read and written at offsets: refuse one that cannot
+    be opened for writing, or lives on a pseudo filesystem (``/proc/meminfo``
+    is a "regular file"); for a device file not made yet, its directory."""
+    from pyhv.uffd import fs_magic
+
+    if directory and not path.is_dir():
+        return  # the run directory, made when the system starts
+    flags = (os.O_RDONLY | os.O_DIRECTORY if directory else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ConfigError(f"{where}: {path} cannot be opened"
+                          f"{'' if directory else ' for reading and writing'}: "
+                          f"{e.strerror}") from None  # fmt: skip
+    try:
+        fs = PSEUDO_FILESYSTEMS.get(fs_magic(fd))
+        if fs is not None:
+            raise ConfigError(f"{where}: {path} is on {fs}, which cannot hold a paging device")
+        if not directory:
+            try:
+                os.pwrite(fd, b"", 0)
+            except OSError as e:
+                raise ConfigError(f"{where}: {path} cannot be written at an offset: "
+                                  f"{e.strerror}") from None  # fmt: skip
+    finally:
+        os.close(fd)
 
 
 def _block_size(path: Path) -> int:
@@ -261,6 +363,7 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
         raise ConfigError("[pool] size is required")
     _unknown_keys(pool, {"size"}, "[pool]")
     pool_size = parse_pages(pool["size"], "[pool] size")
+    check_pool_size(pool_size // PAGE_SIZE)
     hv = doc.get("hypervisor", {})
     if not isinstance(hv, dict):
         raise ConfigError("[hypervisor] must be a table")
@@ -278,9 +381,10 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
         if not isinstance(restart, bool):
             raise ConfigError(f"paging service {name!r}: restart must be true or false")
         timeout = entry.get("timeout", 10.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ConfigError(f"paging service {name!r}: timeout must be a positive number "
-                              "of seconds")  # fmt: skip
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not math.isfinite(timeout) or timeout <= 0):  # fmt: skip
+            raise ConfigError(f"paging service {name!r}: timeout must be a finite, positive "
+                              "number of seconds")  # fmt: skip
         services.append(ServiceConfig(name, restart, float(timeout)))
     if not services:
         raise ConfigError("at least one [[paging_service]] is required")
@@ -306,6 +410,15 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
     # explicit assignments first, then the best fit for the rest
     for p in sorted(parts, key=lambda p: p["device"] is None):
         taken[assign_device(p, by_id, taken).id] = p["name"]
+    available = available_memory()
+    need = pool_size
+    for p in parts:
+        check_metadata(p["name"], p["memory"], by_id[p["device"]].size, available)
+        need += metadata_bytes(p["memory"] // PAGE_SIZE, by_id[p["device"]].size // PAGE_SIZE)
+    if need > available:
+        raise ConfigError(f"the pool ({human_size(pool_size)}) and the partitions' metadata "
+                          f"({human_size(need - pool_size)}) need more memory than this machine "
+                          f"can give ({human_size(available)} available)")  # fmt: skip
     return Config(pool_size, services, devices, [PartitionConfig(**p) for p in parts], poll_us)
 
 
@@ -345,9 +458,16 @@ def _check_fit(p: dict, dev: DeviceConfig) -> None:
 def load_config(path: str | os.PathLike, run_dir: Path) -> Config:
     """Read and validate a TOML config file."""
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {format_size(MAX_CONFIG_BYTES)}; not a config file")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); not a config file") from None
     return load_config_text(text, run_dir, str(path))
 
 

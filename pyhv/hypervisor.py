@@ -35,6 +35,7 @@ import fcntl
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import selectors
@@ -70,6 +71,9 @@ EVICT_AHEAD = 64  # frames kept free ahead of demand once the pool is full (read
 MAX_CONNECTIONS = 512  # control connections, workers' included
 MAX_BACKLOG = 32  # replies a client may leave unread before it is dropped
 FULL_BACKOFF = 1.0  # seconds a full device gets before new space on it is tried again
+SLOT_BACKOFF = 1.0  # a slot that failed a write is tried again after 1, 2, 4 ... seconds
+SLOT_STRIKES = 3  # failures, each while other slots were written fine, that retire a slot
+FAILING_IN_ROW = 4  # page-outs failed in a row (none done between): the device is failing
 PREFETCH = 8, 64  # pages read ahead of a sequential run of page-ins: first, at most
 GUESS_WRITTEN = 0.5  # past this share of page-ins written soon after, install them writable
 GUESS_PROBE = 8  # ...except one page-in in this many, which keeps measuring the share
@@ -81,12 +85,14 @@ EPOCHS = 4  # eviction epochs in a pool-full of evictions (see Hypervisor._enque
 class Control:
     """A control connection: a control-point client, or a worker's for life."""
 
-    __slots__ = ("sock", "out", "worker")
+    __slots__ = ("sock", "out", "worker", "pieces")
 
     def __init__(self, sock: socket.socket):
         self.sock: socket.socket | None = sock
-        self.out: collections.deque = collections.deque()  # (bytes, fds) not sent yet
+        # replies not sent yet: (the pieces of one, not sent yet; its fds)
+        self.out: collections.deque[tuple[collections.deque, list]] = collections.deque()
         self.worker: Worker | None = None
+        self.pieces = wire.Assembler(wire.MAX_REQUEST)  # a long request coming in
 
 
 class Worker:
@@ -117,7 +123,7 @@ class Partition:
         self.view = memoryview(self.mem)
         self.base = uffd.address_of(self.mem, writable=False)
         self.table = bytearray(self.pages)  # page state, one byte a page
-        self.crc = array.array("I", bytes(4 * self.pages))  # CRC32 of each page on the device
+        self.crc = array.array("I", [0]) * self.pages  # CRC32 of each page on the device
         # Where each page lives on the device.  Every page-out writes the page
         # to a new slot, so that the dirty pages evicted together go to
         # neighbouring slots in one WRITE, as the kernel's swap clusters do;
@@ -126,8 +132,18 @@ class Partition:
         self.slot = array.array("I", [NO_SLOT]) * self.pages
         self.slot_map = bytearray(device.pages)
         self.slot_cursor = 0  # where the next run of free slots is looked for
-        self.bad_slots: set[int] = set()
-        self.full_until = 0.0  # monotonic time until which the device counts as full
+        # Slots whose last write failed: slot -> [strikes, retry at (0 once
+        # free again), WRITEs done then].  A slot is tried again after a
+        # back-off (the device may have recovered); it is retired for good
+        # after SLOT_STRIKES failures, a strike counting only when other
+        # slots were written fine since the last: a device that fails every
+        # write (an outage) retires nothing.  A good write forgets the slot.
+        self.bad_slots: dict[int, list] = {}
+        self.retired_slots = 0
+        self.slot_retry_at = math.inf  # the earliest retry among bad_slots
+        self.writes_done = 0  # WRITEs that succeeded
+        self.failing_in_row = 0  # page-outs that failed with none done between
+        self.full_until = 0.0  # no new dirty page-outs until then (full, or failing)
         self.evicting = 0  # page-outs of this partition in flight or queued
         self.last_page_in = -2  # for spotting a sequential run of page-ins
         self.readahead_end = -1  # the page after the last window read ahead
@@ -212,13 +228,51 @@ class Partition:
                 self.slot_map[slot] = SLOT_FREE
         return slot
 
-    def slot_failed(self, page: int) -> int:
-        """A write to the page's slot failed: the slot is bad for good."""
+    def slot_failed(self, page: int, now: float) -> bool:
+        """A write to the page's slot failed: it is not used until its retry
+        time, or ever again once it has failed often with the device
+        otherwise well (True: retired now)."""
         slot = self.slot[page]
         self.slot[page] = NO_SLOT
         self.slot_map[slot] = SLOT_BAD
-        self.bad_slots.add(slot)
-        return slot
+        entry = self.bad_slots.get(slot)
+        if entry is None:
+            entry = self.bad_slots[slot] = [1, 0.0, self.writes_done]
+        elif entry[2] != self.writes_done:  # others were written since: this slot is bad
+            entry[0] += 1
+            entry[2] = self.writes_done
+        if entry[0] >= SLOT_STRIKES:
+            entry[1] = math.inf
+            self.retired_slots += 1
+            return True
+        entry[1] = now + SLOT_BACKOFF * 2 ** (entry[0] - 1)
+        self.slot_retry_at = min(self.slot_retry_at, entry[1])
+        return False
+
+    def retry_slots(self, now: float) -> None:
+        """Slots whose back-off is over are free again."""
+        if now < self.slot_retry_at:
+            return
+        self.slot_retry_at = math.inf
+        for slot, entry in self.bad_slots.items():
+            at = entry[1]
+            if 0 < at <= now:
+                entry[1] = 0
+                self.slot_map[slot] = SLOT_FREE
+            elif now < at < self.slot_retry_at:
+                self.slot_retry_at = at
+
+    def slots_written(self, first: int, n: int) -> None:
+        """A WRITE to slots first..first+n-1 was done: they are good."""
+        self.writes_done += 1
+        self.failing_in_row = 0
+        if self.bad_slots:
+            for slot in range(first, first + n):
+                self.bad_slots.pop(slot, None)
+
+    def unusable_slots(self) -> int:
+        """Slots not given out now: waiting for their retry, or retired."""
+        return sum(1 for _, at, _ in self.bad_slots.values() if at)
 
     def alloc_slots(self, n: int) -> tuple[int, int] | None:
         """Up to n free neighbouring slots, as (first, count); None when the
@@ -256,11 +310,13 @@ class Partition:
             "installed_writable": c["installed_writable"],
             "written_share": round(self.written_share, 3),
             "io_errors": c["io_errors"],
+            "page_out_errors": c["page_out_errors"],
             "machine_checks": c["machine_checks"],
             "isolation": self.cfg.isolation,
             "weight": self.cfg.weight,
             "metadata_bytes_per_page": round(self.metadata_bytes() / self.pages, 2),
-            "bad_slots": len(self.bad_slots),
+            "bad_slots": self.unusable_slots(),  # waiting for a retry, or retired
+            "retired_slots": self.retired_slots,
             "free_slots": self.slot_map.count(SLOT_FREE),
             "device": self.cfg.device,
             "paging": self.cfg.paging,
@@ -288,6 +344,66 @@ def _runs(pages: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+UFFD_LINK = "anon_inode:[userfaultfd]"  # what /proc/self/fd/N reads for a userfaultfd
+UFFD_INITIALIZED = 1 << 31  # the kernel's own feature bit, shown in fdinfo
+
+
+def prove_uffd(fd: int, pid: int, base: int, part: Partition) -> None:
+    """What a worker hands over at registration must be what attach asked
+    for: a userfaultfd with the worker features, registered (MISSING, MINOR
+    and WP) over the partition's memory where process pid (the peer, from
+    SO_PEERCRED) maps it shared at `base`.  Raises ProtocolError saying what
+    is wrong; a pipe, an eventfd, a file or a uffd over other memory would
+    otherwise fail every ioctl later, in the middle of someone's eviction."""
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            info = f.read()
+    except OSError as e:
+        raise wire.ProtocolError(f"its fd cannot be examined: {e.strerror}") from None
+    if link != UFFD_LINK:
+        raise wire.ProtocolError(f"its fd is not a userfaultfd but {link}")
+    api = next((ln.split()[1] for ln in info.splitlines() if ln.startswith("API:")), "")
+    try:
+        features = int(api.split(":")[1], 16) & ~UFFD_INITIALIZED
+    except (IndexError, ValueError):
+        raise wire.ProtocolError("its userfaultfd has had no UFFDIO_API handshake") from None
+    want = uffd.feature_mask(uffd.WORKER_FEATURES)
+    if features != want:
+        raise wire.ProtocolError(f"its userfaultfd has features {features:#x}, attach asked for "
+                                 f"{want:#x}")  # fmt: skip
+    size = part.cfg.memory
+    st = os.fstat(part.memfd)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    end, at = base + size, base  # the next VMA of the mapping must start at `at`
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                span, perms, offset, dev, inode = line.split()[:5]
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if hi <= base or lo >= end:
+                    continue
+                if (lo != at or int(inode) != st.st_ino or dev != device
+                        or perms[:2] != "rw" or perms[3] != "s" or int(offset, 16) != lo - base):
+                    break  # fmt: skip
+                at = hi
+    except (OSError, ValueError) as e:
+        raise wire.ProtocolError(f"the memory of process {pid} cannot be read: {e}") from None
+    if at < end:
+        raise wire.ProtocolError(f"process {pid} does not map the partition's memory shared and "
+                                 f"writable at {base:#x}")  # fmt: skip
+    # Registering again with the same modes changes nothing for the uffd that
+    # holds the range, and fails (EBUSY) for any other: the proof that faults
+    # on this memory come to this fd.
+    try:
+        ioctls = uffd.register(fd, base, size, uffd.MODE_MISSING | uffd.MODE_MINOR | uffd.MODE_WP)
+    except OSError as e:
+        raise wire.ProtocolError(f"its userfaultfd does not hold the partition's memory at "
+                                 f"{base:#x}: {e.strerror}") from None  # fmt: skip
+    if ioctls & uffd.RANGE_IOCTLS != uffd.RANGE_IOCTLS:
+        raise wire.ProtocolError("its userfaultfd cannot resolve faults on the partition's memory")
+
+
 def device_spec(dev) -> dict:
     """What a paging service needs to open a device for a stream."""
     return {"id": dev.id, "path": str(dev.path), "kind": dev.kind, "size": dev.size,
@@ -310,6 +426,7 @@ class Hypervisor:
         self.locks: dict[str, int] = {}  # device id -> fd holding its flock
         self.faults = uffd.FaultBuffer(256)
         self.evictions = 0
+        self.next_slot_retry = math.inf  # the earliest Partition.slot_retry_at
         self.epoch = 0  # advances every pool.pages / EPOCHS evictions, modulo 255
         self.stopping = False
         self.done = False
@@ -461,6 +578,11 @@ class Hypervisor:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        if now >= self.next_slot_retry:  # slots that failed a write are tried again
+            for part in self.partitions:
+                part.retry_slots(now)
+            self.next_slot_retry = min((p.slot_retry_at for p in self.partitions),
+                                       default=math.inf)  # fmt: skip
         if self.pool.waiters:  # faults waiting for a frame: a full device may have room now
             self.replenish()
         for svc in self.services.values():  # stopping ones too: a hung stop fails over
@@ -695,19 +817,29 @@ class Hypervisor:
         for _, fds in c.out:
             wire.close_fds(fds)
         c.out.clear()
+        c.pieces.reset()
 
     def on_control(self, c: "Control") -> None:
         """One request from a connection (the next waits for the next event)."""
         try:
-            msg, fds = wire.recv_control(c.sock)
+            data, fds = wire.recv_piece(c.sock)
+            if not data and not fds:
+                self._drop_conn(c, "connection closed")
+                return
+            data, fds = c.pieces.feed(data, fds)
+            if data is None:
+                return  # more of it to come
+            msg = wire.decode_control(data)
         except BlockingIOError:
             return
-        except (wire.ProtocolError, OSError) as e:
+        except wire.ProtocolError as e:
             log.warning("control: dropping a connection: %s", e)
+            self.reply(c, {"ok": False, "error": f"bad request: {e}"})
             self._drop_conn(c, f"protocol error: {e}")
             return
-        if msg is None:
-            self._drop_conn(c, "connection closed")
+        except OSError as e:
+            log.warning("control: dropping a connection: %s", e)
+            self._drop_conn(c, f"connection broken: {e}")
             return
         op = msg.get("op")
         handler = self.control_handlers.get(op) if isinstance(op, str) else None
@@ -739,7 +871,7 @@ class Hypervisor:
         now waits in its queue; a peer that leaves too much unread is dropped."""
         if c.sock is None:
             return
-        c.out.append((wire.encode_control(reply), [os.dup(fd) for fd in fds]))
+        c.out.append((collections.deque(wire.encode_control(reply)), [os.dup(fd) for fd in fds]))
         if len(c.out) > MAX_BACKLOG:
             log.warning("control: a client left %d replies unread; dropping it", len(c.out))
             self._drop_conn(c, "not reading its replies")
@@ -748,12 +880,14 @@ class Hypervisor:
 
     def _flush_replies(self, c: "Control") -> None:
         while c.out and c.sock is not None:
-            data, fds = c.out[0]
+            pieces, fds = c.out[0]
             try:
-                if fds:
-                    socket.send_fds(c.sock, [data], fds)
+                if fds:  # with the first piece
+                    socket.send_fds(c.sock, [pieces[0]], fds)
+                    wire.close_fds(fds)
+                    fds.clear()
                 else:
-                    c.sock.send(data)
+                    c.sock.send(pieces[0])
             except BlockingIOError:
                 self.sel.modify(c.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
                                 lambda m, c=c: self.on_conn(c, m))  # fmt: skip
@@ -762,8 +896,9 @@ class Hypervisor:
                 log.warning("control: reply lost: %s", e)
                 self._drop_conn(c, "connection broken")
                 return
-            c.out.popleft()
-            wire.close_fds(fds)
+            pieces.popleft()
+            if not pieces:
+                c.out.popleft()
         if c.sock is not None:
             self.sel.modify(c.sock, selectors.EVENT_READ, lambda m, c=c: self.on_conn(c, m))
 
@@ -816,8 +951,18 @@ class Hypervisor:
         if w is None or w.uffd >= 0 or len(fds) != 1:
             wire.close_fds(fds)
             raise wire.ProtocolError("register without attach, twice, or without one uffd")
+        base = msg.get("base")
+        try:
+            if isinstance(base, bool) or not isinstance(base, int):
+                raise wire.ProtocolError(f"base {base!r} is not an address")
+            prove_uffd(fds[0], w.pid, base, w.partition)
+        except wire.ProtocolError as e:
+            wire.close_fds(fds)
+            log.warning("partition %s: worker pid %d: registration refused: %s",
+                        w.partition.name, w.pid, e)  # fmt: skip
+            raise
         w.uffd = fds[0]
-        w.base = int(msg["base"])
+        w.base = base
         os.set_blocking(w.uffd, False)
         part = w.partition
         # Clean pages must fault on this worker's first write too, and pages
@@ -825,11 +970,28 @@ class Hypervisor:
         for state in (CLEAN, PAGING_OUT):
             page = 0
             while (page := part.table.find(state, page)) >= 0:
-                uffd.writeprotect(w.uffd, w.base + page * PAGE_SIZE, PAGE_SIZE, True)
+                if self._ioctl(w, uffd.writeprotect, page, 1, True) == uffd.GONE:
+                    raise wire.ProtocolError("its userfaultfd failed at once")
                 page += 1
         self.sel.register(w.uffd, selectors.EVENT_READ, lambda m, w=w: self.on_uffd(w))
         log.info("partition %s: worker %d (pid %d) attached", part.name, w.id, w.pid)
         return {"ok": True}, ()
+
+    def _ioctl(self, w: Worker, op, page: int, n: int, *args) -> int:
+        """One uffd ioctl (uffd.writeprotect, zeropage, wake, continue_,
+        poison) on pages [page, page+n) of worker w: OK, EXISTS or GONE.
+        Any failure but EXISTS drops w, so that one worker's broken fd (or
+        its exit) never stops eviction or the faults of anyone else."""
+        try:
+            r = op(w.uffd, w.base + page * PAGE_SIZE, n * PAGE_SIZE, *args)
+        except OSError as e:
+            log.error("partition %s: worker %d (pid %d): %s on page %d: %s; dropping the "
+                      "worker", w.partition.name, w.id, w.pid, e.filename, page,
+                      errno.errorcode.get(e.errno, e.errno))  # fmt: skip
+            r = uffd.GONE
+        if r == uffd.GONE:
+            self._drop_worker(w, "its memory is gone")
+        return r
 
     def _drop_worker(self, w: Worker, why: str = "gone") -> None:
         if not w.alive:
@@ -908,7 +1070,6 @@ class Hypervisor:
                       w.pid, addr)  # fmt: skip
             return
         part.counters["faults"] += 1
-        start = w.base + page * PAGE_SIZE
         st = part.table[page]
         if flags & uffd.FLAG_WP:
             part.counters["wp_faults"] += 1
@@ -917,12 +1078,11 @@ class Hypervisor:
                     part.release_slot(page)
                     part.note_written(True)
                 part.table[page] = DIRTY
-                if uffd.writeprotect(w.uffd, start, PAGE_SIZE, False) == uffd.GONE:
-                    self._drop_worker(w, "its memory is gone")
+                self._ioctl(w, uffd.writeprotect, page, 1, False)
             elif st == PAGING_OUT or st == FILLING:
                 part.waiters[page].append((w, True))
-            elif uffd.wake(w.uffd, start, PAGE_SIZE) == uffd.GONE:
-                self._drop_worker(w, "its memory is gone")
+            else:
+                self._ioctl(w, uffd.wake, page, 1)
             return
         if st == UNTOUCHED or st == ON_DEVICE:
             part.table[page] = FILLING
@@ -956,8 +1116,7 @@ class Hypervisor:
             log.info("partition %s: page %d was removed by a worker; it is a zero page now",
                      part.name, page)  # fmt: skip
             part.table[page] = DIRTY
-            if uffd.zeropage(w.uffd, start, PAGE_SIZE) == uffd.GONE:
-                self._drop_worker(w, "its memory is gone")
+            self._ioctl(w, uffd.zeropage, page, 1)
 
     def _prefetch(self, part: Partition, first: int) -> None:
         """A sequential run of page-ins: read the next pages on the device
@@ -1029,13 +1188,10 @@ class Hypervisor:
         """UFFDIO_CONTINUE: map n pages that are in the memory into worker w
         (write-protected if clean); OK, EXISTS (mapped already: woken) or
         GONE (the worker is dropped)."""
-        start = w.base + page * PAGE_SIZE
-        r = uffd.continue_(w.uffd, start, n * PAGE_SIZE, uffd.CONTINUE_WP if clean else 0)
+        r = self._ioctl(w, uffd.continue_, page, n, uffd.CONTINUE_WP if clean else 0)
         if r == uffd.EXISTS:
-            r = uffd.wake(w.uffd, start, n * PAGE_SIZE)
+            r = self._ioctl(w, uffd.wake, page, n)
             r = uffd.EXISTS if r == uffd.OK else r
-        if r == uffd.GONE:
-            self._drop_worker(w, "its memory is gone")
         return r
 
     def _install(self, part: Partition, page: int, read: bool,
@@ -1058,9 +1214,7 @@ class Hypervisor:
             if read:
                 r = self._map(w, page, 1, clean)
             else:
-                r = uffd.zeropage(w.uffd, w.base + off, PAGE_SIZE)
-                if r == uffd.GONE:
-                    self._drop_worker(w, "its memory is gone")
+                r = self._ioctl(w, uffd.zeropage, page, 1)
             if r == uffd.GONE:
                 continue
             installer = w
@@ -1139,10 +1293,10 @@ class Hypervisor:
 
     def _wake(self, waiters: list, off: int) -> None:
         """Let every worker blocked on the page at `off` retry its access."""
+        page = off // PAGE_SIZE
         for w, _ in waiters:
             if w.alive:
-                if uffd.wake(w.uffd, w.base + off, PAGE_SIZE) == uffd.GONE:
-                    self._drop_worker(w, "its memory is gone")
+                self._ioctl(w, uffd.wake, page, 1)
 
     def _page_in_failed(self, part: Partition, page: int, err: int) -> None:
         """The device cannot deliver the page: a machine check, never zeros.
@@ -1174,10 +1328,9 @@ class Hypervisor:
             # it is stopped; only workers that attach later see it cleared
             if w.uffd < 0:
                 continue
-            start = w.base + page * PAGE_SIZE
-            uffd.writeprotect(w.uffd, start, PAGE_SIZE, False, wake=False)  # no marker in the way
-            if uffd.poison(w.uffd, start, PAGE_SIZE) == uffd.GONE:
-                self._drop_worker(w, "its memory is gone")
+            # no WP marker in the way of the poison
+            if (self._ioctl(w, uffd.writeprotect, page, 1, False, False) == uffd.GONE
+                    or self._ioctl(w, uffd.poison, page, 1) == uffd.GONE):  # fmt: skip
                 continue
             if w.id in touched and w.pid not in record["workers"]:
                 record["workers"].append(w.pid)
@@ -1291,9 +1444,7 @@ class Hypervisor:
             if w.uffd < 0:
                 continue
             for first, n in runs:
-                if uffd.writeprotect(w.uffd, w.base + first * PAGE_SIZE, n * PAGE_SIZE,
-                                     True) == uffd.GONE:  # fmt: skip
-                    self._drop_worker(w, "its memory is gone")
+                if self._ioctl(w, uffd.writeprotect, first, n, True) == uffd.GONE:
                     break
         span = max(1, self.pool.pages // EPOCHS)  # evictions an epoch
         self.epoch = (self.epoch + (self.evictions + len(pages)) // span
@@ -1361,6 +1512,7 @@ class Hypervisor:
                     else:
                         self._page_out_failed(part, page, -status)
                 return
+            part.slots_written(first, len(pages))
             crcs = data.cast("I")
             crc, table, waiters = part.crc, part.table, part.waiters
             for k, page in enumerate(pages):  # on the device, and gone from memory
@@ -1380,26 +1532,37 @@ class Hypervisor:
         """Nothing is lost: the page stays resident (dirty) and goes to the
         back of the victim queue, and another page is evicted now instead.
 
-        An I/O error marks the slot bad: it is never used again, and the
-        page's next page-out goes to another slot.  ENOSPC is the device
-        being full, not the slot being bad: for FULL_BACKOFF seconds no dirty
-        page of the partition is chosen (clean pages still are), then writing
-        is tried again."""
+        An I/O error marks the slot bad: the page's next page-out goes to
+        another slot, and the slot is tried again after a back-off, or
+        retired (Partition.slot_failed).  ENOSPC is the device being full,
+        not the slot being bad; FAILING_IN_ROW errors with no page-out done
+        between are the device failing: either way, for FULL_BACKOFF seconds
+        no dirty page of the partition is chosen (clean pages still are),
+        then writing is tried again."""
         part.counters["io_errors"] += 1
         slot = part.slot[page]
+        now = time.monotonic()
         if not wrote or err == errno.ENOSPC:
-            part.full_until = time.monotonic() + FULL_BACKOFF
+            part.full_until = now + FULL_BACKOFF
             part.counters["page_out_errors"] += wrote
             part.release_slot(page)
             log.error("partition %s: page %d: device %s is full (%s); page stays resident, "
                       "retrying in %.0fs", part.name, page, part.device.id,
                       "ENOSPC" if wrote else "no good slot left", FULL_BACKOFF)  # fmt: skip
         else:
-            part.slot_failed(page)
+            retired = part.slot_failed(page, now)
+            self.next_slot_retry = min(self.next_slot_retry, part.slot_retry_at)
             part.counters["page_out_errors"] += 1
-            log.error("partition %s: page %d: page-out to device %s slot %d failed: %s; slot "
-                      "marked bad, page stays resident", part.name, page, part.device.id, slot,
-                      errno.errorcode.get(err, err))  # fmt: skip
+            log.error("partition %s: page %d: page-out to device %s slot %d failed: %s; page "
+                      "stays resident, slot %s", part.name, page, part.device.id, slot,
+                      errno.errorcode.get(err, err),
+                      "retired" if retired else "tried again later")  # fmt: skip
+            part.failing_in_row += 1
+            if part.failing_in_row >= FAILING_IN_ROW and part.full_until <= now:
+                part.full_until = now + FULL_BACKOFF
+                log.error("partition %s: device %s failed %d page-outs in a row; dirty pages "
+                          "wait %.0fs before it is tried again", part.name, part.device.id,
+                          part.failing_in_row, FULL_BACKOFF)  # fmt: skip
         part.table[page] = DIRTY
         part.resident += 1
         part.victims.append(page)

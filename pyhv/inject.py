@@ -30,10 +30,35 @@ from pathlib import Path
 from pyhv.uffd import PAGE_SIZE
 
 STATE = "faulty.json"
+#: The errors an NBD server can return (nbdkit's error filter offers these).
+NBD_ERRORS = ("EPERM", "EIO", "ENOMEM", "EINVAL", "ENOSPC", "ESHUTDOWN")
 
 
 class InjectError(RuntimeError):
     """A fault could not be set up (tool missing, mount failed, ...)."""
+
+
+class InjectUsage(InjectError):
+    """What was asked is not valid (an unknown errno, a rate over 100%)."""
+
+
+def check_error(value: str, what: str) -> str:
+    """An errno name the NBD protocol can carry."""
+    if value.upper() not in NBD_ERRORS:
+        raise InjectUsage(f"{what}: {value!r} is not one of {', '.join(NBD_ERRORS)}")
+    return value.upper()
+
+
+def check_rate(value: str, what: str) -> str:
+    """A rate as nbdkit takes it: "N%" from 0 to 100, or a probability 0..1."""
+    text = value.strip()
+    try:
+        rate = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0.0 <= rate <= 1.0:
+        raise InjectUsage(f"{what}: {value!r} is not a rate from 0% to 100% (or 0 to 1)")
+    return text
 
 
 def _need(tool: str, package: str) -> str:
@@ -63,12 +88,17 @@ class FaultyDevice:
 
     def start(self, size: int, read_error: str = "EIO", write_error: str = "EIO",
               read_rate: str = "100%", write_rate: str = "100%") -> dict:  # fmt: skip
+        read_error = check_error(read_error, "--read-error")
+        write_error = check_error(write_error, "--write-error")
+        read_rate = check_rate(read_rate, "--read-rate")
+        write_rate = check_rate(write_rate, "--write-rate")
         nbdkit = _need("nbdkit", "nbdkit")
         nbdfuse = _need("nbdfuse", "libnbd-bin")
-        if (self.dir / STATE).exists() or self.socket.exists():
+        if (self.dir / STATE).exists():
             raise InjectError(f"a faulty device is set up in {self.dir} already "
                               "(stop it first)")  # fmt: skip
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.socket.unlink(missing_ok=True)  # left by an nbdkit that died (vanish)
         self.mountpoint.mkdir(exist_ok=True)
         with open(self.image, "wb") as f:
             f.truncate(size)
@@ -115,13 +145,26 @@ class FaultyDevice:
         _kill(self.state()["nbdkit"], signal.SIGKILL)
 
     def stop(self) -> None:
+        """Unmount, stop nbdfuse and nbdkit, and leave nothing behind that
+        would stop the next start (the socket, the state, the triggers)."""
         st = self.state()
         subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
         for pid in (st["nbdfuse"], st["nbdkit"]):
             _kill(pid, signal.SIGTERM)
-        (self.dir / STATE).unlink(missing_ok=True)
-        self.read_trigger.unlink(missing_ok=True)
-        self.write_trigger.unlink(missing_ok=True)
+        for pid in (st["nbdfuse"], st["nbdkit"]):
+            _wait(lambda pid=pid: not _alive(pid), f"process {pid} to exit", timeout=5)
+        for path in (self.dir / STATE, self.socket, self.read_trigger, self.write_trigger,
+                     self.dir / "nbdkit.pid"):  # fmt: skip
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Is pid a live process (not a zombie)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _kill(pid: int, sig: int) -> None:

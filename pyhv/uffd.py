@@ -38,6 +38,9 @@ WP_PROTECT = lib.UFFDIO_WRITEPROTECT_MODE_WP
 WP_DONTWAKE = lib.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
 
 USER_MODE_ONLY = lib.UFFD_USER_MODE_ONLY
+#: The ioctls the hypervisor needs on a worker's registered range.
+RANGE_IOCTLS = sum(1 << n for n in (lib._UFFDIO_WAKE, lib._UFFDIO_ZEROPAGE,
+                                    lib._UFFDIO_WRITEPROTECT, lib._UFFDIO_CONTINUE))  # fmt: skip
 
 #: Feature bits by name, for probing and for messages.
 FEATURES = {
@@ -193,6 +196,11 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 def blkdev_size(fd: int) -> int:
     """Size in bytes of the block device open on fd."""
     return _check(lib.pyhv_blkdev_size(fd), "BLKGETSIZE64")
+
+
+def fs_magic(fd: int) -> int:
+    """The filesystem type (statfs f_type) of the file open on fd."""
+    return _check(lib.pyhv_fs_magic(fd), "fstatfs")
 
 
 def in_memory(start: int, length: int) -> bytes:

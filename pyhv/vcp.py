@@ -16,15 +16,12 @@ import logging
 import os
 
 from pyhv.config import ConfigError, DeviceConfig, PartitionConfig, assign_device, \
-    format_size, parse_device, parse_pages, parse_partition  # fmt: skip
+    available_memory, check_metadata, check_pool_size, format_size, parse_device, parse_pages, \
+    parse_partition  # fmt: skip
 from pyhv import wire
 from pyhv.uffd import PAGE_SIZE
 
 log = logging.getLogger("pyhv.vcp")
-
-#: The smallest pool: enough frames for a fault to find one while others page out.
-MIN_POOL_PAGES = 16
-
 
 def handlers(hv) -> dict:
     ops = {
@@ -82,8 +79,8 @@ def pool_resize(hv, conn, msg):
     _no_stop(hv)
     new = _config_errors(parse_pages, msg.get("size"), "pool size") // PAGE_SIZE
     pool = hv.pool
-    if new < MIN_POOL_PAGES:
-        raise Refused(f"the pool cannot be smaller than {MIN_POOL_PAGES} pages")
+    # the frames in use now are the machine's already: they count as available
+    _config_errors(check_pool_size, new, "pool size", available_memory() + pool.used * PAGE_SIZE)
     if new < pool.used:
         # what cannot be evicted now: pages in flight, and dirty pages of
         # partitions whose stream has no service to write them to
@@ -117,6 +114,7 @@ def partition_add(hv, conn, msg):
         raise Refused(f"partition {p['name']!r} exists already")
     taken = {part.device.id: part.name for part in hv.partitions}
     dev = _config_errors(assign_device, p, hv.devices, taken)
+    _config_errors(check_metadata, p["name"], p["memory"], dev.size)
     if not any(hv.services[n].running for n in p["paging"]):
         raise Refused(f"partition {p['name']!r}: no paging service of {', '.join(p['paging'])} "
                        "is running")  # fmt: skip
@@ -196,7 +194,7 @@ def device_row(hv, dev) -> dict:
             "paging": part.stream.paging if part else [],
             "active_service": active,
             "stream": part.stream.state if part else None,
-            "bad_slots": len(part.bad_slots) if part else 0,
+            "bad_slots": part.unusable_slots() if part else 0,
             "machine_checks": part.counters["machine_checks"] if part else 0,
             "health": "degraded" if part and (part.bad_slots or part.counters["io_errors"])
                       else "ok"}  # fmt: skip

@@ -20,7 +20,13 @@ import os
 import socket
 import struct
 
-MAX_CONTROL = 1 << 16
+#: JSON bytes in one control message.  A longer one (a status of 1,000
+#: partitions) goes as several: each starts with MORE but the last, which
+#: starts with LAST; a message of one piece is plain JSON.
+CHUNK = 1 << 16
+MORE, LAST = b"+", b"."
+MAX_REQUEST = 1 << 20  # a whole message the hypervisor takes from a client
+MAX_REPLY = 1 << 30  # a whole message a client takes from the hypervisor
 MAX_FDS = 4
 
 
@@ -56,11 +62,15 @@ def connect(path: str, timeout: float | None = 10.0) -> socket.socket:
 # --- control messages -------------------------------------------------------
 
 
-def encode_control(msg: dict) -> bytes:
+def encode_control(msg: dict, limit: int = MAX_REPLY) -> list[bytes]:
+    """The message as the control messages that carry it (one, unless long)."""
     data = json.dumps(msg, separators=(",", ":")).encode()
-    if len(data) > MAX_CONTROL:
+    if len(data) > limit:
         raise ProtocolError(f"control message of {len(data)} bytes is too large")
-    return data
+    if len(data) <= CHUNK:
+        return [data]
+    pieces = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    return [MORE + p for p in pieces[:-1]] + [LAST + pieces[-1]]
 
 
 def decode_control(data: bytes) -> dict:
@@ -68,31 +78,86 @@ def decode_control(data: bytes) -> dict:
         msg = json.loads(data.decode())
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("message is not JSON") from None
+    except RecursionError:  # json's C scanner recurses per nesting level
+        raise ProtocolError("message is nested too deeply") from None
     if not isinstance(msg, dict):
         raise ProtocolError("message is not a JSON object")
     return msg
 
 
-def send_control(sock: socket.socket, msg: dict, fds: list[int] = ()) -> None:
-    data = encode_control(msg)
-    if fds:
-        socket.send_fds(sock, [data], list(fds))
-    else:
-        sock.sendall(data)
+class Assembler:
+    """Puts a long control message back together from its pieces, one
+    received message at a time (the hypervisor's sockets do not block)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.fds: list[int] = []
+
+    def feed(self, data: bytes, fds: list[int]) -> tuple[bytes | None, list[int]]:
+        """One received message; returns (the whole message, every fd that
+        came with its pieces) once it is complete, else (None, []).  Raises
+        ProtocolError (every fd closed) if it grows past the limit or a
+        piece is out of place."""
+        self.fds += fds
+        lead = data[:1]
+        if lead == MORE or lead == LAST:
+            data = data[1:]
+        elif self.parts:
+            self.reset()
+            raise ProtocolError("a control message broke off in the middle")
+        self.size += len(data)
+        if self.size > self.limit:
+            self.reset()
+            raise ProtocolError(f"control message of more than {self.limit} bytes")
+        self.parts.append(data)
+        if lead == MORE:
+            return None, []
+        whole, fds = b"".join(self.parts), self.fds
+        self.parts, self.size, self.fds = [], 0, []
+        return whole, fds
+
+    def reset(self) -> None:
+        close_fds(self.fds)
+        self.parts, self.size, self.fds = [], 0, []
 
 
-def recv_control(sock: socket.socket) -> tuple[dict | None, list[int]]:
+def send_control(sock: socket.socket, msg: dict, fds: list[int] = (),
+                 limit: int = MAX_REQUEST) -> None:  # fmt: skip
+    """Send a message (a client's: at most `limit` bytes); fds go with its first piece."""
+    for i, piece in enumerate(encode_control(msg, limit)):
+        if fds and i == 0:
+            socket.send_fds(sock, [piece], list(fds))
+        else:
+            sock.sendall(piece)
+
+
+def recv_piece(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One control message as it came, and its fds; ProtocolError if it is
+    longer than a piece can be (its fds are closed)."""
+    data, fds, flags, _ = socket.recv_fds(sock, CHUNK + 2, MAX_FDS)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > CHUNK + 1:
+        close_fds(fds)
+        raise ProtocolError("message too large")
+    return data, fds
+
+
+def recv_control(sock: socket.socket, limit: int = MAX_REPLY) -> tuple[dict | None, list[int]]:
     """One message and the fds that came with it; (None, []) at end-of-file.
 
     Raises ProtocolError on a malformed message (its fds are closed)."""
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_CONTROL + 1, MAX_FDS)
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_CONTROL:
-        close_fds(fds)
-        raise ProtocolError("message too large")
-    if not data and not fds:
-        return None, []
+    pieces = Assembler(limit)
+    while True:
+        data, fds = recv_piece(sock)
+        if not data and not fds:
+            pieces.reset()
+            return None, []
+        whole, fds = pieces.feed(data, fds)
+        if whole is not None:
+            break
     try:
-        return decode_control(data), fds
+        return decode_control(whole), fds
     except ProtocolError:
         close_fds(fds)
         raise
