@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup deps demo test bench clean
 
 $(STAMP): pyproject.toml setup.py csrc/*.c csrc/*.h csrc/build_ffi.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pyhv demo
 
-test: $(STAMP)
+deps:
+	@bash tools/debian-deps
+
+test: $(STAMP) deps
 	$(PY) -m pytest tests -q
 
 bench: $(STAMP)

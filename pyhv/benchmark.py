@@ -67,6 +67,8 @@ import sys
 import tempfile
 import time
 
+from pyhv._spawn import module_command
+
 PAGE = 4096
 MiB = 1 << 20
 MEMORY = 64 * MiB  # the workload's memory: 16,384 pages
@@ -261,9 +263,9 @@ def _raise_interrupt(signum, frame):
 
 
 def _workload_cmd(name: str, mode: str, p: dict, samples: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "pyhv.benchmark", "workload", name, "--mode", mode,
-           "--memory", str(p["memory"]), "--touches", str(p["touches"]),
-           "--passes", str(p["passes"]), "--seed", str(p["seed"])]  # fmt: skip
+    cmd = module_command("pyhv.benchmark", "workload", name, "--mode", mode,
+                         "--memory", str(p["memory"]), "--touches", str(p["touches"]),
+                         "--passes", str(p["passes"]), "--seed", str(p["seed"]))  # fmt: skip
     if samples:
         cmd.append("--samples")
     return cmd
@@ -475,8 +477,8 @@ def _vmstat() -> dict:
 
 
 def _pyhv(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyhv", *args], capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(module_command("pyhv", *args), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
 
 
 def alive(pid: int) -> bool:

@@ -16,6 +16,7 @@ import sys
 import time
 
 from pyhv import wire
+from pyhv._spawn import module_command
 from pyhv.config import ConfigError, human_size, load_config
 from pyhv.hypervisor import CONTROL_SOCKET, ERROR_LOG, LOG_FILE, PID_FILE
 
@@ -97,7 +98,7 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
     r, w = os.pipe()
     with open(os.path.join(run_dir, LOG_FILE), "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pyhv.daemon", "--run-dir", run_dir, "--ready-fd", str(w)],
+            module_command("pyhv.daemon", "--run-dir", run_dir, "--ready-fd", str(w)),
             pass_fds=[w], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
             start_new_session=True, cwd=run_dir,
         )  # fmt: skip
@@ -261,7 +262,8 @@ def cmd_status(args) -> int:
     return 0
 
 
-def stop_system(run_dir: str, timeout: float = 30.0) -> None:
+def stop_system(run_dir: str, timeout: float = 30.0) -> dict:
+    """Shut the system down in order; returns what the hypervisor stopped."""
     reply = control(run_dir, {"op": "shutdown"})
     pid = reply.get("pid")
     deadline = time.monotonic() + timeout
@@ -269,19 +271,29 @@ def stop_system(run_dir: str, timeout: float = 30.0) -> None:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
+            return reply
         if os.path.exists(f"/proc/{pid}/status"):
             with open(f"/proc/{pid}/status") as f:
                 if "State:\tZ" in f.read():
-                    return
+                    return reply
         time.sleep(0.05)
     if pid:
         raise Fail(f"the hypervisor (pid {pid}) did not stop within {timeout:.0f}s")
+    return reply
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def cmd_shutdown(args) -> int:
-    stop_system(_run_dir(args))
-    return 0
+    run_dir = _run_dir(args)
+    r = stop_system(run_dir)
+    parts, services = r.get("partitions", []), r.get("paging_services", [])
+    return _emit(args, r, f"stopped the hypervisor (pid {r.get('pid')}) in {run_dir}: "
+                 f"{_count(len(parts), 'partition')} ({', '.join(parts) or '-'}), "
+                 f"{_count(r.get('workers', 0), 'worker')} detached, paging services "
+                 f"{', '.join(services) or '-'} stopped")  # fmt: skip
 
 
 def _op(args, msg: dict, timeout: float = 120.0) -> dict:
@@ -482,6 +494,10 @@ def cmd_bench(args) -> int:
     except benchmark.BenchError as e:
         raise Fail(f"bench: {e}") from None
     print(benchmark.format_table(r))
+    if r["errors"]:  # a row that could not be measured is no result
+        print(f"pyhv: error: bench: {len(r['errors'])} measurement(s) failed (above)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAIL
     return 0
 
 
@@ -521,6 +537,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("shutdown", help="stop everything in order")
     run_dir_opt(p)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_shutdown)
 
     def json_opt(p):

@@ -20,6 +20,7 @@ import tempfile
 import time
 
 from pyhv import cli
+from pyhv._spawn import module_command
 from pyhv.config import DEMO_CONFIG, load_config_text
 from pyhv.progress import Progress
 from pyhv.workload import percentile
@@ -35,7 +36,7 @@ def _phase(run_dir, label, action, config, extra, show, samples) -> list[dict]:
     for part in config.partitions:
         n = WORKERS.get(part.name, 1)
         stripe = action == "write" and n > 1
-        cmd = [sys.executable, "-m", "pyhv.workload", action, "--progress", str(PROGRESS_EVERY)]
+        cmd = module_command("pyhv.workload", action, "--progress", str(PROGRESS_EVERY))
         cmd += (["--stripe"] if stripe else []) + extra
         procs += cli.spawn_workers(run_dir, part.name, n, cmd, stdout=subprocess.PIPE)
         pages += part.pages if stripe else part.pages * n

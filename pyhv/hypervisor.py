@@ -38,6 +38,7 @@ import logging
 import math
 import mmap
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -911,8 +912,11 @@ class Hypervisor:
         return self.status(), ()
 
     def op_shutdown(self, conn, msg, fds):
+        reply = {"ok": True, "pid": os.getpid(), "partitions": [p.name for p in self.partitions],
+                 "paging_services": [s.name for s in self.services.values() if s.running],
+                 "workers": sum(len(p.workers) for p in self.partitions)}  # fmt: skip
         self.shutdown()
-        return {"ok": True, "pid": os.getpid()}, ()
+        return reply, ()
 
     def op_partition(self, conn, msg, fds):
         part = self.by_name.get(msg["name"])
@@ -1602,6 +1606,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    # three fds a partition (memory, error log, device lock) and one a worker
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with open(os.path.join(args.run_dir, "config.json")) as f:
         config = Config.from_dict(json.load(f))
     hv = Hypervisor(os.path.abspath(args.run_dir), config)

@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -160,6 +161,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the hypervisor decides when we stop
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # two fds a stream: device, memory
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sock = socket.socket(fileno=args.fd)
     return PagingService(args.name, sock, args.poll_us).serve()
 

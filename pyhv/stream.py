@@ -24,11 +24,11 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import time
 from typing import Callable
 
 from pyhv import wire
+from pyhv._spawn import module_command
 
 log = logging.getLogger("pyhv.stream")
 
@@ -195,8 +195,8 @@ class ServiceLink:
         logf = open(os.path.join(self.hv.run_dir, f"service-{self.name}.log"), "ab")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pyhv.service", "--name", self.name,
-                 "--fd", str(theirs.fileno()), "--poll-us", str(self.hv.config.poll_us)],
+                module_command("pyhv.service", "--name", self.name, "--fd",
+                               str(theirs.fileno()), "--poll-us", str(self.hv.config.poll_us)),
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
             )  # fmt: skip
         finally:

@@ -4,8 +4,11 @@ Two kinds of connection, both ``AF_UNIX``/``SOCK_SEQPACKET`` so that one
 message is one ``recvmsg`` and a peer can never leave half a frame behind:
 
 * **Control** (control point and workers <-> hypervisor): a UTF-8 JSON object
-  per message, file descriptors alongside as ``SCM_RIGHTS``.  A message that
-  does not parse costs the sender its connection.
+  per message, file descriptors alongside as ``SCM_RIGHTS``; one longer than
+  :data:`CHUNK` goes in pieces (:func:`encode_control`, :class:`Assembler`),
+  so that replies of any size reach the caller.  A message that does not
+  parse, or is larger than the receiver takes, costs the sender its
+  connection (after a one-line error reply).
 * **Paging stream** (hypervisor <-> paging service): a fixed binary header
   (:data:`HEADER`) followed by the command's payload (:data:`COMMANDS`):
   no page data at all: READ and WRITE name pages of the partition's memory,

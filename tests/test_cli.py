@@ -4,7 +4,6 @@ its connection, not the daemon its life."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -74,6 +73,21 @@ BAD_CONFIGS = {
         .replace('device = "pgdev0"', 'device = "pgdev0"\npaging = ["vios2"]')
         .replace('size = "4MiB"\n\n[[partition]]', 'size = "4MiB"\nservices = ["vios1"]\n[[partition]]'),
         ["cannot reach"]),
+    "pool_larger_than_the_machine": (GOOD.replace('size = "1MiB"', 'size = "1048576GiB"'),
+                                     ["[pool] size", "more memory than this machine can give"]),
+    "pool_of_one_page": (GOOD.replace('size = "1MiB"', "size = 4096"), ["16 pages"]),
+    "metadata_larger_than_the_machine": (
+        config_text(pool="1MiB", partitions=[("p1", "64TiB")]), ["'p1'", "metadata", "64TiB"]),
+    "device_on_proc": (GOOD.replace('path = "pg0.img"', 'path = "/proc/meminfo"'),
+                       ["/proc/meminfo", "proc"]),
+    "device_on_sysfs": (GOOD.replace('path = "pg0.img"', 'path = "/sys/kernel/mm/ksm/run"'),
+                        ["sysfs"]),
+    "device_a_character_device": (GOOD.replace('path = "pg0.img"', 'path = "/dev/zero"'),
+                                  ["neither a regular file nor a block device"]),
+    "timeout_nan": (config_text(pool="1MiB", partitions=[("p1", "4MiB")],
+                                service_extra="timeout = nan\n"), ["timeout", "finite"]),
+    "timeout_inf": (config_text(pool="1MiB", partitions=[("p1", "4MiB")],
+                                service_extra="timeout = inf\n"), ["timeout", "finite"]),
 }  # fmt: skip
 
 
@@ -173,28 +187,3 @@ def test_a_stream_socket_client_is_refused_harmlessly(system):
 def test_control_socket_is_private(system):
     system.up(GOOD)
     assert (os.stat(system.run_dir / "control.sock").st_mode & 0o777) == 0o600
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="pyhv bench sets up loop devices and swap: root")
-def test_pyhv_bench_quick_runs_and_reports_every_workload(tmp_path):
-    """`pyhv bench --quick` from this install: the table, and JSON with every
-    workload under pyhv (counters checked against the work) and the kernel's
-    swap measured in the same run, or skipped with its reason.  No time is
-    asserted: speed is for the benchmarks."""
-    out = tmp_path / "bench.json"
-    p = pyhv("bench", "--quick", "--json", str(out), timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "workload" in p.stdout and "kernel swap" in p.stdout and "Traceback" not in p.stderr
-    result = json.loads(out.read_text())
-    assert result["quick"] and result["errors"] == []
-    assert set(result["workloads"]) == {"random", "sequential", "zipf"}
-    for name, row in result["workloads"].items():
-        y = row["pyhv"]
-        assert y["seconds"] > 0 and y["touches"] == row["touches"], name
-        assert y["counters"]["page_ins"] > 0 and y["counters"]["io_errors"] == 0, name
-        swap = result["kernel_swap"]
-        if swap["available"]:
-            assert row["kernel_swap"]["seconds"] > 0 and row["ratio"] > 0, name
-        else:
-            assert swap["skipped"], "an unavailable kernel swap says why"
-    assert result["c_floor"]["page_in"] and result["c_floor"]["first_touch"]
