@@ -77,8 +77,81 @@ int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pa
 			uint64_t mem_size);
 void pyhv_svc_stream_clear(struct pyhv_svc *s, unsigned stream);
 uint64_t pyhv_svc_stream_errors(struct pyhv_svc *s, unsigned stream);
+int pyhv_svc_fast(struct pyhv_svc *s, int sock);
 long pyhv_svc_serve(struct pyhv_svc *s, uint8_t *buf, size_t cap, int *flags_out, int *fds,
 		    int maxfds, int *nfds);
+
+/* The hypervisor's fault engine (csrc/engine.c): a thread that resolves
+ * page faults without Python; Python meets it in batches. */
+struct pyhv_eng;
+struct pyhv_eng_part;
+struct pyhv_eng_worker;
+struct pyhv_eng_chan;
+#define PYHV_EV_READ_FAILED 1 /* page of stream could not be read (err): a machine check */
+#define PYHV_EV_WORKER_GONE 2 /* worker's uffd failed (err) or its process is gone */
+#define PYHV_EV_CHAN_CLOSED 3 /* a fast channel reached end-of-file (worker: its socket) */
+struct pyhv_eng_event {
+	uint32_t type;
+	int32_t err;
+	uint32_t stream;
+	uint32_t pad;
+	uint64_t page;
+	uint64_t worker;
+};
+struct pyhv_eng_counters { /* per partition, counted by the engine */
+	uint64_t faults, first_touches, page_ins, page_outs, prefetched, clean_drops, refaults;
+	uint64_t wp_faults, minor_faults, installed_writable, removed_by_worker, read_errors;
+};
+struct pyhv_eng_stats {
+	struct pyhv_eng_counters c;
+	uint64_t resident, active, inactive, reads_inflight, reads_queued, pending;
+	uint64_t metadata_bytes;
+	double written_share;
+};
+struct pyhv_eng_stats_global {
+	uint64_t sleeps, evict_requests, enomem, send_errors, reads_sent, reads_done;
+	uint64_t reads_taken_back, stray_replies, stray_faults, fault_reads;
+};
+struct pyhv_eng_pool {
+	uint64_t pages, used, high_water, waiting, reserve, pending, events_lost;
+	struct pyhv_eng_stats_global g;
+};
+struct pyhv_eng *pyhv_eng_new(uint64_t pool_pages, uint64_t reserve, int spin_us, int *err);
+int pyhv_eng_start(struct pyhv_eng *e);
+void pyhv_eng_free(struct pyhv_eng *e);
+int pyhv_eng_notify_fd(struct pyhv_eng *e);
+int pyhv_eng_events(struct pyhv_eng *e, struct pyhv_eng_event *out, int max);
+int64_t pyhv_eng_shortfall(struct pyhv_eng *e, uint64_t coming);
+void pyhv_eng_pool(struct pyhv_eng *e, struct pyhv_eng_pool *out);
+void pyhv_eng_pool_resize(struct pyhv_eng *e, uint64_t pages, uint64_t reserve);
+struct pyhv_eng_part *pyhv_eng_part_new(struct pyhv_eng *e, uint32_t stream, uint64_t pages,
+					uint64_t slots, int memfd, uint64_t hv_base);
+void pyhv_eng_part_free(struct pyhv_eng *e, struct pyhv_eng_part *p);
+void pyhv_eng_part_stats(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_eng_stats *out);
+void pyhv_eng_part_load(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t *out);
+void pyhv_eng_state_counts(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t *out);
+int pyhv_eng_page_state(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page);
+int64_t pyhv_eng_slot_of(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page);
+void pyhv_eng_slot_set(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t slot, int state);
+uint64_t pyhv_eng_slot_count(struct pyhv_eng *e, struct pyhv_eng_part *p, int state);
+struct pyhv_eng_worker *pyhv_eng_worker_add(struct pyhv_eng *e, struct pyhv_eng_part *p, int uffd,
+					    uint64_t base, uint64_t id, int *err);
+void pyhv_eng_worker_remove(struct pyhv_eng *e, struct pyhv_eng_worker *w);
+struct pyhv_eng_chan *pyhv_eng_chan_add(struct pyhv_eng *e, int sock, int *err);
+uint64_t pyhv_eng_chan_remove(struct pyhv_eng *e, struct pyhv_eng_chan *ch);
+void pyhv_eng_stream_bind(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_eng_chan *ch,
+			  int flowing);
+uint64_t pyhv_eng_stream_busy(struct pyhv_eng *e, struct pyhv_eng_part *p);
+uint64_t pyhv_eng_chan_oldest_ns(struct pyhv_eng *e, struct pyhv_eng_chan *ch);
+int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int allow_dirty,
+		   uint32_t *dirty_out, uint32_t *clean_out);
+int pyhv_eng_write_slots(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *pages,
+			 uint32_t n, uint32_t *first_out);
+void pyhv_eng_written(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *pages,
+		      const uint32_t *crcs, uint32_t n);
+int64_t pyhv_eng_write_failed(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t page, int bad);
+int64_t pyhv_eng_poison(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page,
+			uint64_t *touched, int max, int *ntouched);
 
 /* Benchmark-only baselines (csrc/bench.c). */
 int pyhv_bench_kernel_touch(uint64_t npages, uint64_t *ns_out);

@@ -12,6 +12,11 @@
  * earlier WRITE.  Replies go out in completion order; the hypervisor matches
  * them by request id.
  *
+ * Page-ins have a channel of their own, the fast channel (a second
+ * SEQPACKET socket, pyhv_svc_fast): the hypervisor's fault engine sends
+ * READs there, and one thread serves each where it receives it, with no
+ * hand-off to another thread on the path of a fault.
+ *
  * READ  slot, count; payload count CRC32s, then the first page of the
  *       partition's memory they go to.  pread straight into the memory
  *       (with O_DIRECT, the device writes the pages where they will be
@@ -68,6 +73,11 @@ struct job {
 
 struct pyhv_svc {
 	int sock;
+	int fast; /* the fast channel (READs only), -1: none */
+	pthread_t fast_thread;
+	/* held by the fast thread while it serves a READ, and by stream_set and
+	 * stream_clear: a stream never changes under a READ */
+	pthread_mutex_t fast_mu;
 	pthread_mutex_t mu;
 	pthread_cond_t work, idle;
 	struct job *free, *reads, *writes, *writes_tail, *reads_tail;
@@ -99,15 +109,14 @@ struct frame_hdr { /* wire.HEADER, "<QHBBiIII" */
 } __attribute__((packed));
 _Static_assert(sizeof(struct frame_hdr) == HDR, "wire.HEADER");
 
-static void reply(struct pyhv_svc *s, const struct frame_hdr *rq, int status, const void *data,
-		  size_t n)
+static void reply(int sock, const struct frame_hdr *rq, int status, const void *data, size_t n)
 {
 	struct frame_hdr h = *rq;
 	h.status = status;
 	struct iovec iov[2] = {{&h, HDR}, {(void *)data, n}};
 	struct msghdr m = {.msg_iov = iov, .msg_iovlen = (data && n) ? 2 : 1};
 	for (;;) {
-		if (sendmsg(s->sock, &m, MSG_NOSIGNAL) >= 0)
+		if (sendmsg(sock, &m, MSG_NOSIGNAL) >= 0)
 			return;
 		if (errno == EINTR)
 			continue;
@@ -250,7 +259,7 @@ static int do_write(struct svc_stream *st, const struct frame_hdr *h, struct job
 	return 0;
 }
 
-static void run_job(struct pyhv_svc *s, struct job *j)
+static void run_job(struct pyhv_svc *s, struct job *j, int sock)
 {
 	struct frame_hdr h;
 	memcpy(&h, j->hdr, HDR);
@@ -260,13 +269,13 @@ static void run_job(struct pyhv_svc *s, struct job *j)
 		r = read_in(st, &h, j);
 		if (r)
 			note_error(st, &h, -r);
-		reply(s, &h, r, NULL, 0);
+		reply(sock, &h, r, NULL, 0);
 	} else {
 		uint32_t crcs[PYHV_SVC_MAX_PAGES];
 		r = do_write(st, &h, j, crcs);
 		if (r)
 			note_error(st, &h, -r);
-		reply(s, &h, r, r ? NULL : crcs, r ? 0 : 4 * (size_t)h.count);
+		reply(sock, &h, r, r ? NULL : crcs, r ? 0 : 4 * (size_t)h.count);
 	}
 }
 
@@ -289,7 +298,7 @@ static void *io_thread(void *arg)
 			continue;
 		}
 		pthread_mutex_unlock(&s->mu);
-		run_job(s, j);
+		run_job(s, j, s->sock);
 		pthread_mutex_lock(&s->mu);
 		j->next = s->free;
 		s->free = j;
@@ -305,6 +314,7 @@ struct pyhv_svc *pyhv_svc_new(int sock, int threads, int spin_us)
 	if (!s)
 		return NULL;
 	s->sock = sock;
+	s->fast = -1;
 	s->spin_ns = spin_us > 0 ? (uint64_t)spin_us * 1000u : 0;
 	s->streams = calloc(PYHV_SVC_MAX_STREAMS, sizeof(*s->streams));
 	if (!s->streams)
@@ -320,6 +330,7 @@ struct pyhv_svc *pyhv_svc_new(int sock, int threads, int spin_us)
 		s->free = j;
 	}
 	pthread_mutex_init(&s->mu, NULL);
+	pthread_mutex_init(&s->fast_mu, NULL);
 	pthread_cond_init(&s->work, NULL);
 	pthread_cond_init(&s->idle, NULL);
 	if (threads < 1)
@@ -347,17 +358,20 @@ int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pa
 	void *mem = mmap(NULL, mem_size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
 	if (mem == MAP_FAILED)
 		return -errno;
-	st->memfd = dup(memfd);
-	if (st->memfd < 0) {
+	int dupfd = dup(memfd);
+	if (dupfd < 0) {
 		int e = errno;
 		munmap(mem, mem_size);
 		return -e;
 	}
+	pthread_mutex_lock(&s->fast_mu);
+	st->memfd = dupfd;
 	st->mem = mem;
 	st->mem_pages = mem_size / PG;
 	st->fd = fd;
 	st->pages = pages;
 	st->errors = 0;
+	pthread_mutex_unlock(&s->fast_mu);
 	return 0;
 }
 
@@ -366,6 +380,7 @@ void pyhv_svc_stream_clear(struct pyhv_svc *s, unsigned stream)
 	if (stream >= PYHV_SVC_MAX_STREAMS)
 		return;
 	struct svc_stream *st = &s->streams[stream];
+	pthread_mutex_lock(&s->fast_mu);
 	if (st->mem)
 		munmap(st->mem, st->mem_pages * PG);
 	if (st->memfd >= 0)
@@ -373,6 +388,7 @@ void pyhv_svc_stream_clear(struct pyhv_svc *s, unsigned stream)
 	st->mem = NULL;
 	st->memfd = st->fd = -1;
 	st->pages = st->mem_pages = 0;
+	pthread_mutex_unlock(&s->fast_mu);
 }
 
 uint64_t pyhv_svc_stream_errors(struct pyhv_svc *s, unsigned stream)
@@ -467,7 +483,7 @@ long pyhv_svc_serve(struct pyhv_svc *s, uint8_t *buf, size_t cap, int *flags_out
 				/* nothing else in hand: served by this thread, which
 				 * saves waking another on the path of a fault */
 				pthread_mutex_unlock(&s->mu);
-				run_job(s, j);
+				run_job(s, j, s->sock);
 				pthread_mutex_lock(&s->mu);
 				j->next = s->free;
 				s->free = j;
@@ -504,4 +520,58 @@ long pyhv_svc_serve(struct pyhv_svc *s, uint8_t *buf, size_t cap, int *flags_out
 			memcpy(buf + HDR, j->payload, take - HDR);
 		return (long)take;
 	}
+}
+
+/* The fast channel's thread: receive a READ, serve it here, answer; poll a
+ * moment for the next before sleeping.  End-of-file (the hypervisor is
+ * gone) ends the thread; the main loop sees the same on the stream socket.
+ * Anything but a READ the engine would send is answered EINVAL. */
+static void *fast_thread(void *arg)
+{
+	struct pyhv_svc *s = arg;
+	struct job j;
+	uint64_t last = 0;
+	j.payload = malloc(PYHV_SVC_MAX_FRAME);
+	if (!j.payload || posix_memalign((void **)&j.io, PG, PG))
+		return NULL;
+	for (;;) {
+		struct iovec iov[2] = {{j.hdr, HDR}, {j.payload, PYHV_SVC_MAX_FRAME - HDR}};
+		struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
+		int spin = s->spin_ns && now_ns() - last < s->spin_ns;
+		ssize_t n = recvmsg(s->fast, &m, spin ? MSG_DONTWAIT : 0);
+		if (n < 0 && (errno == EINTR || (errno == EAGAIN && spin))) {
+			if (errno == EAGAIN)
+				sched_yield();
+			continue;
+		}
+		if (n <= 0)
+			break;
+		last = now_ns();
+		struct frame_hdr h;
+		memcpy(&h, j.hdr, n < (ssize_t)HDR ? (size_t)n : HDR);
+		if (n < (ssize_t)HDR)
+			break; /* not the hypervisor's engine: stop serving it */
+		pthread_mutex_lock(&s->fast_mu);
+		if (h.op == OP_READ && !(m.msg_flags & MSG_TRUNC) && hot(s, &h, (size_t)n - HDR))
+			run_job(s, &j, s->fast);
+		else
+			reply(s->fast, &h, -EINVAL, NULL, 0);
+		pthread_mutex_unlock(&s->fast_mu);
+	}
+	free(j.payload);
+	free(j.io);
+	return NULL;
+}
+
+int pyhv_svc_fast(struct pyhv_svc *s, int sock)
+{
+	if (s->fast >= 0)
+		return -EBUSY;
+	s->fast = sock;
+	int r = pthread_create(&s->fast_thread, NULL, fast_thread, s);
+	if (r) {
+		s->fast = -1;
+		return -r;
+	}
+	return 0;
 }

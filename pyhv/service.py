@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pyhv-service")
     ap.add_argument("--name", required=True)
     ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--fast-fd", type=int, default=-1, help="the fast channel: READs only")
     ap.add_argument("--poll-us", type=int, default=0, help="poll this long for the next request")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -164,7 +165,10 @@ def main(argv=None) -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # two fds a stream: device, memory
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sock = socket.socket(fileno=args.fd)
-    return PagingService(args.name, sock, args.poll_us).serve()
+    service = PagingService(args.name, sock, args.poll_us)
+    if args.fast_fd >= 0:
+        service.engine.serve_fast(args.fast_fd)
+    return service.serve()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ service, in their original order, and no fault fails.
 
 A :class:`ServiceLink` is one paging service process: it starts it, carries
 request frames to it over a SEQPACKET socket and hands replies back to their
-streams.  Fencing: before a stream leaves a service that failed, that process
+streams.  Page-ins take a second socket, the fast channel, which the
+hypervisor's fault engine reads and writes (csrc/engine.c).  Fencing: before a stream leaves a service that failed, that process
 is killed and reaped, so it can never complete an old write after the other
 service has written a newer one.
 """
@@ -72,7 +73,7 @@ class Stream:
         self.paging = paging  # service names: primary, then the redundant one
         self.state = INVALID
         self.transitions = collections.Counter()
-        self.changed = time.time()
+        self.changed_at = time.time()
         self.service: ServiceLink | None = None
         self.inflight: dict[int, Request] = {}  # sent to self.service, unanswered
         self.queued: collections.deque[Request] = collections.deque()  # not sent yet
@@ -80,6 +81,7 @@ class Stream:
         self.failovers: list[dict] = []
         self._failover: dict | None = None  # the one in progress
         self.open_failed: set[str] = set()  # services that could not open the device
+        self.changed: Callable[[Stream], None] | None = None  # told of every state change
 
     # --- state ------------------------------------------------------------------
 
@@ -89,7 +91,9 @@ class Stream:
                      f" on {self.service.name}" if self.service else "")  # fmt: skip
             self.transitions[f"{self.state}->{state}"] += 1
             self.state = state
-            self.changed = time.time()
+            self.changed_at = time.time()
+            if self.changed is not None:
+                self.changed(self)
 
     @property
     def busy(self) -> int:
@@ -157,7 +161,7 @@ class Stream:
             "requests": self.requests,
             "transitions": dict(self.transitions),
             "transition_count": sum(self.transitions.values()),
-            "last_transition": self.changed,
+            "last_transition": self.changed_at,
             "failovers": [dict(f) for f in self.failovers],
         }
 
@@ -171,6 +175,8 @@ class ServiceLink:
         self.name = cfg.name
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
+        self.fast: socket.socket | None = None  # the fast channel: the engine's READs
+        self.chan = None  # the engine's handle of it
         self.state = "stopped"  # starting, running, stopping, stopped, dead
         self.outq: collections.deque = collections.deque()
         self.sent: dict[int, tuple[Stream, Request]] = {}
@@ -192,18 +198,25 @@ class ServiceLink:
 
     def start(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fast, fast_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         logf = open(os.path.join(self.hv.run_dir, f"service-{self.name}.log"), "ab")
         try:
             self.proc = subprocess.Popen(
                 module_command("pyhv.service", "--name", self.name, "--fd",
-                               str(theirs.fileno()), "--poll-us", str(self.hv.config.poll_us)),
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                               str(theirs.fileno()), "--fast-fd", str(fast_theirs.fileno()),
+                               "--poll-us", str(self.hv.config.poll_us)),
+                pass_fds=[theirs.fileno(), fast_theirs.fileno()], stdin=subprocess.DEVNULL,
+                stdout=logf, stderr=logf,
             )  # fmt: skip
         finally:
             theirs.close()
+            fast_theirs.close()
             logf.close()
         mine.setblocking(False)
+        fast.setblocking(False)
         self.sock = mine
+        self.fast = fast
+        self.chan = self.hv.engine.chan_add(fast.fileno())
         self.state = "starting"  # until its HELLO
         self.starts += 1
         self.outq.clear()
@@ -284,13 +297,22 @@ class ServiceLink:
             stream.answered(req, status, count, self.scratch_view[: n - wire.HEADER.size])
 
     def oldest_age(self, now: float) -> float:
-        """Age of the oldest unanswered request: `sent` is in sending order."""
+        """Age of the oldest unanswered request, Python's (`sent` is in
+        sending order) or the engine's."""
+        age = self.hv.engine.chan_oldest(self.chan) if self.chan is not None else 0.0
         for _, req in self.sent.values():
-            return now - req.sent
-        return 0.0
+            return max(age, now - req.sent)
+        return age
 
     def close(self, kill: bool) -> None:
-        """Close the socket; with kill, fence: SIGKILL and reap the process."""
+        """Close the sockets; with kill, fence: SIGKILL and reap the process.
+        The engine takes back the READs in flight on the fast channel."""
+        if self.chan is not None:
+            self.hv.engine.chan_remove(self.chan)
+            self.chan = None
+        if self.fast is not None:
+            self.fast.close()
+            self.fast = None
         if self.sock is not None:
             try:
                 self.hv.sel.unregister(self.sock)

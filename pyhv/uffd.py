@@ -273,6 +273,180 @@ class ServiceEngine:
     def stream_errors(self, stream: int) -> int:
         return lib.pyhv_svc_stream_errors(self._s, stream)
 
+    def serve_fast(self, sock_fd: int) -> None:
+        """Serve READs on the fast channel too, on a thread of their own."""
+        _check(lib.pyhv_svc_fast(self._s, sock_fd), "fast channel")
+
+
+class Engine:
+    """The hypervisor's fault engine (csrc/engine.c): a C thread that
+    resolves page faults without Python.  Handles (partitions, workers,
+    fast channels) are opaque; every call takes the engine's lock."""
+
+    READ_FAILED = lib.PYHV_EV_READ_FAILED
+    WORKER_GONE = lib.PYHV_EV_WORKER_GONE
+    CHAN_CLOSED = lib.PYHV_EV_CHAN_CLOSED
+    COUNTERS = ("faults", "first_touches", "page_ins", "page_outs", "prefetched", "clean_drops",
+                "refaults", "wp_faults", "minor_faults", "installed_writable",
+                "removed_by_worker", "read_errors")  # fmt: skip
+    GLOBAL = ("sleeps", "evict_requests", "enomem", "send_errors", "reads_sent", "reads_done",
+              "reads_taken_back", "stray_replies", "stray_faults", "fault_reads")  # fmt: skip
+
+    def __init__(self, pool_pages: int, reserve: int, spin_us: int):
+        err = ffi.new("int *")
+        e = lib.pyhv_eng_new(pool_pages, reserve, spin_us, err)
+        if e == ffi.NULL:
+            raise OSError(err[0], os.strerror(err[0]), "fault engine")
+        self._e = e
+        self._err = err
+        self._events = ffi.new("struct pyhv_eng_event[]", 256)
+        self._pool = ffi.new("struct pyhv_eng_pool *")
+        self._stats = ffi.new("struct pyhv_eng_stats *")
+        self._counts = ffi.new("uint64_t[]", 6)
+        self._first = ffi.new("uint32_t *")
+        self._nclean = ffi.new("uint32_t *")
+        self._touched = ffi.new("uint64_t[]", 64)
+        self._ntouched = ffi.new("int *")
+        self.notify_fd = lib.pyhv_eng_notify_fd(e)
+
+    def start(self) -> None:
+        _check(lib.pyhv_eng_start(self._e), "fault engine thread")
+
+    def close(self) -> None:
+        """Stop the thread and free everything (workers' uffds are closed)."""
+        if self._e is not None:
+            e, self._e = self._e, None
+            lib.pyhv_eng_free(e)
+
+    def events(self) -> list[tuple[int, int, int, int, int]]:
+        """Events for Python: (type, errno, stream, page, worker), oldest first."""
+        out = []
+        while True:
+            n = lib.pyhv_eng_events(self._e, self._events, 256)
+            out += [(v.type, v.err, v.stream, v.page, v.worker)
+                    for v in (self._events[i] for i in range(n))]  # fmt: skip
+            if n < 256:
+                return out
+
+    def shortfall(self, coming: int) -> int:
+        """Frames wanted beyond those free and `coming` (see csrc/engine.c)."""
+        return lib.pyhv_eng_shortfall(self._e, coming)
+
+    def pool(self) -> dict:
+        lib.pyhv_eng_pool(self._e, self._pool)
+        p = self._pool
+        return {"pages": p.pages, "used": p.used, "high_water": p.high_water,
+                "waiting": p.waiting, "reserve": p.reserve, "pending": p.pending,
+                "events_lost": p.events_lost,
+                "engine": {k: getattr(p.g, k) for k in self.GLOBAL}}  # fmt: skip
+
+    def pool_resize(self, pages: int, reserve: int) -> None:
+        lib.pyhv_eng_pool_resize(self._e, pages, reserve)
+
+    # --- partitions -----------------------------------------------------------------
+
+    def part_new(self, stream: int, pages: int, slots: int, memfd: int, hv_base: int):
+        h = lib.pyhv_eng_part_new(self._e, stream, pages, slots, memfd, hv_base)
+        if h == ffi.NULL:
+            raise OSError(errno.ENOMEM, "cannot allocate the page table")
+        return h
+
+    def part_free(self, h) -> None:
+        lib.pyhv_eng_part_free(self._e, h)
+
+    def stats(self, h) -> dict:
+        lib.pyhv_eng_part_stats(self._e, h, self._stats)
+        s = self._stats
+        out = {k: getattr(s.c, k) for k in self.COUNTERS}
+        out.update(resident=s.resident, active=s.active, inactive=s.inactive,
+                   reads_inflight=s.reads_inflight, reads_queued=s.reads_queued,
+                   pending=s.pending, metadata_bytes=s.metadata_bytes,
+                   written_share=s.written_share)  # fmt: skip
+        return out
+
+    def load(self, h) -> tuple[int, int]:
+        """(resident pages, of them in a victim queue)."""
+        lib.pyhv_eng_part_load(self._e, h, self._counts)
+        return self._counts[0], self._counts[1]
+
+    def state_counts(self, h) -> list[int]:
+        lib.pyhv_eng_state_counts(self._e, h, self._counts)
+        return list(self._counts)
+
+    def page_state(self, h, page: int) -> int:
+        return _check(lib.pyhv_eng_page_state(self._e, h, page), "page state")
+
+    def slot_of(self, h, page: int) -> int:
+        """The slot holding the page's device copy, or -1."""
+        return lib.pyhv_eng_slot_of(self._e, h, page)
+
+    def slot_set(self, h, slot: int, state: int) -> None:
+        lib.pyhv_eng_slot_set(self._e, h, slot, state)
+
+    def slot_count(self, h, state: int) -> int:
+        return lib.pyhv_eng_slot_count(self._e, h, state)
+
+    # --- workers and channels -------------------------------------------------------
+
+    def worker_add(self, h, uffd: int, base: int, wid: int):
+        """The engine takes the uffd (and closes it at worker_remove)."""
+        w = lib.pyhv_eng_worker_add(self._e, h, uffd, base, wid, self._err)
+        if w == ffi.NULL:
+            raise OSError(self._err[0], os.strerror(self._err[0]), "worker")
+        return w
+
+    def worker_remove(self, w) -> None:
+        lib.pyhv_eng_worker_remove(self._e, w)
+
+    def chan_add(self, sock: int):
+        ch = lib.pyhv_eng_chan_add(self._e, sock, self._err)
+        if ch == ffi.NULL:
+            raise OSError(self._err[0], os.strerror(self._err[0]), "fast channel")
+        return ch
+
+    def chan_remove(self, ch) -> int:
+        """No more READs on ch; its streams take theirs back (returned)."""
+        return lib.pyhv_eng_chan_remove(self._e, ch)
+
+    def stream_bind(self, h, ch, flowing: bool) -> None:
+        lib.pyhv_eng_stream_bind(self._e, h, ch if ch is not None else ffi.NULL, int(flowing))
+
+    def stream_busy(self, h) -> int:
+        return lib.pyhv_eng_stream_busy(self._e, h)
+
+    def chan_oldest(self, ch) -> float:
+        """Seconds the oldest READ on ch has gone unanswered (0: none)."""
+        return lib.pyhv_eng_chan_oldest_ns(self._e, ch) / 1e9
+
+    # --- eviction and write-back ----------------------------------------------------
+
+    def evict(self, h, n: int, allow_dirty: bool) -> tuple[list[int], int]:
+        """(dirty pages to write back, clean pages dropped)."""
+        out = ffi.new("uint32_t[]", max(n, 1))
+        nd = _check(lib.pyhv_eng_evict(self._e, h, n, int(allow_dirty), out, self._nclean),
+                    "evict")  # fmt: skip
+        return list(out[0:nd]), self._nclean[0]
+
+    def write_slots(self, h, pages: list[int]) -> tuple[int, int]:
+        """(first slot, how many of pages got slots from it); 0 pages: no free slot."""
+        arr = ffi.new("uint32_t[]", pages)
+        n = lib.pyhv_eng_write_slots(self._e, h, arr, len(pages), self._first)
+        return self._first[0], n
+
+    def written(self, h, pages: list[int], crcs) -> None:
+        """crcs: the WRITE reply's payload, a CRC32 (u32) a page."""
+        arr = ffi.new("uint32_t[]", pages)
+        with ffi.from_buffer(crcs) as c:
+            lib.pyhv_eng_written(self._e, h, arr, ffi.cast("uint32_t *", c), len(pages))
+
+    def write_failed(self, h, page: int, bad: bool) -> int:
+        return lib.pyhv_eng_write_failed(self._e, h, page, int(bad))
+
+    def poison(self, h, page: int) -> tuple[int, list[int]]:
+        """(the slot the page had or -1, ids of the workers that waited on it)."""
+        slot = lib.pyhv_eng_poison(self._e, h, page, self._touched, 64, self._ntouched)
+        return slot, list(self._touched[0 : self._ntouched[0]])
+
 
 def bench_kernel_touch(npages: int) -> list[int]:
     """Per-touch ns of kernel anonymous first-touch faults (benchmark baseline)."""

@@ -19,6 +19,8 @@ from pyhv.config import ConfigError, DeviceConfig, PartitionConfig, assign_devic
     available_memory, check_metadata, check_pool_size, format_size, parse_device, parse_pages, \
     parse_partition  # fmt: skip
 from pyhv import wire
+from pyhv.hypervisor import victims
+from pyhv.hypervisor.partition import CLEAN, DIRTY
 from pyhv.uffd import PAGE_SIZE
 
 log = logging.getLogger("pyhv.vcp")
@@ -78,27 +80,27 @@ def pool_resize(hv, conn, msg):
     """Grow at once; shrink by evicting down to the new size first."""
     _no_stop(hv)
     new = _config_errors(parse_pages, msg.get("size"), "pool size") // PAGE_SIZE
-    pool = hv.pool
+    pool = hv.engine.pool()
     # the frames in use now are the machine's already: they count as available
-    _config_errors(check_pool_size, new, "pool size", available_memory() + pool.used * PAGE_SIZE)
-    if new < pool.used:
+    _config_errors(check_pool_size, new, "pool size", available_memory() + pool["used"] * PAGE_SIZE)
+    if new < pool["used"]:
         # what cannot be evicted now: pages in flight, and dirty pages of
         # partitions whose stream has no service to write them to
-        stuck = pool.used - sum(
-            1 for part in hv.partitions for q in (part.victims, part.active) for page in q
-            if part.table[page] == 2 or part.stream.service is not None  # 2: CLEAN
-        )  # fmt: skip
+        evictable = 0
+        for part in hv.partitions:
+            counts = hv.engine.state_counts(part.eng)
+            evictable += counts[CLEAN] + (counts[DIRTY] if part.stream.service else 0)
+        stuck = pool["used"] - evictable
         if new < stuck:
             raise Refused(f"cannot shrink the pool to {new} pages: {stuck} resident pages "
                            "cannot be evicted now (in flight, or dirty with no paging service)")
-    old = pool.pages
-    pool.pages = new
+    old = pool["pages"]
+    hv.engine.pool_resize(new, victims.reserve(new))
     log.info("pool: %d -> %d pages", old, new)
     if new >= old:
-        pool.serve()
         return {"ok": True, "pages": new, "old_pages": old}
     hv.replenish()
-    hv.after(lambda: pool.used <= pool.pages,
+    hv.after(lambda: hv.engine.pool()["used"] <= new,
              lambda: hv.reply(conn, {"ok": True, "pages": new, "old_pages": old}))  # fmt: skip
     return None
 
@@ -139,11 +141,14 @@ def partition_remove(hv, conn, msg):
     part = _known(hv.by_name, _str(msg, "name"), "partition")
     if part.workers:
         raise Refused(f"partition {part.name!r} has {len(part.workers)} live worker(s)")
-    if part.stream.service is None and (part.stream.busy or part.waiters):
+    def busy() -> bool:  # paging in flight or waiting: Python's requests, the engine's pages
+        return bool(part.stream.busy or hv.engine.stream_busy(part.eng)
+                    or hv.engine.stats(part.eng)["pending"])  # fmt: skip
+
+    if part.stream.service is None and busy():
         raise Refused(f"partition {part.name!r} has paging waiting for a paging service; "
                        f"start one of {', '.join(part.stream.paging)} first")  # fmt: skip
-    part.removing = True
-    hv.after(lambda: not part.stream.inflight and not part.waiters,
+    hv.after(lambda: not busy(),
              lambda: (hv.remove_partition(part),
                       hv.reply(conn, {"ok": True, "removed": part.name})))  # fmt: skip
     return None

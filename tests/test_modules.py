@@ -19,7 +19,6 @@ from pyhv import uffd, wire
 from pyhv.config import ConfigError, load_config_text, parse_size
 from pyhv.device import PagingDevice
 from pyhv.pattern import page_pattern
-from pyhv.pool import Pool
 
 from conftest import config_text
 
@@ -98,24 +97,6 @@ def test_config_round_trips_through_json(tmp_path):
 
     cfg = load_config_text(config_text(pool="1MiB", partitions=[("p1", "4MiB")]), tmp_path)
     assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-
-
-def test_pool_hands_frames_to_waiters_in_order():
-    pool = Pool(2)
-    assert pool.try_take() and pool.try_take()
-    assert not pool.try_take()
-    served = []
-    pool.waiters.append(lambda: served.append("a"))
-    pool.waiters.append(lambda: served.append("b"))
-    assert pool.shortfall(reserve=1) == 3
-    assert pool.shortfall(reserve=1, evicting=2) == 1
-    pool.release()
-    assert served == ["a"] and pool.used == 2
-    pool.release()
-    pool.release()
-    assert served == ["a", "b"] and pool.used == 1
-    assert pool.high_water == 2
-    assert not pool.waiters and pool.try_take()  # no one waits: a free frame is taken at once
 
 
 def test_pattern_depends_on_partition_page_and_generation():

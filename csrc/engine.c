@@ -1,0 +1,1742 @@
+/*
+ * The hypervisor's fault engine: every worker's page faults, resolved in C.
+ *
+ * One thread (started by pyhv_eng_start) waits in epoll on every worker's
+ * userfaultfd and on each paging service's fast channel, a SEQPACKET socket
+ * that carries page-ins (READ) only.  It resolves the common cases without
+ * Python and without the GIL: a MINOR fault on a resident page, a WP fault
+ * (the page becomes dirty), a first touch (UFFDIO_ZEROPAGE) and a page-in
+ * (READ to the paging service, which preads straight into the partition's
+ * memory; the reply is mapped with UFFDIO_CONTINUE), with read-ahead along a
+ * sequential run, waking every waiter.  A fault that finds no free frame
+ * waits here until one is released.
+ *
+ * Python (pyhv/hypervisor) keeps what needs judgement and what is rare, and
+ * meets the engine in batches: it is woken through an eventfd when the pool
+ * runs low (it chooses how many pages each partition gives up, by weight,
+ * and calls pyhv_eng_evict, which takes them from the partition's victim
+ * queues and write-protects them), it writes dirty pages back through its
+ * own stream socket and reports the outcome (pyhv_eng_written,
+ * pyhv_eng_write_failed), and it handles the events queued for it: a page
+ * that could not be read (a machine check: pyhv_eng_poison), a worker that
+ * is gone, a fast channel at end-of-file.
+ *
+ * Locking: one mutex, e->mu, guards everything here.  The engine thread
+ * holds it while it handles a batch of events (never while it waits);
+ * every pyhv_eng_* call takes it.  Python's calls do not hold the GIL
+ * (cffi releases it), so neither waits for the other's lock while holding
+ * its own.
+ *
+ * Who owns what (said once): the page table arrays (state, slot, crc,
+ * stamp, slot_map) are written here only, under the lock; Python reads them
+ * through pyhv_eng_* calls.  A worker's uffd belongs to the engine from
+ * pyhv_eng_worker_add until it is removed (it closes it).  A fast channel's
+ * socket stays Python's (it closes it after pyhv_eng_chan_remove).
+ *
+ * Page states (pyhv/hypervisor/pagetable.py names them):
+ *   UNTOUCHED  never written: a fault fills it with zeros
+ *   DIRTY      resident, changed since it was last on the device (or never there)
+ *   CLEAN      resident, identical to its copy in slot[page]; mapped write-protected
+ *   FILLING    being filled (zero page, or READ in flight): faults wait
+ *   PAGING_OUT being written back by Python's WRITE: faults wait
+ *   ON_DEVICE  in slot[page] only
+ * Every page in FILLING or PAGING_OUT has a `pending` record with its
+ * waiters; every resident page (DIRTY, CLEAN) is in exactly one of its
+ * partition's victim queues, and holds one frame of the pool, as does every
+ * FILLING and PAGING_OUT page.
+ *
+ * Errors: functions return >= 0 or -errno; nothing here prints or exits.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "uffd_compat.h"
+#include "pyhv.h"
+
+#define PG 4096u
+#define HDR 28u		   /* wire.HEADER.size */
+#define OP_READ 3	   /* wire.OP_READ */
+#define EPOCHS 4	   /* eviction epochs in a pool-full of evictions */
+#define PREFETCH_MIN 8	   /* read-ahead window: first */
+#define PREFETCH_MAX 64	   /* ... and largest */
+#define GUESS_WRITTEN 0.5  /* past this share of page-ins written soon after, install writable */
+#define GUESS_PROBE 8	   /* ... but one page-in in this many, which keeps measuring */
+#define BUCKETS 16384u	   /* pending pages hash (pages in flight are bounded by the pool) */
+#define MAX_EVENTS 4096	   /* events queued for Python before the oldest are counted lost */
+
+enum { UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE };
+enum { SLOT_FREE, SLOT_USED, SLOT_BAD };
+enum { SRC_UFFD = 1, SRC_CHAN, SRC_STOP };
+enum { IO_OK, IO_EXISTS, IO_GONE }; /* outcome of an ioctl on a worker's uffd */
+
+struct frame_hdr { /* wire.HEADER, "<QHBBiIII" */
+	uint64_t req;
+	uint16_t stream;
+	uint8_t op;
+	uint8_t flags;
+	int32_t status;
+	uint32_t slot;
+	uint32_t count;
+	uint32_t crc;
+} __attribute__((packed));
+_Static_assert(sizeof(struct frame_hdr) == HDR, "wire.HEADER");
+
+struct eng_worker {
+	int kind; /* SRC_UFFD: first, for epoll dispatch */
+	int uffd;
+	uint64_t base;
+	uint64_t id;
+	struct pyhv_eng_part *part;
+	int alive;
+	int refs; /* Python's, and waiter records that name it; buried when dead and 0 */
+	struct eng_worker *grave_next;
+};
+
+struct waiter {
+	struct waiter *next;
+	struct eng_worker *w;
+	int write;
+};
+
+struct pending { /* a page FILLING or PAGING_OUT, and who waits for it */
+	struct pending *next;
+	struct pyhv_eng_part *part;
+	uint64_t page;
+	struct waiter *head, **tail;
+	int fill_kind; /* while it waits for a frame: 0 zero fill, 1 page-in */
+	int no_frame;  /* it waits for a frame (in the pool's queue) */
+	struct pending *wait_next; /* in the pool's queue of faults waiting for a frame */
+};
+
+struct ring { /* FIFO of page numbers, grown as needed */
+	uint32_t *v;
+	uint64_t head, count, cap;
+};
+
+struct rreq { /* one READ of the engine */
+	struct rreq *next, *prev;
+	uint64_t id;
+	struct pyhv_eng_part *part;
+	uint32_t first, n, slot;
+	uint64_t sent_ns;
+	struct pyhv_eng_chan *chan; /* NULL while queued on its partition */
+};
+
+struct pyhv_eng_chan {
+	int kind; /* SRC_CHAN */
+	int sock;
+	int dead;
+	int want_out; /* EPOLLOUT armed: a frame did not fit */
+	struct rreq *head, *tail; /* in flight, oldest first */
+	uint64_t inflight;
+	struct pyhv_eng_chan *next; /* every channel, for teardown */
+};
+
+struct pyhv_eng_part {
+	uint32_t stream;
+	uint64_t pages, slots;
+	uint8_t *state;
+	uint32_t *slot; /* slot + 1; 0: none (so that calloc'd memory stays untouched) */
+	uint32_t *crc;
+	uint8_t *stamp; /* 1 + eviction epoch % 255 at the page's last eviction; 0: never */
+	uint8_t *slot_map;
+	uint64_t slot_cursor;
+	int memfd;
+	uint64_t hv_base; /* the hypervisor's read-only mapping of the memory (mincore) */
+	struct eng_worker **workers;
+	int nworkers, capworkers;
+	struct pyhv_eng_chan *chan;
+	int flowing;
+	struct rreq *qhead, *qtail; /* READs not sent yet */
+	uint64_t queued, reads_inflight;
+	struct ring inactive, active;
+	uint64_t resident, pending;
+	struct pyhv_eng_part *next; /* every partition, for teardown and EPOLLOUT */
+	int64_t last_page_in, readahead_end;
+	uint32_t readahead;
+	double written_share;
+	uint64_t page_in_count;
+	struct pyhv_eng_counters c;
+};
+
+struct pyhv_eng {
+	pthread_mutex_t mu;
+	int ep, stop_fd, notify_fd;
+	int stop_kind; /* SRC_STOP, the epoll data of stop_fd */
+	pthread_t thread;
+	int started, stopping;
+	uint64_t pool_pages, used, high_water, reserve;
+	struct pending *wait_head, *wait_tail; /* faults waiting for a frame, oldest first */
+	uint64_t waiting;
+	struct pending **buckets;
+	uint64_t pending_count;
+	uint64_t next_id;
+	uint64_t epoch, evictions;
+	uint64_t spin_ns;
+	int want_evict; /* Python was told the pool runs low and has not asked since */
+	int notified;	/* notify_fd written since Python last read events */
+	struct pyhv_eng_event *events;
+	int nevents;
+	uint64_t events_lost;
+	struct pyhv_eng_chan *chans;
+	struct pyhv_eng_part *parts;
+	/* Workers no one refers to any more, freed by the engine thread after
+	 * its current batch: an event it took from epoll before the worker's
+	 * uffd was removed may still name it. */
+	struct eng_worker *grave;
+	struct pyhv_eng_stats_global g;
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* --- small containers ------------------------------------------------------- */
+
+static int ring_push(struct ring *r, uint32_t page)
+{
+	if (r->count == r->cap) {
+		uint64_t cap = r->cap ? 2 * r->cap : 64;
+		uint32_t *v = malloc(cap * sizeof(*v));
+		if (!v)
+			return -ENOMEM;
+		for (uint64_t i = 0; i < r->count; i++)
+			v[i] = r->v[(r->head + i) % r->cap];
+		free(r->v);
+		r->v = v;
+		r->cap = cap;
+		r->head = 0;
+	}
+	r->v[(r->head + r->count) % r->cap] = page;
+	r->count++;
+	return 0;
+}
+
+static uint32_t ring_pop(struct ring *r)
+{
+	uint32_t page = r->v[r->head];
+	r->head = (r->head + 1) % r->cap;
+	r->count--;
+	return page;
+}
+
+static void ring_free(struct ring *r)
+{
+	free(r->v);
+	memset(r, 0, sizeof(*r));
+}
+
+static uint64_t bucket_of(struct pyhv_eng_part *p, uint64_t page)
+{
+	uint64_t h = ((uint64_t)(uintptr_t)p >> 4) * 0x9E3779B97F4A7C15ull ^ page * 0xBF58476D1CE4E5B9ull;
+	return (h >> 20) % BUCKETS;
+}
+
+static struct pending *pending_find(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page)
+{
+	for (struct pending *x = e->buckets[bucket_of(p, page)]; x; x = x->next)
+		if (x->part == p && x->page == page)
+			return x;
+	return NULL;
+}
+
+static struct pending *pending_new(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page)
+{
+	struct pending *x = calloc(1, sizeof(*x));
+	if (!x)
+		return NULL;
+	x->part = p;
+	x->page = page;
+	x->tail = &x->head;
+	uint64_t b = bucket_of(p, page);
+	x->next = e->buckets[b];
+	e->buckets[b] = x;
+	e->pending_count++;
+	p->pending++;
+	return x;
+}
+
+static void worker_put(struct pyhv_eng *e, struct eng_worker *w)
+{
+	if (--w->refs == 0 && !w->alive) {
+		w->grave_next = e->grave;
+		e->grave = w;
+	}
+}
+
+static void bury(struct pyhv_eng *e)
+{
+	while (e->grave) {
+		struct eng_worker *w = e->grave;
+		e->grave = w->grave_next;
+		free(w);
+	}
+}
+
+static int add_waiter(struct pending *x, struct eng_worker *w, int write)
+{
+	struct waiter *q = malloc(sizeof(*q));
+	if (!q)
+		return -ENOMEM;
+	q->next = NULL;
+	q->w = w;
+	q->write = write;
+	w->refs++;
+	*x->tail = q;
+	x->tail = &q->next;
+	return 0;
+}
+
+/* Take the pending record of a page out of the table; the caller owns it
+ * (and its waiters) and frees it with pending_free. */
+static struct pending *pending_take(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page)
+{
+	struct pending **at = &e->buckets[bucket_of(p, page)];
+	for (; *at; at = &(*at)->next)
+		if ((*at)->part == p && (*at)->page == page) {
+			struct pending *x = *at;
+			*at = x->next;
+			e->pending_count--;
+			p->pending--;
+			return x;
+		}
+	return NULL;
+}
+
+static void pending_free(struct pyhv_eng *e, struct pending *x)
+{
+	if (!x)
+		return;
+	for (struct waiter *q = x->head, *next; q; q = next) {
+		next = q->next;
+		worker_put(e, q->w);
+		free(q);
+	}
+	free(x);
+}
+
+/* --- events for Python ---------------------------------------------------------- */
+
+static void notify(struct pyhv_eng *e)
+{
+	if (!e->notified) {
+		uint64_t one = 1;
+		if (write(e->notify_fd, &one, sizeof(one)) == sizeof(one))
+			e->notified = 1;
+	}
+}
+
+static void post(struct pyhv_eng *e, uint32_t type, int err, struct pyhv_eng_part *p,
+		 uint64_t page, uint64_t worker)
+{
+	if (e->nevents == MAX_EVENTS) {
+		e->events_lost++;
+		return;
+	}
+	struct pyhv_eng_event *ev = &e->events[e->nevents++];
+	ev->type = type;
+	ev->err = err;
+	ev->stream = p ? p->stream : 0;
+	ev->pad = 0;
+	ev->page = page;
+	ev->worker = worker;
+	notify(e);
+}
+
+/* The pool runs low (a fault waits, or fewer than `reserve` frames are
+ * free): Python evicts, in a batch.  Told once until it asks again. */
+static void want_frames(struct pyhv_eng *e)
+{
+	if (!e->want_evict) {
+		e->want_evict = 1;
+		e->g.evict_requests++;
+		notify(e);
+	}
+}
+
+/* --- ioctls on a worker's uffd ---------------------------------------------------- */
+
+static void drop_worker(struct pyhv_eng *e, struct eng_worker *w, int err);
+
+/* Every ioctl on a worker's range goes through here: EEXIST/EAGAIN are
+ * benign (someone resolved it: IO_EXISTS), anything else means the worker is
+ * gone or its fd broken: it is dropped (Python is told) and never stops
+ * anyone else. */
+static int uffd_op(struct pyhv_eng *e, struct eng_worker *w, unsigned long req, void *arg,
+		   __s64 *result)
+{
+	if (!w->alive)
+		return IO_GONE;
+	int r = ioctl(w->uffd, req, arg);
+	int err = r < 0 ? errno : 0;
+	if (result && *result < 0)
+		err = (int)-*result;
+	if (!err)
+		return IO_OK;
+	if (err == EEXIST || err == EAGAIN)
+		return IO_EXISTS;
+	drop_worker(e, w, err);
+	return IO_GONE;
+}
+
+static int op_wake(struct pyhv_eng *e, struct eng_worker *w, uint64_t page, uint64_t n)
+{
+	struct uffdio_range r = {w->base + page * PG, n * PG};
+	return uffd_op(e, w, UFFDIO_WAKE, &r, NULL);
+}
+
+static int op_wp(struct pyhv_eng *e, struct eng_worker *w, uint64_t page, uint64_t n, int on,
+		 int wake)
+{
+	struct uffdio_writeprotect wp = {{w->base + page * PG, n * PG},
+					 on ? UFFDIO_WRITEPROTECT_MODE_WP
+					    : (wake ? 0 : UFFDIO_WRITEPROTECT_MODE_DONTWAKE)};
+	return uffd_op(e, w, UFFDIO_WRITEPROTECT, &wp, NULL);
+}
+
+static int op_zero(struct pyhv_eng *e, struct eng_worker *w, uint64_t page)
+{
+	struct uffdio_zeropage z = {{w->base + page * PG, PG}, 0, 0};
+	return uffd_op(e, w, UFFDIO_ZEROPAGE, &z, &z.zeropage);
+}
+
+/* Map n pages that are in the memory into w (write-protected if clean);
+ * mapped already: woken (IO_EXISTS). */
+static int op_map(struct pyhv_eng *e, struct eng_worker *w, uint64_t page, uint64_t n, int clean)
+{
+	struct uffdio_continue c = {{w->base + page * PG, n * PG},
+				    clean ? UFFDIO_CONTINUE_MODE_WP : 0, 0};
+	int r = uffd_op(e, w, UFFDIO_CONTINUE, &c, &c.mapped);
+	if (r == IO_EXISTS)
+		r = op_wake(e, w, page, n) == IO_OK ? IO_EXISTS : IO_GONE;
+	return r;
+}
+
+static int op_poison(struct pyhv_eng *e, struct eng_worker *w, uint64_t page)
+{
+	struct uffdio_poison ps = {{w->base + page * PG, PG}, 0, 0};
+	return uffd_op(e, w, UFFDIO_POISON, &ps, &ps.updated);
+}
+
+/* --- the page table ------------------------------------------------------------------ */
+
+static void release_slot(struct pyhv_eng_part *p, uint64_t page)
+{
+	uint32_t s = p->slot[page];
+	if (s) {
+		p->slot[page] = 0;
+		if (p->slot_map[s - 1] == SLOT_USED)
+			p->slot_map[s - 1] = SLOT_FREE;
+	}
+}
+
+static void note_written(struct pyhv_eng_part *p, int written, uint64_t pages)
+{
+	if (written) {
+		p->written_share = p->written_share * 0.97 + 0.03;
+	} else {
+		for (uint64_t i = 0; i < pages && p->written_share > 1e-9; i++)
+			p->written_share *= 0.97;
+	}
+}
+
+/* How many pages of this page-in (a run of n) to install clean: all, unless
+ * most page-ins are written soon after; then none, but one page of one
+ * page-in in GUESS_PROBE, which keeps measuring. */
+static uint32_t install_clean(struct pyhv_eng_part *p, uint32_t n)
+{
+	p->page_in_count++;
+	if (p->written_share <= GUESS_WRITTEN)
+		return n;
+	uint32_t clean = p->page_in_count % GUESS_PROBE == 0;
+	p->c.installed_writable += n - clean;
+	return clean;
+}
+
+/* A page just installed joins a victim queue: active if it was evicted no
+ * more than a pool's worth of evictions ago (it is in use), else inactive. */
+static void enqueue(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page)
+{
+	uint8_t st = p->stamp[page];
+	if (st && (e->epoch + 255 - (st - 1)) % 255 < EPOCHS) {
+		p->c.refaults++;
+		if (ring_push(&p->active, (uint32_t)page) == 0)
+			return;
+	}
+	if (ring_push(&p->inactive, (uint32_t)page))
+		e->g.enomem++; /* the page stays resident, never a victim: no loss */
+}
+
+static int in_memory(struct pyhv_eng_part *p, uint64_t page)
+{
+	unsigned char v = 0;
+	if (mincore((void *)(uintptr_t)(p->hv_base + page * PG), PG, &v) < 0)
+		return 0;
+	return v & 1;
+}
+
+/* --- the pool ------------------------------------------------------------------------ */
+
+static int try_take(struct pyhv_eng *e)
+{
+	if (e->used < e->pool_pages && !e->wait_head) {
+		e->used++;
+		if (e->used > e->high_water)
+			e->high_water = e->used;
+		if (e->pool_pages - e->used < e->reserve)
+			want_frames(e);
+		return 1;
+	}
+	return 0;
+}
+
+static void fill(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page, int read);
+
+/* Hand free frames to waiting faults, oldest first. */
+static void serve_waiters(struct pyhv_eng *e)
+{
+	while (e->wait_head && e->used < e->pool_pages) {
+		struct pending *x = e->wait_head;
+		e->wait_head = x->wait_next;
+		if (!e->wait_head)
+			e->wait_tail = NULL;
+		e->waiting--;
+		e->used++;
+		if (e->used > e->high_water)
+			e->high_water = e->used;
+		x->no_frame = 0;
+		fill(e, x->part, x->page, x->fill_kind);
+	}
+	if (e->wait_head || e->pool_pages - e->used < e->reserve)
+		want_frames(e);
+}
+
+static void release_frames(struct pyhv_eng *e, uint64_t n)
+{
+	e->used -= n;
+	serve_waiters(e);
+}
+
+/* --- installing pages -------------------------------------------------------------- */
+
+/* Map a page now resident into every waiter but skip. */
+static void map_waiters(struct pyhv_eng *e, struct pending *x, uint64_t page, int clean,
+			struct eng_worker *skip)
+{
+	for (struct waiter *q = x->head; q; q = q->next) {
+		if (q->w == skip || !q->w->alive)
+			continue;
+		int seen = 0;
+		for (struct waiter *o = x->head; o != q; o = o->next)
+			seen |= o->w == q->w;
+		if (!seen)
+			op_map(e, q->w, page, 1, clean);
+	}
+}
+
+/* Map one page into its waiters (the first, else any worker) and wake
+ * them: zeros (read 0, UFFDIO_ZEROPAGE) or what a READ put into the memory
+ * (UFFDIO_CONTINUE).  clean: -1 to decide here.  A frame is held for it. */
+static void install(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page, int read,
+		    int clean)
+{
+	struct pending *x = pending_take(e, p, page);
+	int any_write = 0;
+	if (x)
+		for (struct waiter *q = x->head; q; q = q->next)
+			any_write |= q->write;
+	if (!read || any_write)
+		clean = 0;
+	else if (clean < 0)
+		clean = install_clean(p, 1) == 1;
+	struct eng_worker *installer = NULL;
+	for (struct waiter *q = x ? x->head : NULL; q && !installer; q = q->next) {
+		int r = read ? op_map(e, q->w, page, 1, clean) : op_zero(e, q->w, page);
+		if (r != IO_GONE)
+			installer = q->w;
+	}
+	for (int i = 0; i < p->nworkers && !installer;) {
+		struct eng_worker *w = p->workers[i];
+		int r = read ? op_map(e, w, page, 1, clean) : op_zero(e, w, page);
+		if (r != IO_GONE)
+			installer = w;
+		else if (i < p->nworkers && p->workers[i] == w)
+			i++; /* (a dropped worker's place is taken by the last) */
+	}
+	if (!installer) { /* nobody left to map it into: it stays where it was */
+		p->state[page] = read ? ON_DEVICE : UNTOUCHED;
+		if (read)
+			fallocate(p->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+				  (off_t)(page * PG), PG);
+		pending_free(e, x);
+		release_frames(e, 1);
+		return;
+	}
+	if (read && !clean) /* written at once: its device copy is stale */
+		release_slot(p, page);
+	p->state[page] = clean ? CLEAN : DIRTY;
+	p->resident++;
+	enqueue(e, p, page);
+	if (x)
+		map_waiters(e, x, page, clean, installer);
+	pending_free(e, x);
+}
+
+/* Map neighbouring pages one READ put into the memory with one
+ * UFFDIO_CONTINUE into one worker, then into whoever else waits on them. */
+static void install_run(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first,
+			uint32_t n, int clean)
+{
+	struct eng_worker *installer = NULL;
+	for (int i = 0; i < p->nworkers && !installer;) {
+		struct eng_worker *w = p->workers[i];
+		int r = op_map(e, w, first, n, clean);
+		if (r == IO_GONE) {
+			if (i < p->nworkers && p->workers[i] == w)
+				i++;
+			continue;
+		}
+		if (r == IO_EXISTS) { /* cannot be (they are FILLING): page by page, to be sure */
+			for (uint32_t k = 0; k < n; k++)
+				install(e, p, first + k, 1, clean);
+			return;
+		}
+		installer = w;
+	}
+	if (!installer) {
+		fallocate(p->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(first * PG),
+			  (off_t)n * PG);
+		for (uint32_t k = 0; k < n; k++) {
+			pending_free(e, pending_take(e, p, first + k));
+			p->state[first + k] = ON_DEVICE;
+		}
+		release_frames(e, n);
+		return;
+	}
+	for (uint32_t k = 0; k < n; k++) {
+		uint64_t page = first + k;
+		if (!clean)
+			release_slot(p, page);
+		p->state[page] = clean ? CLEAN : DIRTY;
+		struct pending *x = pending_take(e, p, page);
+		if (x)
+			map_waiters(e, x, page, clean, installer);
+		pending_free(e, x);
+		p->resident++;
+		enqueue(e, p, page);
+	}
+}
+
+static void install_read(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint32_t n)
+{
+	uint32_t k = install_clean(p, n); /* n, none, or the first page (a probe) */
+	if (n == 1) {
+		install(e, p, first, 1, k == 1);
+		return;
+	}
+	uint32_t skip = 0;
+	if (k == 1) {
+		install(e, p, first, 1, 1);
+		skip = 1;
+	}
+	install_run(e, p, first + skip, n - skip, k == n);
+}
+
+/* --- page-ins: READs on the fast channel --------------------------------------------- */
+
+static int send_read(struct pyhv_eng *e, struct pyhv_eng_chan *ch, struct rreq *r)
+{
+	struct frame_hdr h = {r->id, (uint16_t)r->part->stream, OP_READ, 0, 0, r->slot, r->n, 0};
+	uint8_t payload[4 * PYHV_SVC_MAX_PAGES + 4];
+	memcpy(payload, &r->part->crc[r->first], 4 * (size_t)r->n);
+	memcpy(payload + 4 * (size_t)r->n, &r->first, 4);
+	struct iovec iov[2] = {{&h, HDR}, {payload, 4 * (size_t)r->n + 4}};
+	struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
+	for (;;) {
+		if (sendmsg(ch->sock, &m, MSG_DONTWAIT | MSG_NOSIGNAL) >= 0)
+			return 0;
+		if (errno == EINTR)
+			continue;
+		return -errno;
+	}
+}
+
+static void arm_out(struct pyhv_eng *e, struct pyhv_eng_chan *ch, int on)
+{
+	if (ch->want_out == on)
+		return;
+	struct epoll_event ev = {EPOLLIN | (on ? EPOLLOUT : 0), {.ptr = ch}};
+	epoll_ctl(e->ep, EPOLL_CTL_MOD, ch->sock, &ev);
+	ch->want_out = on;
+}
+
+/* Send what is queued on the partition's stream, if it flows. */
+static void pump(struct pyhv_eng *e, struct pyhv_eng_part *p)
+{
+	struct pyhv_eng_chan *ch = p->chan;
+	if (!ch || ch->dead || !p->flowing)
+		return;
+	while (p->qhead) {
+		struct rreq *r = p->qhead;
+		r->sent_ns = now_ns();
+		int err = send_read(e, ch, r);
+		if (err == -EAGAIN) {
+			arm_out(e, ch, 1);
+			return;
+		}
+		p->qhead = r->next;
+		if (!p->qhead)
+			p->qtail = NULL;
+		p->queued--;
+		if (err) {
+			/* the channel is broken: its end-of-file reaches Python,
+			 * which takes every READ back; keep this one in flight */
+			e->g.send_errors++;
+		}
+		r->chan = ch;
+		r->next = NULL;
+		r->prev = ch->tail;
+		if (ch->tail)
+			ch->tail->next = r;
+		else
+			ch->head = r;
+		ch->tail = r;
+		ch->inflight++;
+		p->reads_inflight++;
+		e->g.reads_sent++;
+	}
+}
+
+static void page_in_run(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint32_t n)
+{
+	struct rreq *r = calloc(1, sizeof(*r));
+	if (!r) { /* cannot even queue it: the page is lost to this fault; say so */
+		e->g.enomem++;
+		post(e, PYHV_EV_READ_FAILED, ENOMEM, p, first, 0);
+		return;
+	}
+	r->id = ++e->next_id;
+	r->part = p;
+	r->first = (uint32_t)first;
+	r->n = n;
+	r->slot = p->slot[first] - 1;
+	if (p->qtail)
+		p->qtail->next = r;
+	else
+		p->qhead = r;
+	p->qtail = r;
+	p->queued++;
+	pump(e, p);
+}
+
+/* A sequential run of page-ins: read the next pages on the device too,
+ * while the worker handles this one, in one READ per run of slots that
+ * follow each other (several in flight when they are scattered).  The
+ * window doubles each time the run reaches its end.  Only with free frames
+ * (never ahead of a waiting fault) and a stream that flows. */
+static void prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first)
+{
+	if (!p->chan || !p->flowing)
+		return;
+	uint64_t end = first + p->readahead;
+	if (end > p->pages)
+		end = p->pages;
+	p->readahead = p->readahead * 2 > PREFETCH_MAX ? PREFETCH_MAX : p->readahead * 2;
+	p->readahead_end = (int64_t)first;
+	uint64_t run = 0, n = 0;
+	for (uint64_t page = first; page < end; page++) {
+		if (p->state[page] != ON_DEVICE || !try_take(e))
+			break;
+		p->readahead_end = (int64_t)page + 1;
+		if (n && (p->slot[page] != p->slot[run + n - 1] + 1 || n == PYHV_SVC_MAX_PAGES)) {
+			page_in_run(e, p, run, (uint32_t)n);
+			n = 0;
+		}
+		if (!pending_new(e, p, page)) {
+			release_frames(e, 1);
+			break;
+		}
+		p->state[page] = FILLING;
+		p->c.prefetched++;
+		if (!n)
+			run = page;
+		n++;
+	}
+	if (n)
+		page_in_run(e, p, run, (uint32_t)n);
+}
+
+/* A frame is held for the page (FILLING, with its pending record). */
+static void fill(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page, int read)
+{
+	if (read)
+		page_in_run(e, p, page, 1);
+	else
+		install(e, p, page, 0, 0);
+}
+
+static void read_done(struct pyhv_eng *e, struct rreq *r, int status)
+{
+	struct pyhv_eng_part *p = r->part;
+	if (status == 0) {
+		p->c.page_ins += r->n;
+		install_read(e, p, r->first, r->n);
+	} else if (r->n > 1) { /* which page has the error: one by one */
+		for (uint32_t k = 0; k < r->n; k++)
+			page_in_run(e, p, r->first + k, 1);
+	} else { /* a machine check: Python records it, then pyhv_eng_poison */
+		p->c.read_errors++;
+		post(e, PYHV_EV_READ_FAILED, -status, p, r->first, 0);
+	}
+	free(r);
+}
+
+static void unlink_inflight(struct rreq *r)
+{
+	struct pyhv_eng_chan *ch = r->chan;
+	if (r->prev)
+		r->prev->next = r->next;
+	else
+		ch->head = r->next;
+	if (r->next)
+		r->next->prev = r->prev;
+	else
+		ch->tail = r->prev;
+	ch->inflight--;
+	r->part->reads_inflight--;
+	r->chan = NULL;
+	r->next = r->prev = NULL;
+}
+
+static void chan_readable(struct pyhv_eng *e, struct pyhv_eng_chan *ch)
+{
+	for (;;) {
+		struct frame_hdr h;
+		uint8_t spare[64];
+		struct iovec iov[2] = {{&h, HDR}, {spare, sizeof(spare)}};
+		struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
+		ssize_t n = recvmsg(ch->sock, &m, MSG_DONTWAIT);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && errno == EAGAIN)
+			return;
+		if (n < (ssize_t)HDR) { /* end-of-file, or garbage: the service failed */
+			ch->dead = 1;
+			epoll_ctl(e->ep, EPOLL_CTL_DEL, ch->sock, NULL);
+			post(e, PYHV_EV_CHAN_CLOSED, n < 0 ? errno : 0, NULL, 0, (uint64_t)ch->sock);
+			return;
+		}
+		struct rreq *r = ch->head;
+		while (r && r->id != h.req)
+			r = r->next;
+		if (!r) {
+			e->g.stray_replies++;
+			continue;
+		}
+		unlink_inflight(r);
+		e->g.reads_done++;
+		read_done(e, r, h.status);
+	}
+}
+
+/* --- the fault path ------------------------------------------------------------------- */
+
+static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint64_t flags)
+{
+	struct pyhv_eng_part *p = w->part;
+	if (addr < w->base || (addr - w->base) / PG >= p->pages) {
+		e->g.stray_faults++;
+		return;
+	}
+	uint64_t page = (addr - w->base) / PG;
+	uint8_t st = p->state[page];
+	p->c.faults++;
+	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+		p->c.wp_faults++;
+		if (st == CLEAN || st == DIRTY) {
+			if (st == CLEAN) { /* its copy on the device is stale from now on */
+				release_slot(p, page);
+				note_written(p, 1, 1);
+			}
+			p->state[page] = DIRTY;
+			op_wp(e, w, page, 1, 0, 1);
+		} else if (st == PAGING_OUT || st == FILLING) {
+			struct pending *x = pending_find(e, p, page);
+			if (!x || add_waiter(x, w, 1))
+				op_wake(e, w, page, 1); /* it faults again */
+		} else {
+			op_wake(e, w, page, 1);
+		}
+		return;
+	}
+	int write = (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
+	if (st == UNTOUCHED || st == ON_DEVICE) {
+		struct pending *x = pending_new(e, p, page);
+		if (!x || add_waiter(x, w, write)) {
+			pending_free(e, x ? pending_take(e, p, page) : NULL);
+			e->g.enomem++;
+			op_wake(e, w, page, 1); /* it faults again: no state changed */
+			return;
+		}
+		p->state[page] = FILLING;
+		int read = st == ON_DEVICE;
+		if (!read)
+			p->c.first_touches++;
+		if (try_take(e)) {
+			fill(e, p, page, read);
+			if (read) {
+				if ((int64_t)page == p->last_page_in + 1 || (int64_t)page == p->readahead_end)
+					prefetch(e, p, page + 1);
+				else
+					p->readahead = PREFETCH_MIN;
+			}
+		} else {
+			x->fill_kind = read;
+			x->no_frame = 1;
+			x->wait_next = NULL;
+			if (e->wait_tail)
+				e->wait_tail->wait_next = x;
+			else
+				e->wait_head = x;
+			e->wait_tail = x;
+			e->waiting++;
+			want_frames(e);
+		}
+		if (read)
+			p->last_page_in = (int64_t)page;
+	} else if (st == FILLING || st == PAGING_OUT) {
+		struct pending *x = pending_find(e, p, page);
+		if (!x || add_waiter(x, w, write))
+			op_wake(e, w, page, 1);
+	} else if ((flags & UFFD_PAGEFAULT_FLAG_MINOR) || in_memory(p, page)) {
+		/* resident, not mapped by this worker yet (MINOR), or mapped
+		 * meanwhile (an install raced with the fault): map it here */
+		p->c.minor_faults++;
+		op_map(e, w, page, 1, st == CLEAN);
+	} else { /* resident by the table, gone from the memfd: a worker removed it
+		  * (MADV_REMOVE): it reads zeros now */
+		p->c.removed_by_worker++;
+		p->state[page] = DIRTY;
+		op_zero(e, w, page);
+	}
+}
+
+static void uffd_readable(struct pyhv_eng *e, struct eng_worker *w)
+{
+	struct uffd_msg msgs[64];
+	while (w->alive) {
+		ssize_t got = read(w->uffd, msgs, sizeof(msgs));
+		if (got < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno != EAGAIN)
+				drop_worker(e, w, errno);
+			return;
+		}
+		int k = (int)(got / (ssize_t)sizeof(msgs[0]));
+		for (int i = 0; i < k && w->alive; i++)
+			if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+				fault(e, w, msgs[i].arg.pagefault.address, msgs[i].arg.pagefault.flags);
+		e->g.fault_reads++;
+		if (k < 64)
+			return;
+	}
+}
+
+/* --- workers ------------------------------------------------------------------------- */
+
+static void forget_worker(struct pyhv_eng *e, struct eng_worker *w)
+{
+	struct pyhv_eng_part *p = w->part;
+	for (int i = 0; i < p->nworkers; i++)
+		if (p->workers[i] == w) {
+			p->workers[i] = p->workers[--p->nworkers];
+			break;
+		}
+	epoll_ctl(e->ep, EPOLL_CTL_DEL, w->uffd, NULL);
+	close(w->uffd);
+	w->uffd = -1;
+	w->alive = 0;
+}
+
+static void drop_worker(struct pyhv_eng *e, struct eng_worker *w, int err)
+{
+	if (!w->alive)
+		return;
+	forget_worker(e, w); /* (Python's reference keeps it until it removes it too) */
+	post(e, PYHV_EV_WORKER_GONE, err, w->part, 0, w->id);
+}
+
+struct pyhv_eng_worker *pyhv_eng_worker_add(struct pyhv_eng *e, struct pyhv_eng_part *p, int uffd,
+					    uint64_t base, uint64_t id, int *err)
+{
+	struct eng_worker *w = calloc(1, sizeof(*w));
+	struct eng_worker **ws = NULL;
+	*err = 0;
+	if (!w) {
+		*err = ENOMEM;
+		return NULL;
+	}
+	w->kind = SRC_UFFD;
+	w->uffd = uffd;
+	w->base = base;
+	w->id = id;
+	w->part = p;
+	w->alive = 1;
+	w->refs = 1; /* Python's, until pyhv_eng_worker_remove */
+	pthread_mutex_lock(&e->mu);
+	if (p->nworkers == p->capworkers) {
+		int cap = p->capworkers ? 2 * p->capworkers : 4;
+		ws = realloc(p->workers, (size_t)cap * sizeof(*ws));
+		if (!ws) {
+			*err = ENOMEM;
+			goto fail;
+		}
+		p->workers = ws;
+		p->capworkers = cap;
+	}
+	/* Clean pages must fault on this worker's first write too, and pages
+	 * being paged out must not be written behind the page-out's back. */
+	for (uint64_t page = 0; page < p->pages; page++) {
+		uint8_t st = p->state[page];
+		if (st != CLEAN && st != PAGING_OUT)
+			continue;
+		uint64_t n = 1;
+		while (page + n < p->pages &&
+		       (p->state[page + n] == CLEAN || p->state[page + n] == PAGING_OUT))
+			n++;
+		struct uffdio_writeprotect wp = {{base + page * PG, n * PG}, UFFDIO_WRITEPROTECT_MODE_WP};
+		if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0) {
+			*err = errno;
+			goto fail;
+		}
+		page += n - 1;
+	}
+	struct epoll_event ev = {EPOLLIN, {.ptr = w}};
+	if (epoll_ctl(e->ep, EPOLL_CTL_ADD, uffd, &ev) < 0) {
+		*err = errno;
+		goto fail;
+	}
+	p->workers[p->nworkers++] = w;
+	pthread_mutex_unlock(&e->mu);
+	return (struct pyhv_eng_worker *)w;
+fail:
+	pthread_mutex_unlock(&e->mu);
+	free(w);
+	return NULL; /* the uffd stays the caller's */
+}
+
+/* The worker is gone (Python saw its connection close): the engine closes
+ * its uffd; its waits are dropped as they come up. */
+void pyhv_eng_worker_remove(struct pyhv_eng *e, struct pyhv_eng_worker *handle)
+{
+	struct eng_worker *w = (struct eng_worker *)handle;
+	pthread_mutex_lock(&e->mu);
+	if (w->alive)
+		forget_worker(e, w);
+	worker_put(e, w);
+	pthread_mutex_unlock(&e->mu);
+}
+
+/* --- the engine thread ---------------------------------------------------------------- */
+
+static void *engine_thread(void *arg)
+{
+	struct pyhv_eng *e = arg;
+	struct epoll_event evs[64];
+	uint64_t busy_until = 0;
+	for (;;) {
+		int n;
+		if (e->spin_ns && now_ns() < busy_until) {
+			/* polling: a fault or reply that comes meanwhile costs no
+			 * wake-up of a sleeping CPU; whoever else wants this CPU
+			 * (the worker just woken) has it first */
+			n = epoll_wait(e->ep, evs, 64, 0);
+			if (n == 0) {
+				sched_yield();
+				continue;
+			}
+		} else {
+			n = epoll_wait(e->ep, evs, 64, -1);
+			if (n > 0)
+				e->g.sleeps++;
+		}
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return NULL;
+		}
+		busy_until = now_ns() + e->spin_ns;
+		pthread_mutex_lock(&e->mu);
+		for (int i = 0; i < n && !e->stopping; i++) {
+			int kind = *(int *)evs[i].data.ptr;
+			if (kind == SRC_UFFD) {
+				uffd_readable(e, evs[i].data.ptr);
+			} else if (kind == SRC_CHAN) {
+				struct pyhv_eng_chan *ch = evs[i].data.ptr;
+				if (ch->dead)
+					continue;
+				if (evs[i].events & EPOLLOUT) { /* room again: send what waited */
+					arm_out(e, ch, 0);
+					for (struct pyhv_eng_part *p = e->parts; p; p = p->next)
+						if (p->chan == ch)
+							pump(e, p);
+				}
+				chan_readable(e, ch);
+			} else {
+				e->stopping = 1;
+			}
+		}
+		bury(e);
+		int stop = e->stopping;
+		pthread_mutex_unlock(&e->mu);
+		if (stop)
+			return NULL;
+	}
+}
+
+/* --- Python's side: the engine ------------------------------------------------------ */
+
+struct pyhv_eng *pyhv_eng_new(uint64_t pool_pages, uint64_t reserve, int spin_us, int *err)
+{
+	struct pyhv_eng *e = calloc(1, sizeof(*e));
+	*err = ENOMEM;
+	if (!e)
+		return NULL;
+	e->ep = e->stop_fd = e->notify_fd = -1;
+	e->buckets = calloc(BUCKETS, sizeof(*e->buckets));
+	e->events = calloc(MAX_EVENTS, sizeof(*e->events));
+	if (!e->buckets || !e->events)
+		goto fail;
+	e->ep = epoll_create1(EPOLL_CLOEXEC);
+	e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	e->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (e->ep < 0 || e->stop_fd < 0 || e->notify_fd < 0) {
+		*err = errno;
+		goto fail;
+	}
+	e->stop_kind = SRC_STOP;
+	struct epoll_event ev = {EPOLLIN, {.ptr = &e->stop_kind}};
+	if (epoll_ctl(e->ep, EPOLL_CTL_ADD, e->stop_fd, &ev) < 0) {
+		*err = errno;
+		goto fail;
+	}
+	pthread_mutex_init(&e->mu, NULL);
+	e->pool_pages = pool_pages;
+	e->reserve = reserve;
+	e->spin_ns = spin_us > 0 ? (uint64_t)spin_us * 1000u : 0;
+	*err = 0;
+	return e;
+fail:
+	if (e->ep >= 0)
+		close(e->ep);
+	if (e->stop_fd >= 0)
+		close(e->stop_fd);
+	if (e->notify_fd >= 0)
+		close(e->notify_fd);
+	free(e->buckets);
+	free(e->events);
+	free(e);
+	return NULL;
+}
+
+int pyhv_eng_start(struct pyhv_eng *e)
+{
+	int r = pthread_create(&e->thread, NULL, engine_thread, e);
+	if (r)
+		return -r;
+	e->started = 1;
+	return 0;
+}
+
+static void part_release(struct pyhv_eng *e, struct pyhv_eng_part *p);
+
+/* Stop the thread and free everything (workers' uffds are closed; fast
+ * channels' sockets are Python's). */
+void pyhv_eng_free(struct pyhv_eng *e)
+{
+	if (e->started) {
+		uint64_t one = 1;
+		if (write(e->stop_fd, &one, sizeof(one)) != sizeof(one))
+			pthread_cancel(e->thread);
+		pthread_join(e->thread, NULL);
+	}
+	while (e->parts) {
+		struct pyhv_eng_part *p = e->parts;
+		while (p->nworkers) /* (their structs are Python's to remove, or leak at exit) */
+			forget_worker(e, p->workers[0]);
+		part_release(e, p);
+	}
+	bury(e);
+	while (e->chans) {
+		struct pyhv_eng_chan *ch = e->chans;
+		e->chans = ch->next;
+		free(ch);
+	}
+	close(e->ep);
+	close(e->stop_fd);
+	close(e->notify_fd);
+	free(e->buckets);
+	free(e->events);
+	free(e);
+}
+
+int pyhv_eng_notify_fd(struct pyhv_eng *e)
+{
+	return e->notify_fd;
+}
+
+/* Events queued for Python, oldest first (up to max); returns how many. */
+int pyhv_eng_events(struct pyhv_eng *e, struct pyhv_eng_event *out, int max)
+{
+	pthread_mutex_lock(&e->mu);
+	int n = e->nevents < max ? e->nevents : max;
+	memcpy(out, e->events, (size_t)n * sizeof(*out));
+	memmove(e->events, e->events + n, (size_t)(e->nevents - n) * sizeof(*out));
+	e->nevents -= n;
+	e->notified = 0;
+	if (e->nevents)
+		notify(e);
+	pthread_mutex_unlock(&e->mu);
+	return n;
+}
+
+/* How many more pages must start eviction to serve every fault waiting for
+ * a frame and keep `reserve` frames coming, when page-outs that will free
+ * `coming` frames are under way.  Python asks when it is told the pool runs
+ * low; asking lets the engine tell it again. */
+int64_t pyhv_eng_shortfall(struct pyhv_eng *e, uint64_t coming)
+{
+	pthread_mutex_lock(&e->mu);
+	e->want_evict = 0;
+	int64_t free_ = (int64_t)e->pool_pages - (int64_t)e->used;
+	int64_t r = (int64_t)e->waiting + (int64_t)e->reserve - free_ - (int64_t)coming;
+	pthread_mutex_unlock(&e->mu);
+	return r;
+}
+
+void pyhv_eng_pool(struct pyhv_eng *e, struct pyhv_eng_pool *out)
+{
+	pthread_mutex_lock(&e->mu);
+	out->pages = e->pool_pages;
+	out->used = e->used;
+	out->high_water = e->high_water;
+	out->waiting = e->waiting;
+	out->reserve = e->reserve;
+	out->pending = e->pending_count;
+	out->events_lost = e->events_lost;
+	out->g = e->g;
+	pthread_mutex_unlock(&e->mu);
+}
+
+void pyhv_eng_pool_resize(struct pyhv_eng *e, uint64_t pages, uint64_t reserve)
+{
+	pthread_mutex_lock(&e->mu);
+	e->pool_pages = pages;
+	e->reserve = reserve;
+	serve_waiters(e);
+	pthread_mutex_unlock(&e->mu);
+}
+
+/* --- partitions --------------------------------------------------------------------- */
+
+struct pyhv_eng_part *pyhv_eng_part_new(struct pyhv_eng *e, uint32_t stream, uint64_t pages,
+					uint64_t slots, int memfd, uint64_t hv_base)
+{
+	struct pyhv_eng_part *p = calloc(1, sizeof(*p));
+	if (!p)
+		return NULL;
+	/* calloc of a large size maps zero pages: untouched pages of the
+	 * table cost no memory (slot holds slot + 1 for that reason) */
+	p->state = calloc(pages, 1);
+	p->slot = calloc(pages, sizeof(*p->slot));
+	p->crc = calloc(pages, sizeof(*p->crc));
+	p->stamp = calloc(pages, 1);
+	p->slot_map = calloc(slots ? slots : 1, 1);
+	if (!p->state || !p->slot || !p->crc || !p->stamp || !p->slot_map) {
+		free(p->state);
+		free(p->slot);
+		free(p->crc);
+		free(p->stamp);
+		free(p->slot_map);
+		free(p);
+		return NULL;
+	}
+	p->stream = stream;
+	p->pages = pages;
+	p->slots = slots;
+	p->memfd = memfd;
+	p->hv_base = hv_base;
+	p->last_page_in = -2;
+	p->readahead_end = -1;
+	p->readahead = PREFETCH_MIN;
+	pthread_mutex_lock(&e->mu);
+	p->next = e->parts;
+	e->parts = p;
+	pthread_mutex_unlock(&e->mu);
+	return p;
+}
+
+static void take_back(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_eng_chan *ch);
+
+static void part_release(struct pyhv_eng *e, struct pyhv_eng_part *p)
+{
+	for (struct pyhv_eng_part **at = &e->parts; *at; at = &(*at)->next)
+		if (*at == p) {
+			*at = p->next;
+			break;
+		}
+	if (p->chan)
+		take_back(e, p, p->chan);
+	while (p->qhead) {
+		struct rreq *r = p->qhead;
+		p->qhead = r->next;
+		free(r);
+	}
+	for (struct pending **at = &e->wait_head; *at;) { /* (Python waits for none to be left) */
+		if ((*at)->part == p) {
+			*at = (*at)->wait_next;
+			e->waiting--;
+		} else {
+			at = &(*at)->wait_next;
+		}
+	}
+	e->wait_tail = NULL;
+	for (struct pending *x = e->wait_head; x; x = x->wait_next)
+		e->wait_tail = x;
+	for (uint64_t b = 0; b < BUCKETS && p->pending; b++)
+		for (struct pending **at = &e->buckets[b]; *at;) {
+			struct pending *x = *at;
+			if (x->part != p) {
+				at = &x->next;
+				continue;
+			}
+			*at = x->next;
+			e->pending_count--;
+			p->pending--;
+			if (!x->no_frame)
+				e->used--; /* its frame */
+			pending_free(e, x);
+		}
+	e->used -= p->resident;
+	ring_free(&p->inactive);
+	ring_free(&p->active);
+	free(p->workers);
+	free(p->state);
+	free(p->slot);
+	free(p->crc);
+	free(p->stamp);
+	free(p->slot_map);
+	free(p);
+}
+
+/* A partition with no worker and nothing in flight goes: its frames return
+ * to the pool. */
+void pyhv_eng_part_free(struct pyhv_eng *e, struct pyhv_eng_part *p)
+{
+	pthread_mutex_lock(&e->mu);
+	part_release(e, p);
+	serve_waiters(e);
+	pthread_mutex_unlock(&e->mu);
+}
+
+void pyhv_eng_part_stats(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_eng_stats *out)
+{
+	pthread_mutex_lock(&e->mu);
+	out->c = p->c;
+	out->resident = p->resident;
+	out->active = p->active.count;
+	out->inactive = p->inactive.count;
+	out->reads_inflight = p->reads_inflight;
+	out->reads_queued = p->queued;
+	out->pending = p->pending;
+	out->written_share = p->written_share;
+	out->metadata_bytes = p->pages * (1 + 4 + 4 + 1) + p->slots;
+	pthread_mutex_unlock(&e->mu);
+}
+
+/* What the eviction policy weighs: out[0] resident pages, out[1] of them in
+ * a victim queue (all, but for pages the engine had no memory to queue). */
+void pyhv_eng_part_load(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t *out)
+{
+	pthread_mutex_lock(&e->mu);
+	out[0] = p->resident;
+	out[1] = p->inactive.count + p->active.count;
+	pthread_mutex_unlock(&e->mu);
+}
+
+/* How many pages are in each state (out[6], by state number). */
+void pyhv_eng_state_counts(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t *out)
+{
+	memset(out, 0, 6 * sizeof(*out));
+	pthread_mutex_lock(&e->mu);
+	for (uint64_t i = 0; i < p->pages; i++)
+		out[p->state[i] < 6 ? p->state[i] : 0]++;
+	pthread_mutex_unlock(&e->mu);
+}
+
+int pyhv_eng_page_state(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page)
+{
+	if (page >= p->pages)
+		return -EINVAL;
+	pthread_mutex_lock(&e->mu);
+	int st = p->state[page];
+	pthread_mutex_unlock(&e->mu);
+	return st;
+}
+
+/* The slot holding the page's device copy, or -1. */
+int64_t pyhv_eng_slot_of(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page)
+{
+	if (page >= p->pages)
+		return -1;
+	pthread_mutex_lock(&e->mu);
+	int64_t s = (int64_t)p->slot[page] - 1;
+	pthread_mutex_unlock(&e->mu);
+	return s;
+}
+
+void pyhv_eng_slot_set(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t slot, int state)
+{
+	pthread_mutex_lock(&e->mu);
+	if (slot < p->slots)
+		p->slot_map[slot] = (uint8_t)state;
+	pthread_mutex_unlock(&e->mu);
+}
+
+uint64_t pyhv_eng_slot_count(struct pyhv_eng *e, struct pyhv_eng_part *p, int state)
+{
+	uint64_t n = 0;
+	pthread_mutex_lock(&e->mu);
+	for (uint64_t i = 0; i < p->slots; i++)
+		n += p->slot_map[i] == state;
+	pthread_mutex_unlock(&e->mu);
+	return n;
+}
+
+/* --- streams and fast channels --------------------------------------------------------- */
+
+struct pyhv_eng_chan *pyhv_eng_chan_add(struct pyhv_eng *e, int sock, int *err)
+{
+	struct pyhv_eng_chan *ch = calloc(1, sizeof(*ch));
+	*err = ENOMEM;
+	if (!ch)
+		return NULL;
+	ch->kind = SRC_CHAN;
+	ch->sock = sock;
+	pthread_mutex_lock(&e->mu);
+	struct epoll_event ev = {EPOLLIN, {.ptr = ch}};
+	if (epoll_ctl(e->ep, EPOLL_CTL_ADD, sock, &ev) < 0) {
+		*err = errno;
+		pthread_mutex_unlock(&e->mu);
+		free(ch);
+		return NULL;
+	}
+	ch->next = e->chans;
+	e->chans = ch;
+	*err = 0;
+	pthread_mutex_unlock(&e->mu);
+	return ch;
+}
+
+/* The READs of partition p in flight on ch go back to the front of its
+ * queue, in their order, to be sent again where the stream goes next. */
+static void take_back(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_eng_chan *ch)
+{
+	for (struct rreq *r = ch->tail, *prev; r; r = prev) {
+		prev = r->prev;
+		if (r->part != p)
+			continue;
+		unlink_inflight(r);
+		r->next = p->qhead;
+		p->qhead = r;
+		if (!p->qtail)
+			p->qtail = r;
+		p->queued++;
+		e->g.reads_taken_back++;
+	}
+}
+
+/* The service behind ch failed or stopped: no more READs on it, and every
+ * stream on it takes its READs back (it is then unbound and stopped).
+ * Python closes the socket afterwards.  Returns the READs taken back. */
+uint64_t pyhv_eng_chan_remove(struct pyhv_eng *e, struct pyhv_eng_chan *ch)
+{
+	pthread_mutex_lock(&e->mu);
+	uint64_t before = e->g.reads_taken_back;
+	if (!ch->dead) {
+		ch->dead = 1;
+		epoll_ctl(e->ep, EPOLL_CTL_DEL, ch->sock, NULL);
+	}
+	for (struct pyhv_eng_part *p = e->parts; p; p = p->next)
+		if (p->chan == ch) {
+			take_back(e, p, ch);
+			p->chan = NULL;
+			p->flowing = 0;
+		}
+	uint64_t n = e->g.reads_taken_back - before;
+	pthread_mutex_unlock(&e->mu);
+	return n;
+}
+
+/* Where the partition's READs go (ch NULL: nowhere, they queue) and whether
+ * they may go now (the stream flows). */
+void pyhv_eng_stream_bind(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_eng_chan *ch,
+			  int flowing)
+{
+	pthread_mutex_lock(&e->mu);
+	if (p->chan && p->chan != ch)
+		take_back(e, p, p->chan);
+	p->chan = ch;
+	p->flowing = ch && !ch->dead && flowing;
+	pump(e, p);
+	pthread_mutex_unlock(&e->mu);
+}
+
+/* READs of the partition in flight or queued. */
+uint64_t pyhv_eng_stream_busy(struct pyhv_eng *e, struct pyhv_eng_part *p)
+{
+	pthread_mutex_lock(&e->mu);
+	uint64_t n = p->reads_inflight + p->queued;
+	pthread_mutex_unlock(&e->mu);
+	return n;
+}
+
+/* Age in ns of the oldest READ unanswered on ch (0: none). */
+uint64_t pyhv_eng_chan_oldest_ns(struct pyhv_eng *e, struct pyhv_eng_chan *ch)
+{
+	pthread_mutex_lock(&e->mu);
+	uint64_t age = ch->head ? now_ns() - ch->head->sent_ns : 0;
+	pthread_mutex_unlock(&e->mu);
+	return age;
+}
+
+/* --- eviction and write-back ------------------------------------------------------------ */
+
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* Up to n victims of the partition (2Q: the oldest inactive page; the
+ * oldest active pages go back to the inactive queue, for a second round,
+ * whenever they are more than 3/4 of what is resident), write-protected in
+ * every worker (one ioctl a run of neighbours); clean ones are dropped (their
+ * frames are free at once), dirty ones become PAGING_OUT and are returned in
+ * dirty_out (room for n) for Python to write back.  With allow_dirty 0 a
+ * dirty victim stays (at the back of the inactive queue).  Returns the
+ * number of dirty pages; *clean_out the number dropped. */
+int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int allow_dirty,
+		   uint32_t *dirty_out, uint32_t *clean_out)
+{
+	*clean_out = 0;
+	uint32_t *chosen = malloc((size_t)(n ? n : 1) * sizeof(*chosen));
+	if (!chosen)
+		return -ENOMEM;
+	pthread_mutex_lock(&e->mu);
+	uint32_t k = 0;
+	uint64_t looks = p->inactive.count + p->active.count;
+	while (k < n && looks--) {
+		if (p->active.count && (p->active.count > p->resident * 3 / 4 || !p->inactive.count))
+			ring_push(&p->inactive, ring_pop(&p->active)); /* demoted: a second round */
+		if (!p->inactive.count)
+			break;
+		uint32_t page = ring_pop(&p->inactive);
+		uint8_t st = p->state[page];
+		if (st != CLEAN && st != DIRTY)
+			continue; /* (cannot be: a resident page is in one queue) */
+		if (st == DIRTY && !allow_dirty) {
+			ring_push(&p->inactive, page);
+			continue;
+		}
+		p->resident--;
+		chosen[k++] = page;
+	}
+	qsort(chosen, k, sizeof(*chosen), cmp_u32);
+	for (int i = 0; i < p->nworkers;) {
+		struct eng_worker *w = p->workers[i];
+		for (uint32_t a = 0; a < k && w->alive;) {
+			uint32_t b = a + 1;
+			while (b < k && chosen[b] == chosen[b - 1] + 1)
+				b++;
+			op_wp(e, w, chosen[a], b - a, 1, 0);
+			a = b;
+		}
+		if (w->alive)
+			i++;
+	}
+	uint64_t span = e->pool_pages / EPOCHS ? e->pool_pages / EPOCHS : 1;
+	e->epoch = (e->epoch + (e->evictions + k) / span - e->evictions / span) % 255;
+	e->evictions += k;
+	uint8_t stamp = (uint8_t)(1 + e->epoch);
+	uint32_t nd = 0, nc = 0;
+	for (uint32_t i = 0; i < k; i++) {
+		uint32_t page = chosen[i];
+		p->stamp[page] = stamp;
+		if (p->state[page] == CLEAN) {
+			p->state[page] = ON_DEVICE;
+			chosen[nc++] = page; /* (in place: nc <= i) */
+		} else {
+			p->state[page] = PAGING_OUT;
+			if (!pending_new(e, p, page))
+				e->g.enomem++; /* faults on it wake and fault again */
+			dirty_out[nd++] = page;
+		}
+	}
+	for (uint32_t a = 0; a < nc;) {
+		uint32_t b = a + 1;
+		while (b < nc && chosen[b] == chosen[b - 1] + 1)
+			b++;
+		fallocate(p->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			  (off_t)chosen[a] * PG, (off_t)(b - a) * PG);
+		a = b;
+	}
+	if (nc) {
+		note_written(p, 0, nc);
+		p->c.clean_drops += nc;
+		release_frames(e, nc);
+	}
+	pthread_mutex_unlock(&e->mu);
+	free(chosen);
+	*clean_out = nc;
+	return (int)nd;
+}
+
+/* New slots for the next of `pages` (PAGING_OUT, n of them) to be written:
+ * every page's old slot is freed, then up to n free neighbouring slots are
+ * taken, looking on from where the last run ended (the device fills like a
+ * log and runs stay long), and given to pages[0..count-1].  Returns count
+ * (0: no free slot); *first_out the first slot. */
+int pyhv_eng_write_slots(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *pages,
+			 uint32_t n, uint32_t *first_out)
+{
+	pthread_mutex_lock(&e->mu);
+	for (uint32_t i = 0; i < n; i++)
+		release_slot(p, pages[i]);
+	uint8_t *map = p->slot_map;
+	uint64_t first = p->slot_cursor;
+	while (first < p->slots && map[first] != SLOT_FREE)
+		first++;
+	if (first >= p->slots)
+		for (first = 0; first < p->slots && map[first] != SLOT_FREE; first++)
+			;
+	uint32_t count = 0;
+	if (first < p->slots) {
+		while (count < n && first + count < p->slots && map[first + count] == SLOT_FREE) {
+			map[first + count] = SLOT_USED;
+			p->slot[pages[count]] = (uint32_t)(first + count + 1);
+			count++;
+		}
+		p->slot_cursor = first + count;
+		*first_out = (uint32_t)first;
+	}
+	pthread_mutex_unlock(&e->mu);
+	return (int)count;
+}
+
+static void wake_pending(struct pyhv_eng *e, struct pending *x)
+{
+	if (!x)
+		return;
+	for (struct waiter *q = x->head; q; q = q->next)
+		if (q->w->alive)
+			op_wake(e, q->w, x->page, 1);
+	pending_free(e, x);
+}
+
+/* Python's WRITE of these pages is done: they are on the device (and gone
+ * from memory); whoever waited faults again and pages them in. */
+void pyhv_eng_written(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *pages,
+		      const uint32_t *crcs, uint32_t n)
+{
+	pthread_mutex_lock(&e->mu);
+	for (uint32_t i = 0; i < n; i++) {
+		uint32_t page = pages[i];
+		p->crc[page] = crcs[i];
+		p->state[page] = ON_DEVICE;
+		wake_pending(e, pending_take(e, p, page));
+	}
+	p->c.page_outs += n;
+	release_frames(e, n);
+	pthread_mutex_unlock(&e->mu);
+}
+
+/* A page's WRITE failed: it stays resident (dirty, at the back of the
+ * inactive queue) and whoever waited goes on.  Its slot is marked bad
+ * (bad 1) or given back (bad 0: the device was full).  Returns the slot,
+ * or -1. */
+int64_t pyhv_eng_write_failed(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t page, int bad)
+{
+	pthread_mutex_lock(&e->mu);
+	int64_t slot = (int64_t)p->slot[page] - 1;
+	if (slot >= 0) {
+		p->slot[page] = 0;
+		if (bad)
+			p->slot_map[slot] = SLOT_BAD;
+		else if (p->slot_map[slot] == SLOT_USED)
+			p->slot_map[slot] = SLOT_FREE;
+	}
+	p->state[page] = DIRTY;
+	p->resident++;
+	if (ring_push(&p->inactive, page))
+		e->g.enomem++;
+	wake_pending(e, pending_take(e, p, page));
+	pthread_mutex_unlock(&e->mu);
+	return slot;
+}
+
+/* A machine check: the page (FILLING after a failed READ, or PAGING_OUT
+ * when a retried WRITE cannot be confirmed) cannot be delivered.  Every
+ * worker attached now gets it poisoned (its access raises SIGBUS; the
+ * faults waiting on it are woken into it), then the page starts again as a
+ * zero page and its frame returns to the pool.  The ids of the workers that
+ * waited on it go to touched (room for max), their count to *ntouched.
+ * Returns the slot it had (for DISCARD), or -1. */
+int64_t pyhv_eng_poison(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page,
+			uint64_t *touched, int max, int *ntouched)
+{
+	*ntouched = 0;
+	if (page >= p->pages)
+		return -1;
+	pthread_mutex_lock(&e->mu);
+	struct pending *x = pending_take(e, p, page);
+	for (struct waiter *q = x ? x->head : NULL; q; q = q->next) {
+		int seen = 0;
+		for (int i = 0; i < *ntouched; i++)
+			seen |= touched[i] == q->w->id;
+		if (q->w->alive && !seen && *ntouched < max)
+			touched[(*ntouched)++] = q->w->id;
+	}
+	for (int i = 0; i < p->nworkers;) {
+		struct eng_worker *w = p->workers[i];
+		/* no WP marker in the way of the poison */
+		if (op_wp(e, w, page, 1, 0, 0) != IO_GONE)
+			op_poison(e, w, page);
+		if (w->alive)
+			i++;
+	}
+	pending_free(e, x);
+	p->state[page] = UNTOUCHED;
+	int64_t slot = (int64_t)p->slot[page] - 1;
+	release_slot(p, page);
+	release_frames(e, 1);
+	pthread_mutex_unlock(&e->mu);
+	return slot;
+}

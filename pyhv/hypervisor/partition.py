@@ -1,0 +1,183 @@
+"""A partition as the hypervisor holds it, and its workers.
+
+A partition is a named logical memory (a memfd every worker maps shared),
+its page table (kept by the fault engine, csrc/engine.c: state, slot, CRC32
+and eviction stamp a page, a slot map of its device), its paging stream,
+its error log, and what Python decides about its device: which slots that
+failed a write are tried again when, and when dirty pages must wait.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import mmap
+import os
+
+from pyhv import uffd
+from pyhv.stream import Stream
+from pyhv.uffd import PAGE_SIZE
+
+# Page states, as the engine keeps them (csrc/engine.c says what each means).
+UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE = range(6)
+STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device")
+SLOT_FREE, SLOT_USED, SLOT_BAD = 0, 1, 2  # the engine's slot map
+
+SLOT_BACKOFF = 1.0  # a slot that failed a write is tried again after 1, 2, 4 ... seconds
+SLOT_STRIKES = 3  # failures, each while other slots were written fine, that retire a slot
+
+
+class Worker:
+    """A worker process attached to a partition: its pid (from SO_PEERCRED),
+    a pidfd for signals, its control connection, and once it registered its
+    userfaultfd, the engine's handle of it (the engine owns the uffd)."""
+
+    __slots__ = ("id", "pid", "pidfd", "partition", "conn", "eng", "alive")
+
+    def __init__(self, wid: int, pid: int, partition: "Partition", conn):
+        self.id = wid
+        self.pid = pid
+        self.partition = partition
+        self.conn = conn
+        self.pidfd = -1
+        self.eng = None
+        self.alive = True
+
+
+def device_spec(dev) -> dict:
+    """What a paging service needs to open a device for a stream."""
+    return {"id": dev.id, "path": str(dev.path), "kind": dev.kind, "size": dev.size,
+            "direct": dev.direct}  # fmt: skip
+
+
+class Partition:
+    def __init__(self, index: int, cfg, device, engine: uffd.Engine):
+        self.index = index  # its stream's id on the wire, and the engine's name for it
+        self.cfg = cfg
+        self.name = cfg.name
+        self.pages = cfg.pages
+        self.device = device
+        self.engine = engine
+        self.memfd = uffd.memfd(f"pyhv-{cfg.name}", cfg.memory)
+        # The hypervisor's own view, read-only, never touched: mincore() on it
+        # tells whether a page is in the memfd (reading a hole would fill it).
+        self.mem = mmap.mmap(self.memfd, cfg.memory, mmap.MAP_SHARED, mmap.PROT_READ)
+        self.base = uffd.address_of(self.mem, writable=False)
+        self.eng = engine.part_new(index, self.pages, device.pages, self.memfd, self.base)
+        self.mcelog = uffd.MceLog(cfg.name)
+        self.workers: dict[int, Worker] = {}
+        self.stream = Stream(index, cfg.name, {**device_spec(device), "memory": cfg.memory},
+                             list(cfg.paging), self.memfd)  # fmt: skip
+        self.evicting = 0  # page-outs of this partition in flight or queued
+        self.counters = collections.Counter()  # what Python counts: errors
+        # Slots whose last write failed: slot -> [strikes, retry at (0 once
+        # free again), WRITEs done then].  A slot is tried again after a
+        # back-off (the device may have recovered); it is retired for good
+        # after SLOT_STRIKES failures, a strike counting only when other
+        # slots were written fine since the last: a device that fails every
+        # write (an outage) retires nothing.  A good write forgets the slot.
+        self.bad_slots: dict[int, list] = {}
+        self.retired_slots = 0
+        self.slot_retry_at = math.inf  # the earliest retry among bad_slots
+        self.writes_done = 0  # WRITEs that succeeded
+        self.failing_in_row = 0  # page-outs that failed with none done between
+        self.full_until = 0.0  # no new dirty page-outs until then (full, or failing)
+
+    def in_memory(self, page: int) -> bool:
+        """Is the page in the memfd's page cache (mincore: no fault, no fill)?"""
+        return bool(uffd.in_memory(self.base + page * PAGE_SIZE, PAGE_SIZE)[0] & 1)
+
+    def close(self) -> None:
+        self.engine.part_free(self.eng)
+        self.eng = None
+        self.mem.close()
+        os.close(self.memfd)
+        self.mcelog.close()
+
+    # --- slots that failed a write ----------------------------------------------------
+
+    def slot_failed(self, slot: int, now: float) -> bool:
+        """A write to the slot failed (the engine marked it bad): it is not
+        used until its retry time, or ever again once it has failed often
+        with the device otherwise well (True: retired now)."""
+        entry = self.bad_slots.get(slot)
+        if entry is None:
+            entry = self.bad_slots[slot] = [1, 0.0, self.writes_done]
+        elif entry[2] != self.writes_done:  # others were written since: this slot is bad
+            entry[0] += 1
+            entry[2] = self.writes_done
+        if entry[0] >= SLOT_STRIKES:
+            entry[1] = math.inf
+            self.retired_slots += 1
+            return True
+        entry[1] = now + SLOT_BACKOFF * 2 ** (entry[0] - 1)
+        self.slot_retry_at = min(self.slot_retry_at, entry[1])
+        return False
+
+    def retry_slots(self, now: float) -> None:
+        """Slots whose back-off is over are free again."""
+        if now < self.slot_retry_at:
+            return
+        self.slot_retry_at = math.inf
+        for slot, entry in self.bad_slots.items():
+            at = entry[1]
+            if 0 < at <= now:
+                entry[1] = 0
+                self.engine.slot_set(self.eng, slot, SLOT_FREE)
+            elif now < at < self.slot_retry_at:
+                self.slot_retry_at = at
+
+    def slots_written(self, first: int, n: int) -> None:
+        """A WRITE to slots first..first+n-1 was done: they are good."""
+        self.writes_done += 1
+        self.failing_in_row = 0
+        if self.bad_slots:
+            for slot in range(first, first + n):
+                self.bad_slots.pop(slot, None)
+
+    def unusable_slots(self) -> int:
+        """Slots not given out now: waiting for their retry, or retired."""
+        return sum(1 for _, at, _ in self.bad_slots.values() if at)
+
+    # --- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        s = self.engine.stats(self.eng)
+        c = self.counters
+        counts = self.engine.state_counts(self.eng)
+        return {
+            "name": self.name,
+            "memory_bytes": self.cfg.memory,
+            "pages": self.pages,
+            "resident_pages": s["resident"],
+            "faults": s["faults"],
+            "first_touches": s["first_touches"],
+            "page_ins": s["page_ins"],
+            "page_outs": s["page_outs"],
+            "prefetched": s["prefetched"],
+            "clean_drops": s["clean_drops"],
+            "refaults": s["refaults"],
+            "active_pages": s["active"],
+            "wp_faults": s["wp_faults"],
+            "minor_faults": s["minor_faults"],
+            "installed_writable": s["installed_writable"],
+            "written_share": round(s["written_share"], 3),
+            "removed_by_worker": s["removed_by_worker"],
+            "io_errors": c["io_errors"],
+            "page_out_errors": c["page_out_errors"],
+            "machine_checks": c["machine_checks"],
+            "isolation": self.cfg.isolation,
+            "weight": self.cfg.weight,
+            "metadata_bytes_per_page": round(s["metadata_bytes"] / self.pages, 2),
+            "bad_slots": self.unusable_slots(),  # waiting for a retry, or retired
+            "retired_slots": self.retired_slots,
+            "free_slots": self.engine.slot_count(self.eng, SLOT_FREE),
+            "device": self.cfg.device,
+            "paging": self.cfg.paging,
+            "stream": self.stream.state,
+            "stream_in_flight": len(self.stream.inflight) + s["reads_inflight"],
+            "stream_queued": len(self.stream.queued) + s["reads_queued"],
+            "service": self.stream.service.name if self.stream.service else None,
+            "workers": sorted(w.pid for w in self.workers.values()),
+            "pages_by_state": {STATE_NAMES[i]: n for i, n in enumerate(counts) if n},
+        }

@@ -1,0 +1,175 @@
+"""Paging services and the streams they hold: placing a partition's stream
+on a service, failover when one dies or hangs, and controlled shutdown.
+
+Each stream's state lives in pyhv.stream.Stream; here is what moves it.
+The engine sends page-ins (READs) on the service's fast channel while the
+stream flows (_stream_changed keeps it told); everything else goes on the
+stream socket from Python.  Fencing: before a stream leaves a service that
+failed, that process is killed and reaped, so it can never complete an old
+write after the other service has written a newer one; the engine takes
+back the READs that were in flight there and sends them again where the
+stream goes next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from pyhv import wire
+from pyhv.stream import ABORTED, COMPLETED, ENABLED, FLOWING, INVALID, RESUMED, SUSPENDED, \
+    SUSPENDING, Request, ServiceLink, Stream  # fmt: skip
+
+log = logging.getLogger("pyhv.hypervisor")
+
+
+class PagingServices:
+    """Mixed into the Hypervisor: services, streams, failover, shutdown."""
+
+    def _stream_changed(self, stream: Stream) -> None:
+        """Tell the engine where the partition's READs go now, and whether
+        they may go (the stream flows)."""
+        part = self.by_index.get(stream.index)
+        if part is None or part.eng is None:
+            return
+        svc = stream.service
+        chan = svc.chan if svc is not None else None
+        self.engine.stream_bind(part.eng, chan, stream.state in FLOWING and chan is not None)
+
+    def stream_inflight(self, stream: Stream) -> int:
+        """Requests of the stream in flight: Python's, and the engine's READs."""
+        part = self.by_index.get(stream.index)
+        reads = self.engine.stats(part.eng)["reads_inflight"] if part and part.eng else 0
+        return len(stream.inflight) + reads
+
+    def place(self, stream: Stream, avoid: ServiceLink | None = None) -> None:
+        """Give a stream without a service the first running one it may use."""
+        if stream.service is not None or self.stopping:
+            return
+        for name in stream.paging:
+            svc = self.services[name]
+            if svc.running and svc is not avoid and name not in stream.open_failed:
+                self.bind(stream, svc)
+                return
+        log.warning("partition %s: no paging service of %s is running; paging waits",
+                    stream.name, ", ".join(stream.paging))  # fmt: skip
+
+    def bind(self, stream: Stream, svc: ServiceLink) -> None:
+        """Open the partition's device on svc; the stream flows once it is open."""
+        if not svc.running:
+            self.place(stream, avoid=svc)
+            return
+        stream.service = svc
+        stream.bound_to(svc)
+
+        def opened(status, count, data):
+            if stream.service is not svc:
+                return
+            if status:
+                log.error("partition %s: paging service %s cannot open device %s: %s",
+                          stream.name, svc.name, stream.device_spec["id"],
+                          os.strerror(-status))  # fmt: skip
+                stream.service = None
+                stream.set_state(ABORTED)
+                stream.open_failed.add(svc.name)
+                self.place(stream)
+                return
+            stream.open_failed.clear()
+            if stream.state == SUSPENDING:  # stopped while it opened: it stays stopped
+                return
+            stream.set_state(ENABLED if stream.state == INVALID else RESUMED)
+            stream.pump()
+
+        svc.send(stream, Request(wire.OP_OPEN, 0, 0, json.dumps(stream.device_spec).encode(),
+                                 opened, control=True, fds=[stream.memfd]))  # fmt: skip
+
+    def service_failed(self, svc: ServiceLink, why: str) -> None:
+        """A service died, closed its socket or stopped answering: fence it,
+        move its streams, with every request they had in flight, to their
+        other service, and restart it if its config says so."""
+        if svc.sock is None:
+            return
+        log.error("paging service %s: failed: %s", svc.name, why)
+        detected = time.monotonic()  # failover time counts from here, fencing included
+        streams = svc.streams()
+        svc.close(kill=True)  # fencing: it can never complete an old write later
+        if svc.state == "stopping" or self.stopping:
+            svc.state = "stopped"
+        else:
+            svc.state = "dead"
+            svc.deaths += 1
+        for stream in streams:
+            n = len(stream.take_back())
+            stream.service = None
+            stream.set_state(ABORTED)
+            stream.mark_failover(svc.name, n, detected)
+            self.place(stream)
+        if svc.state == "dead" and svc.cfg.restart and not self.stopping:
+            log.info("paging service %s: restarting (restart = true)", svc.name)
+            self.start_service(svc)
+
+    def start_service(self, svc: ServiceLink) -> None:
+        svc.start()
+        for stream in self.streams():
+            if stream.service is None and svc.name in stream.paging:
+                self.bind(stream, svc)
+
+    def suspend(self, stream: Stream, final_state: str, then) -> None:
+        """Controlled end of a stream on its service: no new request goes
+        out, the ones in flight complete, writes are flushed and synced; then
+        the stream is `final_state` (SUSPENDED or COMPLETED), holds no
+        service, and then() runs.  If the service fails meanwhile, the
+        stream has failed over already, and then() just runs."""
+        svc = stream.service
+        stream.set_state(SUSPENDING)
+        flushed = [False]
+
+        def on_flush(status, count, data):
+            if status:
+                log.error("partition %s: flush on %s failed: %s", stream.name, svc.name,
+                          os.strerror(-status))  # fmt: skip
+            flushed[0] = True
+
+        def finish():
+            if stream.service is svc:
+                stream.take_back()  # nothing is in flight; never strand a request
+                stream.service = None
+                stream.set_state(final_state)
+            then()
+
+        def drained():
+            if stream.service is svc:  # FLUSH is not resent elsewhere: it is this service's
+                svc.send(stream, Request(wire.OP_FLUSH, 0, 0, None, on_flush, control=True))
+            self.after(lambda: flushed[0] or stream.service is not svc, finish)
+
+        self.after(lambda: not self.stream_inflight(stream) or stream.service is not svc,
+                   drained)  # fmt: skip
+
+    def stop_service(self, svc: ServiceLink, final: bool = False, then=None) -> None:
+        """Controlled shutdown of a paging service (see `suspend`); each of
+        its streams moves to the partition's other service if one runs, and
+        only then does the service exit."""
+        svc.state = "stopping"
+        streams = svc.streams()
+        left = [len(streams)]
+
+        def one_done(stream=None):
+            if stream is not None and not final:
+                self.place(stream, avoid=svc)
+            left[0] -= 1
+            if left[0] <= 0:
+                if svc.sock is not None:
+                    svc.close(kill=False)
+                svc.state = "stopped"
+                log.info("paging service %s: stopped", svc.name)
+                if then:  # once the streams that moved flow again on their other service
+                    self.after(lambda: all(s.service is None or s.state in FLOWING
+                                           or s.state == ABORTED for s in streams), then)
+
+        if not streams:
+            one_done()
+        for stream in streams:
+            self.suspend(stream, COMPLETED if final else SUSPENDED,
+                         lambda stream=stream: one_done(stream))  # fmt: skip
