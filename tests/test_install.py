@@ -24,8 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def installed(tmp_path_factory):
     """(the installed `pyhv` command, an unbuilt copy of the source tree)."""
     d = tmp_path_factory.mktemp("install")
+    # the files of the checkout, as a clone has them (no build/ left over)
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others",
+                            "--exclude-standard"], capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (d / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, d / "src" / name)
     r = subprocess.run([PY, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(d / "dist"),
-                        str(ROOT)], capture_output=True, text=True, timeout=600)  # fmt: skip
+                        str(d / "src")], capture_output=True, text=True, timeout=600)  # fmt: skip
     if r.returncode:
         pytest.fail(f"pip wheel: {r.stderr[-2000:]}")
     (wheel,) = (d / "dist").glob("pyhv-*.whl")

@@ -72,7 +72,10 @@ class EngineSide:
                 candidates[part] = (resident, queued)
         while want > 0 and candidates:
             rows = [(p, r, q, p.cfg.weight) for p, (r, q) in candidates.items()]
-            for part, n in victims.shares(rows, want).items():
+            shares = victims.shares(rows, want)
+            if not shares:
+                return
+            for part, n in shares.items():
                 # a dirty victim must be written, which cannot be now when no
                 # service flows for it or its device was full a moment ago
                 allow_dirty = part.stream.state in FLOWING and part.full_until <= now
@@ -82,7 +85,7 @@ class EngineSide:
                     part.evicting += len(dirty)
                     self._write_back(part, dirty)
                 resident, queued = candidates[part]
-                if len(dirty) + clean < n:  # it has nothing more to give now
+                if len(dirty) + clean < n or queued <= n:  # it has nothing more to give now
                     del candidates[part]
                 else:
                     candidates[part] = (resident - n, queued - n)
