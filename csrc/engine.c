@@ -138,6 +138,7 @@ struct rreq { /* one READ of the engine */
 struct pyhv_eng_chan {
 	int kind; /* SRC_CHAN */
 	int sock;
+	uint64_t id; /* Python's name for it, in PYHV_EV_CHAN_CLOSED */
 	int dead;
 	int want_out; /* EPOLLOUT armed: a frame did not fit */
 	struct rreq *head, *tail; /* in flight, oldest first */
@@ -839,7 +840,7 @@ static void chan_readable(struct pyhv_eng *e, struct pyhv_eng_chan *ch)
 		if (n < (ssize_t)HDR) { /* end-of-file, or garbage: the service failed */
 			ch->dead = 1;
 			epoll_ctl(e->ep, EPOLL_CTL_DEL, ch->sock, NULL);
-			post(e, PYHV_EV_CHAN_CLOSED, n < 0 ? errno : 0, NULL, 0, (uint64_t)ch->sock);
+			post(e, PYHV_EV_CHAN_CLOSED, n < 0 ? errno : 0, NULL, 0, ch->id);
 			return;
 		}
 		struct rreq *r = ch->head;
@@ -1432,7 +1433,7 @@ uint64_t pyhv_eng_slot_count(struct pyhv_eng *e, struct pyhv_eng_part *p, int st
 
 /* --- streams and fast channels --------------------------------------------------------- */
 
-struct pyhv_eng_chan *pyhv_eng_chan_add(struct pyhv_eng *e, int sock, int *err)
+struct pyhv_eng_chan *pyhv_eng_chan_add(struct pyhv_eng *e, int sock, uint64_t id, int *err)
 {
 	struct pyhv_eng_chan *ch = calloc(1, sizeof(*ch));
 	*err = ENOMEM;
@@ -1440,6 +1441,7 @@ struct pyhv_eng_chan *pyhv_eng_chan_add(struct pyhv_eng *e, int sock, int *err)
 		return NULL;
 	ch->kind = SRC_CHAN;
 	ch->sock = sock;
+	ch->id = id;
 	pthread_mutex_lock(&e->mu);
 	struct epoll_event ev = {EPOLLIN, {.ptr = ch}};
 	if (epoll_ctl(e->ep, EPOLL_CTL_ADD, sock, &ev) < 0) {

@@ -89,7 +89,7 @@ struct pyhv_eng_worker;
 struct pyhv_eng_chan;
 #define PYHV_EV_READ_FAILED 1 /* page of stream could not be read (err): a machine check */
 #define PYHV_EV_WORKER_GONE 2 /* worker's uffd failed (err) or its process is gone */
-#define PYHV_EV_CHAN_CLOSED 3 /* a fast channel reached end-of-file (worker: its socket) */
+#define PYHV_EV_CHAN_CLOSED 3 /* a fast channel reached end-of-file (worker: its id) */
 struct pyhv_eng_event {
 	uint32_t type;
 	int32_t err;
@@ -137,7 +137,7 @@ uint64_t pyhv_eng_slot_count(struct pyhv_eng *e, struct pyhv_eng_part *p, int st
 struct pyhv_eng_worker *pyhv_eng_worker_add(struct pyhv_eng *e, struct pyhv_eng_part *p, int uffd,
 					    uint64_t base, uint64_t id, int *err);
 void pyhv_eng_worker_remove(struct pyhv_eng *e, struct pyhv_eng_worker *w);
-struct pyhv_eng_chan *pyhv_eng_chan_add(struct pyhv_eng *e, int sock, int *err);
+struct pyhv_eng_chan *pyhv_eng_chan_add(struct pyhv_eng *e, int sock, uint64_t id, int *err);
 uint64_t pyhv_eng_chan_remove(struct pyhv_eng *e, struct pyhv_eng_chan *ch);
 void pyhv_eng_stream_bind(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_eng_chan *ch,
 			  int flowing);

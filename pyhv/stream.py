@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import collections
+import itertools
 import logging
 import mmap
 import os
@@ -42,6 +43,7 @@ RESUMED = "RESUMED"
 COMPLETED = "COMPLETED"
 STATES = (INVALID, ENABLED, ABORTED, SUSPENDING, SUSPENDED, RESUMED, COMPLETED)
 FLOWING = (ENABLED, RESUMED)  # states in which requests go out
+_CHAN_IDS = itertools.count(1)  # fast channels, as the engine's events name them
 
 
 class Request:
@@ -177,6 +179,7 @@ class ServiceLink:
         self.sock: socket.socket | None = None
         self.fast: socket.socket | None = None  # the fast channel: the engine's READs
         self.chan = None  # the engine's handle of it
+        self.chan_id = 0  # its name in the engine's events (unique: fds are reused)
         self.state = "stopped"  # starting, running, stopping, stopped, dead
         self.outq: collections.deque = collections.deque()
         self.sent: dict[int, tuple[Stream, Request]] = {}
@@ -216,7 +219,8 @@ class ServiceLink:
         fast.setblocking(False)
         self.sock = mine
         self.fast = fast
-        self.chan = self.hv.engine.chan_add(fast.fileno())
+        self.chan_id = next(_CHAN_IDS)
+        self.chan = self.hv.engine.chan_add(fast.fileno(), self.chan_id)
         self.state = "starting"  # until its HELLO
         self.starts += 1
         self.outq.clear()

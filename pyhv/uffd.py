@@ -398,8 +398,9 @@ class Engine:
     def worker_remove(self, w) -> None:
         lib.pyhv_eng_worker_remove(self._e, w)
 
-    def chan_add(self, sock: int):
-        ch = lib.pyhv_eng_chan_add(self._e, sock, self._err)
+    def chan_add(self, sock: int, cid: int):
+        """A fast channel; its end-of-file comes as CHAN_CLOSED naming cid."""
+        ch = lib.pyhv_eng_chan_add(self._e, sock, cid, self._err)
         if ch == ffi.NULL:
             raise OSError(self._err[0], os.strerror(self._err[0]), "fast channel")
         return ch

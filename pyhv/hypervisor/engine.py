@@ -49,7 +49,7 @@ class EngineSide:
                     self._drop_worker(w, f"its memory is gone ({errno.errorcode.get(err, err)})")
             elif kind == uffd.Engine.CHAN_CLOSED:
                 for svc in self.services.values():
-                    if svc.fast is not None and svc.fast.fileno() == worker:
+                    if svc.chan is not None and svc.chan_id == worker:
                         self.service_failed(svc, "its fast channel closed")
         self.replenish()
 
