@@ -50,6 +50,7 @@ from pyhv import uffd, vcp, wire
 from pyhv.vcp import Refused
 from pyhv.config import Config
 from pyhv.pool import Pool
+from pyhv.slots import SlotHealth
 from pyhv.stream import ABORTED, COMPLETED, ENABLED, FLOWING, INVALID, RESUMED, SUSPENDED, \
     SUSPENDING, Request, ServiceLink, Stream  # fmt: skip
 from pyhv.uffd import PAGE_SIZE
@@ -71,10 +72,9 @@ ERROR_LOG = "errors.jsonl"  # one machine-check record a line
 EVICT_AHEAD = 64  # frames kept free ahead of demand once the pool is full (read-ahead takes them)
 MAX_CONNECTIONS = 512  # control connections, workers' included
 MAX_BACKLOG = 32  # replies a client may leave unread before it is dropped
-FULL_BACKOFF = 1.0  # seconds a full device gets before new space on it is tried again
-SLOT_BACKOFF = 1.0  # a slot that failed a write is tried again after 1, 2, 4 ... seconds
-SLOT_STRIKES = 3  # failures, each while other slots were written fine, that retire a slot
-FAILING_IN_ROW = 4  # page-outs failed in a row (none done between): the device is failing
+CONN_BACKLOG_BYTES = 16 << 20  # ... and bytes of them, beyond the one it is being sent
+TOTAL_BACKLOG_BYTES = 256 << 20  # bytes of replies unread by all clients together
+PIECES_TIMEOUT = 5.0  # seconds a long request may take to arrive whole
 PREFETCH = 8, 64  # pages read ahead of a sequential run of page-ins: first, at most
 GUESS_WRITTEN = 0.5  # past this share of page-ins written soon after, install them writable
 GUESS_PROBE = 8  # ...except one page-in in this many, which keeps measuring the share
@@ -86,7 +86,7 @@ EPOCHS = 4  # eviction epochs in a pool-full of evictions (see Hypervisor._enque
 class Control:
     """A control connection: a control-point client, or a worker's for life."""
 
-    __slots__ = ("sock", "out", "worker", "pieces")
+    __slots__ = ("sock", "out", "worker", "pieces", "queued")
 
     def __init__(self, sock: socket.socket):
         self.sock: socket.socket | None = sock
@@ -94,6 +94,7 @@ class Control:
         self.out: collections.deque[tuple[collections.deque, list]] = collections.deque()
         self.worker: Worker | None = None
         self.pieces = wire.Assembler(wire.MAX_REQUEST)  # a long request coming in
+        self.queued = 0  # bytes in out
 
 
 class Worker:
@@ -128,22 +129,12 @@ class Partition:
         # Where each page lives on the device.  Every page-out writes the page
         # to a new slot, so that the dirty pages evicted together go to
         # neighbouring slots in one WRITE, as the kernel's swap clusters do;
-        # its old slot is freed then.  A slot that failed a write is bad and
-        # never used again.  slot_map: one byte a slot, SLOT_FREE/USED/BAD.
+        # its old slot is freed then.  A slot that failed a write is set aside
+        # (pyhv.slots).  slot_map: one byte a slot, SLOT_FREE/USED/BAD.
         self.slot = array.array("I", [NO_SLOT]) * self.pages
         self.slot_map = bytearray(device.pages)
         self.slot_cursor = 0  # where the next run of free slots is looked for
-        # Slots whose last write failed: slot -> [strikes, retry at (0 once
-        # free again), WRITEs done then].  A slot is tried again after a
-        # back-off (the device may have recovered); it is retired for good
-        # after SLOT_STRIKES failures, a strike counting only when other
-        # slots were written fine since the last: a device that fails every
-        # write (an outage) retires nothing.  A good write forgets the slot.
-        self.bad_slots: dict[int, list] = {}
-        self.retired_slots = 0
-        self.slot_retry_at = math.inf  # the earliest retry among bad_slots
-        self.writes_done = 0  # WRITEs that succeeded
-        self.failing_in_row = 0  # page-outs that failed with none done between
+        self.slots = SlotHealth(self._slot_free)  # slots that failed a write
         self.full_until = 0.0  # no new dirty page-outs until then (full, or failing)
         self.evicting = 0  # page-outs of this partition in flight or queued
         self.last_page_in = -2  # for spotting a sequential run of page-ins
@@ -229,51 +220,16 @@ class Partition:
                 self.slot_map[slot] = SLOT_FREE
         return slot
 
-    def slot_failed(self, page: int, now: float) -> bool:
-        """A write to the page's slot failed: it is not used until its retry
-        time, or ever again once it has failed often with the device
-        otherwise well (True: retired now)."""
+    def _slot_free(self, slot: int) -> None:
+        self.slot_map[slot] = SLOT_FREE
+
+    def slot_failed(self, page: int, now: float, alone: bool) -> tuple[int, bool]:
+        """A write of the page to its slot failed (alone: the page alone);
+        the slot is set aside (pyhv.slots).  Returns (the slot, retired)."""
         slot = self.slot[page]
         self.slot[page] = NO_SLOT
         self.slot_map[slot] = SLOT_BAD
-        entry = self.bad_slots.get(slot)
-        if entry is None:
-            entry = self.bad_slots[slot] = [1, 0.0, self.writes_done]
-        elif entry[2] != self.writes_done:  # others were written since: this slot is bad
-            entry[0] += 1
-            entry[2] = self.writes_done
-        if entry[0] >= SLOT_STRIKES:
-            entry[1] = math.inf
-            self.retired_slots += 1
-            return True
-        entry[1] = now + SLOT_BACKOFF * 2 ** (entry[0] - 1)
-        self.slot_retry_at = min(self.slot_retry_at, entry[1])
-        return False
-
-    def retry_slots(self, now: float) -> None:
-        """Slots whose back-off is over are free again."""
-        if now < self.slot_retry_at:
-            return
-        self.slot_retry_at = math.inf
-        for slot, entry in self.bad_slots.items():
-            at = entry[1]
-            if 0 < at <= now:
-                entry[1] = 0
-                self.slot_map[slot] = SLOT_FREE
-            elif now < at < self.slot_retry_at:
-                self.slot_retry_at = at
-
-    def slots_written(self, first: int, n: int) -> None:
-        """A WRITE to slots first..first+n-1 was done: they are good."""
-        self.writes_done += 1
-        self.failing_in_row = 0
-        if self.bad_slots:
-            for slot in range(first, first + n):
-                self.bad_slots.pop(slot, None)
-
-    def unusable_slots(self) -> int:
-        """Slots not given out now: waiting for their retry, or retired."""
-        return sum(1 for _, at, _ in self.bad_slots.values() if at)
+        return slot, self.slots.failed(slot, now, alone)
 
     def alloc_slots(self, n: int) -> tuple[int, int] | None:
         """Up to n free neighbouring slots, as (first, count); None when the
@@ -316,8 +272,8 @@ class Partition:
             "isolation": self.cfg.isolation,
             "weight": self.cfg.weight,
             "metadata_bytes_per_page": round(self.metadata_bytes() / self.pages, 2),
-            "bad_slots": self.unusable_slots(),  # waiting for a retry, or retired
-            "retired_slots": self.retired_slots,
+            "bad_slots": self.slots.unusable,  # waiting for a retry, or retired
+            "retired_slots": len(self.slots.retired),
             "free_slots": self.slot_map.count(SLOT_FREE),
             "device": self.cfg.device,
             "paging": self.cfg.paging,
@@ -370,7 +326,7 @@ def prove_uffd(fd: int, pid: int, base: int, part: Partition) -> None:
     except (IndexError, ValueError):
         raise wire.ProtocolError("its userfaultfd has had no UFFDIO_API handshake") from None
     want = uffd.feature_mask(uffd.WORKER_FEATURES)
-    if features != want:
+    if features != want:  # exactly: an event feature would queue messages nobody reads
         raise wire.ProtocolError(f"its userfaultfd has features {features:#x}, attach asked for "
                                  f"{want:#x}")  # fmt: skip
     size = part.cfg.memory
@@ -382,7 +338,9 @@ def prove_uffd(fd: int, pid: int, base: int, part: Partition) -> None:
             for line in f:
                 span, perms, offset, dev, inode = line.split()[:5]
                 lo, hi = (int(x, 16) for x in span.split("-"))
-                if hi <= base or lo >= end:
+                if lo >= end:
+                    break  # (the file is in address order)
+                if hi <= base:
                     continue
                 if (lo != at or int(inode) != st.st_ino or dev != device
                         or perms[:2] != "rw" or perms[3] != "s" or int(offset, 16) != lo - base):
@@ -395,7 +353,9 @@ def prove_uffd(fd: int, pid: int, base: int, part: Partition) -> None:
                                  f"writable at {base:#x}")  # fmt: skip
     # Registering again with the same modes changes nothing for the uffd that
     # holds the range, and fails (EBUSY) for any other: the proof that faults
-    # on this memory come to this fd.
+    # on this memory come to this fd.  (Not that the uffd is the peer's own:
+    # another process that maps the memory at the same address could lend
+    # its uffd; it holds the partition's memory already, and can do no more.)
     try:
         ioctls = uffd.register(fd, base, size, uffd.MODE_MISSING | uffd.MODE_MINOR | uffd.MODE_WP)
     except OSError as e:
@@ -437,6 +397,8 @@ class Hypervisor:
         self.ready_fd = -1
         self.listener: socket.socket | None = None
         self.conns: dict[socket.socket, Control] = {}
+        self.partial: set[Control] = set()  # connections in the middle of a long request
+        self.reply_bytes = 0  # queued in every Control.out together
         self.pending_ops: list = []  # (predicate, action) of operations still under way
         self.errors: list[dict] = []  # machine-check records, oldest first
         self.control_handlers = {
@@ -579,10 +541,13 @@ class Hypervisor:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        for c in [c for c in self.partial if now - c.pieces.started > PIECES_TIMEOUT]:
+            self._refuse_conn(c, wire.ProtocolError(
+                f"a request did not arrive whole within {PIECES_TIMEOUT:g}s"))  # fmt: skip
         if now >= self.next_slot_retry:  # slots that failed a write are tried again
             for part in self.partitions:
-                part.retry_slots(now)
-            self.next_slot_retry = min((p.slot_retry_at for p in self.partitions),
+                part.slots.retry(now)
+            self.next_slot_retry = min((p.slots.next_retry for p in self.partitions),
                                        default=math.inf)  # fmt: skip
         if self.pool.waiters:  # faults waiting for a frame: a full device may have room now
             self.replenish()
@@ -818,30 +783,56 @@ class Hypervisor:
         for _, fds in c.out:
             wire.close_fds(fds)
         c.out.clear()
+        self.reply_bytes -= c.queued
+        c.queued = 0
         c.pieces.reset()
+        self.partial.discard(c)
 
     def on_control(self, c: "Control") -> None:
-        """One request from a connection (the next waits for the next event)."""
+        """One message from a connection: a request, or a piece of a long
+        one (the next waits for the next event).  Every fd that came with a
+        message is closed unless its handler took it (and cleared the list)."""
         try:
             data, fds = wire.recv_piece(c.sock)
-            if not data and not fds:
-                self._drop_conn(c, "connection closed")
-                return
-            data, fds = c.pieces.feed(data, fds)
-            if data is None:
-                return  # more of it to come
-            msg = wire.decode_control(data)
         except BlockingIOError:
             return
         except wire.ProtocolError as e:
-            log.warning("control: dropping a connection: %s", e)
-            self.reply(c, {"ok": False, "error": f"bad request: {e}"})
-            self._drop_conn(c, f"protocol error: {e}")
+            self._refuse_conn(c, e)
             return
         except OSError as e:
             log.warning("control: dropping a connection: %s", e)
             self._drop_conn(c, f"connection broken: {e}")
             return
+        if not data and not fds:
+            self._drop_conn(c, "connection closed")
+            return
+        try:
+            whole, fds = c.pieces.feed(data, fds)  # (it closes what it refuses)
+        except wire.ProtocolError as e:
+            self._refuse_conn(c, e)
+            return
+        if whole is None:
+            self.partial.add(c)
+            return  # more of it to come
+        self.partial.discard(c)
+        try:
+            msg = wire.decode_control(whole)
+        except wire.ProtocolError as e:
+            wire.close_fds(fds)
+            self._refuse_conn(c, e)
+            return
+        try:
+            self._handle(c, msg, fds)
+        finally:
+            wire.close_fds(fds)
+
+    def _refuse_conn(self, c: "Control", e: Exception) -> None:
+        """A malformed message: a one-line error, and the connection goes."""
+        log.warning("control: dropping a connection: %s", e)
+        self.reply(c, {"ok": False, "error": f"bad request: {e}"})
+        self._drop_conn(c, f"protocol error: {e}")
+
+    def _handle(self, c: "Control", msg: dict, fds: list[int]) -> None:
         op = msg.get("op")
         handler = self.control_handlers.get(op) if isinstance(op, str) else None
         try:
@@ -855,7 +846,6 @@ class Hypervisor:
             self.reply(c, {"ok": False, "refused": True, "error": str(e)})
             return
         except (wire.ProtocolError, KeyError, TypeError, ValueError) as e:
-            wire.close_fds(fds)
             log.warning("control: bad request %r: %s", op, e)
             self.reply(c, {"ok": False, "error": f"bad request: {e}"})
             self._drop_conn(c, f"bad request: {e}")
@@ -872,11 +862,27 @@ class Hypervisor:
         now waits in its queue; a peer that leaves too much unread is dropped."""
         if c.sock is None:
             return
-        c.out.append((collections.deque(wire.encode_control(reply)), [os.dup(fd) for fd in fds]))
-        if len(c.out) > MAX_BACKLOG:
-            log.warning("control: a client left %d replies unread; dropping it", len(c.out))
+        pieces = wire.encode_control(reply)
+        size = sum(map(len, pieces))
+        if c.out and (len(c.out) >= MAX_BACKLOG or c.queued + size > CONN_BACKLOG_BYTES
+                      or self.reply_bytes + size > TOTAL_BACKLOG_BYTES):  # fmt: skip
+            log.warning("control: a client left %d replies (%d bytes) unread; dropping it",
+                        len(c.out), c.queued)  # fmt: skip
             self._drop_conn(c, "not reading its replies")
             return
+        dups: list[int] = []
+        try:
+            for fd in fds:
+                dups.append(os.dup(fd))
+        except OSError as e:  # out of fds: an answer all the same, and no fds
+            wire.close_fds(dups)
+            log.error("control: cannot pass file descriptors: %s", e.strerror)
+            pieces = wire.encode_control({"ok": False, "error": "the hypervisor cannot pass "
+                                          f"file descriptors now: {e.strerror}"})  # fmt: skip
+            size, dups = sum(map(len, pieces)), []
+        c.out.append((collections.deque(pieces), dups))
+        c.queued += size
+        self.reply_bytes += size
         self._flush_replies(c)
 
     def _flush_replies(self, c: "Control") -> None:
@@ -897,7 +903,9 @@ class Hypervisor:
                 log.warning("control: reply lost: %s", e)
                 self._drop_conn(c, "connection broken")
                 return
-            pieces.popleft()
+            sent = pieces.popleft()
+            c.queued -= len(sent)
+            self.reply_bytes -= len(sent)
             if not pieces:
                 c.out.popleft()
         if c.sock is not None:
@@ -925,7 +933,6 @@ class Hypervisor:
         return {"ok": True, "partition": part.status()}, ()
 
     def op_attach(self, conn, msg, fds):
-        wire.close_fds(fds)
         name = msg["partition"]
         # who it is comes from the kernel (SO_PEERCRED), never from the message
         pid, _, _ = struct.unpack("3i", conn.sock.getsockopt(
@@ -940,8 +947,11 @@ class Hypervisor:
         w = Worker(self.next_worker, pid, part, conn)
         try:  # signals go to this process, even if its pid is reused later
             w.pidfd = os.pidfd_open(pid)
-        except OSError:
+        except ProcessLookupError:
             return {"ok": False, "error": "the attaching process is gone"}, ()
+        except OSError as e:
+            log.error("partition %s: cannot attach pid %d: pidfd_open: %s", name, pid, e.strerror)
+            return {"ok": False, "error": f"the hypervisor cannot attach now: {e.strerror}"}, ()
         conn.worker = w
         self.next_worker += 1
         part.workers[w.id] = w
@@ -953,7 +963,6 @@ class Hypervisor:
     def op_register(self, conn, msg, fds):
         w = conn.worker
         if w is None or w.uffd >= 0 or len(fds) != 1:
-            wire.close_fds(fds)
             raise wire.ProtocolError("register without attach, twice, or without one uffd")
         base = msg.get("base")
         try:
@@ -961,11 +970,10 @@ class Hypervisor:
                 raise wire.ProtocolError(f"base {base!r} is not an address")
             prove_uffd(fds[0], w.pid, base, w.partition)
         except wire.ProtocolError as e:
-            wire.close_fds(fds)
             log.warning("partition %s: worker pid %d: registration refused: %s",
                         w.partition.name, w.pid, e)  # fmt: skip
             raise
-        w.uffd = fds[0]
+        w.uffd = fds.pop()  # the worker's now: closed when it goes
         w.base = base
         os.set_blocking(w.uffd, False)
         part = w.partition
@@ -1486,7 +1494,12 @@ class Hypervisor:
             part.release_slot(page)
         while i < len(pages):
             run = part.alloc_slots(min(WRITE_BATCH, len(pages) - i))
-            if run is None:  # no free slot left (the device is full of bad ones)
+            if run is None and part.slots.retired:  # only retired slots left: another chance
+                log.warning("partition %s: device %s has no free slot; its %d retired slots "
+                            "are tried again", part.name, part.device.id,
+                            part.slots.unretire())  # fmt: skip
+                run = part.alloc_slots(min(WRITE_BATCH, len(pages) - i))
+            if run is None:  # no free slot left (all set aside or in use)
                 for page in pages[i:]:
                     part.evicting -= 1
                     self._page_out_failed(part, page, errno.ENOSPC, wrote=False)
@@ -1514,9 +1527,12 @@ class Hypervisor:
                         # page the system cannot deliver, never zeros
                         self._page_in_failed(part, page, -status)
                     else:
-                        self._page_out_failed(part, page, -status)
+                        self._page_out_failed(part, page, -status, alone=len(pages) == 1)
                 return
-            part.slots_written(first, len(pages))
+            ended = part.slots.written(first, len(pages))
+            if ended:
+                log.warning("partition %s: device %s writes again, after %d failed page-outs",
+                            part.name, part.device.id, ended)  # fmt: skip
             crcs = data.cast("I")
             crc, table, waiters = part.crc, part.table, part.waiters
             for k, page in enumerate(pages):  # on the device, and gone from memory
@@ -1532,41 +1548,45 @@ class Hypervisor:
         req = part.stream.submit(wire.OP_WRITE, first, len(pages),
                                  array.array("I", pages).tobytes(), done, flags)  # fmt: skip
 
-    def _page_out_failed(self, part: Partition, page: int, err: int, wrote: bool = True) -> None:
+    def _page_out_failed(self, part: Partition, page: int, err: int, wrote: bool = True,
+                         alone: bool = False) -> None:  # fmt: skip
         """Nothing is lost: the page stays resident (dirty) and goes to the
         back of the victim queue, and another page is evicted now instead.
 
-        An I/O error marks the slot bad: the page's next page-out goes to
-        another slot, and the slot is tried again after a back-off, or
-        retired (Partition.slot_failed).  ENOSPC is the device being full,
-        not the slot being bad; FAILING_IN_ROW errors with no page-out done
-        between are the device failing: either way, for FULL_BACKOFF seconds
-        no dirty page of the partition is chosen (clean pages still are),
-        then writing is tried again."""
+        An I/O error sets the slot aside (pyhv.slots: tried again after a
+        back-off, or retired): the page's next page-out goes to another slot.
+        ENOSPC is the device being full, not the slot being bad; failures in
+        a row with no page-out done between are the device failing: either
+        way, for a while (growing while it lasts) no dirty page of the
+        partition is chosen (clean pages still are), then writing is tried
+        again.  An outage is logged when it begins and ends, not a page."""
         part.counters["io_errors"] += 1
-        slot = part.slot[page]
         now = time.monotonic()
         if not wrote or err == errno.ENOSPC:
-            part.full_until = now + FULL_BACKOFF
             part.counters["page_out_errors"] += wrote
             part.release_slot(page)
-            log.error("partition %s: page %d: device %s is full (%s); page stays resident, "
-                      "retrying in %.0fs", part.name, page, part.device.id,
-                      "ENOSPC" if wrote else "no good slot left", FULL_BACKOFF)  # fmt: skip
+            if part.full_until <= now:  # (once a hold, not once a page)
+                hold = part.slots.next_hold()
+                part.full_until = now + hold
+                log.error("partition %s: page %d: device %s is full (%s); dirty pages stay "
+                          "resident, retrying in %gs", part.name, page, part.device.id,
+                          "ENOSPC" if wrote else "no usable slot", hold)  # fmt: skip
         else:
-            retired = part.slot_failed(page, now)
-            self.next_slot_retry = min(self.next_slot_retry, part.slot_retry_at)
+            slot, retired = part.slot_failed(page, now, alone)
+            self.next_slot_retry = min(self.next_slot_retry, part.slots.next_retry)
             part.counters["page_out_errors"] += 1
-            log.error("partition %s: page %d: page-out to device %s slot %d failed: %s; page "
-                      "stays resident, slot %s", part.name, page, part.device.id, slot,
-                      errno.errorcode.get(err, err),
-                      "retired" if retired else "tried again later")  # fmt: skip
-            part.failing_in_row += 1
-            if part.failing_in_row >= FAILING_IN_ROW and part.full_until <= now:
-                part.full_until = now + FULL_BACKOFF
-                log.error("partition %s: device %s failed %d page-outs in a row; dirty pages "
-                          "wait %.0fs before it is tried again", part.name, part.device.id,
-                          part.failing_in_row, FULL_BACKOFF)  # fmt: skip
+            if retired or not part.slots.failing:
+                log.error("partition %s: page %d: page-out to device %s slot %d failed: %s; page "
+                          "stays resident, slot %s", part.name, page, part.device.id, slot,
+                          errno.errorcode.get(err, err),
+                          "retired" if retired else "tried again later")  # fmt: skip
+            if part.slots.failing and part.full_until <= now:
+                hold = part.slots.next_hold()
+                part.full_until = now + hold
+                log.error("partition %s: device %s failed %d page-outs in a row (%s); dirty "
+                          "pages wait %gs before it is tried again", part.name, part.device.id,
+                          part.slots.failing_in_row, errno.errorcode.get(err, err),
+                          hold)  # fmt: skip
         part.table[page] = DIRTY
         part.resident += 1
         part.victims.append(page)
