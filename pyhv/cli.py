@@ -290,8 +290,9 @@ def cmd_shutdown(args) -> int:
     run_dir = _run_dir(args)
     r = stop_system(run_dir)
     parts, services = r.get("partitions", []), r.get("paging_services", [])
+    names = ", ".join(parts[:8]) + (f", ... ({len(parts) - 8} more)" if len(parts) > 8 else "")
     return _emit(args, r, f"stopped the hypervisor (pid {r.get('pid')}) in {run_dir}: "
-                 f"{_count(len(parts), 'partition')} ({', '.join(parts) or '-'}), "
+                 f"{_count(len(parts), 'partition')} ({names or '-'}), "
                  f"{_count(r.get('workers', 0), 'worker')} detached, paging services "
                  f"{', '.join(services) or '-'} stopped")  # fmt: skip
 

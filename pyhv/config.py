@@ -28,6 +28,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ISOLATIONS = ("process", "partition")
 #: The smallest pool: enough frames for a fault to find one while others page out.
 MIN_POOL_PAGES = 16
+#: A paging service's timeout, seconds: long enough for a slow disk's request,
+#: short enough that a hung service is noticed (inf would turn that off).
+TIMEOUT = (0.1, 3600.0)
 #: A config file larger than this is refused unread (``-c /dev/zero``).
 MAX_CONFIG_BYTES = 1 << 20
 #: What the hypervisor keeps for each page of a partition's memory (state 1,
@@ -382,9 +385,9 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
             raise ConfigError(f"paging service {name!r}: restart must be true or false")
         timeout = entry.get("timeout", 10.0)
         if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                or not math.isfinite(timeout) or timeout <= 0):  # fmt: skip
-            raise ConfigError(f"paging service {name!r}: timeout must be a finite, positive "
-                              "number of seconds")  # fmt: skip
+                or not math.isfinite(timeout) or not TIMEOUT[0] <= timeout <= TIMEOUT[1]):
+            raise ConfigError(f"paging service {name!r}: timeout must be a number of seconds "
+                              f"from {TIMEOUT[0]:g} to {TIMEOUT[1]:g}")  # fmt: skip
         services.append(ServiceConfig(name, restart, float(timeout)))
     if not services:
         raise ConfigError("at least one [[paging_service]] is required")
@@ -457,11 +460,20 @@ def _check_fit(p: dict, dev: DeviceConfig) -> None:
 
 def load_config(path: str | os.PathLike, run_dir: Path) -> Config:
     """Read and validate a TOML config file."""
+    try:  # (O_NONBLOCK: a FIFO with no writer must not hang the open)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
     try:
-        with open(path, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path}: not a regular file; not a config file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: larger than {format_size(MAX_CONFIG_BYTES)}; not a config file")
     try:
@@ -476,6 +488,8 @@ def load_config_text(text: str, run_dir: Path, source: str = "config") -> Config
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid TOML: nested too deeply") from None
     return parse_config(doc, Path(run_dir))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,13 +50,21 @@ def check_error(value: str, what: str) -> str:
     return value.upper()
 
 
+_RATE = re.compile(r"^(?:(\d+(?:\.\d+)?)%|(\d*\.?\d+)|(\d+)/(\d+))$")
+
+
 def check_rate(value: str, what: str) -> str:
-    """A rate as nbdkit takes it: "N%" from 0 to 100, or a probability 0..1."""
+    """A rate as nbdkit takes it: "N%" from 0 to 100, a probability 0..1,
+    or a fraction "N/M"."""
     text = value.strip()
-    try:
-        rate = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        rate = -1.0
+    m = _RATE.match(text)
+    rate = -1.0
+    if m and m.group(1) is not None:
+        rate = float(m.group(1)) / 100
+    elif m and m.group(2) is not None:
+        rate = float(m.group(2))
+    elif m and int(m.group(4)):
+        rate = int(m.group(3)) / int(m.group(4))
     if not 0.0 <= rate <= 1.0:
         raise InjectUsage(f"{what}: {value!r} is not a rate from 0% to 100% (or 0 to 1)")
     return text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 from pyhv.config import ConfigError, DeviceConfig, PartitionConfig, assign_device, \
@@ -81,8 +82,10 @@ def pool_resize(hv, conn, msg):
     _no_stop(hv)
     new = _config_errors(parse_pages, msg.get("size"), "pool size") // PAGE_SIZE
     pool = hv.engine.pool()
-    # the frames in use now are the machine's already: they count as available
-    _config_errors(check_pool_size, new, "pool size", available_memory() + pool["used"] * PAGE_SIZE)
+    # growing takes memory (the frames in use now are the machine's already);
+    # shrinking never does
+    room = available_memory() + pool["used"] * PAGE_SIZE if new > pool["pages"] else math.inf
+    _config_errors(check_pool_size, new, "pool size", room)
     if new < pool["used"]:
         # what cannot be evicted now: pages in flight, and dirty pages of
         # partitions whose stream has no service to write them to
@@ -199,9 +202,9 @@ def device_row(hv, dev) -> dict:
             "paging": part.stream.paging if part else [],
             "active_service": active,
             "stream": part.stream.state if part else None,
-            "bad_slots": part.unusable_slots() if part else 0,
+            "bad_slots": part.slots.unusable if part else 0,
             "machine_checks": part.counters["machine_checks"] if part else 0,
-            "health": "degraded" if part and (part.bad_slots or part.counters["io_errors"])
+            "health": "degraded" if part and (part.slots.unusable or part.counters["io_errors"])
                       else "ok"}  # fmt: skip
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import struct
+import time
 
 #: JSON bytes in one control message.  A longer one (a status of 1,000
 #: partitions) goes as several: each starts with MORE but the last, which
@@ -90,36 +91,58 @@ def decode_control(data: bytes) -> dict:
 
 class Assembler:
     """Puts a long control message back together from its pieces, one
-    received message at a time (the hypervisor's sockets do not block)."""
+    received message at a time (the hypervisor's sockets do not block).
+
+    Only what encode_control makes is taken: every piece but the last is
+    exactly MORE + CHUNK bytes, fds come with the first piece only, and the
+    whole stays within the limit; `started` says since when a message has
+    been incomplete (the hypervisor drops a sender that leaves one so)."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.parts: list[bytes] = []
         self.size = 0
         self.fds: list[int] = []
+        self.started = 0.0  # time.monotonic() of the first piece of an incomplete message
 
     def feed(self, data: bytes, fds: list[int]) -> tuple[bytes | None, list[int]]:
-        """One received message; returns (the whole message, every fd that
-        came with its pieces) once it is complete, else (None, []).  Raises
+        """One received message; returns (the whole message, the fds that
+        came with it) once it is complete, else (None, []).  Raises
         ProtocolError (every fd closed) if it grows past the limit or a
         piece is out of place."""
-        self.fds += fds
         lead = data[:1]
+        if self.parts and fds:
+            close_fds(fds)
+            self.reset()
+            raise ProtocolError("file descriptors come with the first piece of a message")
         if lead == MORE or lead == LAST:
+            if lead == LAST and not self.parts:
+                close_fds(fds)
+                raise ProtocolError("the last piece of a message came first")
             data = data[1:]
         elif self.parts:
+            close_fds(fds)
             self.reset()
             raise ProtocolError("a control message broke off in the middle")
+        if lead == MORE and len(data) != CHUNK:
+            close_fds(fds)
+            self.reset()
+            raise ProtocolError("a piece of a control message is not whole")
         self.size += len(data)
         if self.size > self.limit:
+            close_fds(fds)
             self.reset()
             raise ProtocolError(f"control message of more than {self.limit} bytes")
+        if lead != MORE:
+            whole = b"".join(self.parts) + data if self.parts else data
+            fds, self.fds = self.fds + fds, []
+            self.parts, self.size = [], 0
+            return whole, fds
+        if not self.parts:
+            self.started = time.monotonic()
         self.parts.append(data)
-        if lead == MORE:
-            return None, []
-        whole, fds = b"".join(self.parts), self.fds
-        self.parts, self.size, self.fds = [], 0, []
-        return whole, fds
+        self.fds += fds
+        return None, []
 
     def reset(self) -> None:
         close_fds(self.fds)

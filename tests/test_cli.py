@@ -85,9 +85,15 @@ BAD_CONFIGS = {
     "device_a_character_device": (GOOD.replace('path = "pg0.img"', 'path = "/dev/zero"'),
                                   ["neither a regular file nor a block device"]),
     "timeout_nan": (config_text(pool="1MiB", partitions=[("p1", "4MiB")],
-                                service_extra="timeout = nan\n"), ["timeout", "finite"]),
+                                service_extra="timeout = nan\n"), ["timeout", "3600"]),
     "timeout_inf": (config_text(pool="1MiB", partitions=[("p1", "4MiB")],
-                                service_extra="timeout = inf\n"), ["timeout", "finite"]),
+                                service_extra="timeout = inf\n"), ["timeout", "3600"]),
+    "timeout_huge": (config_text(pool="1MiB", partitions=[("p1", "4MiB")],
+                                 service_extra="timeout = 1e300\n"), ["timeout", "3600"]),
+    "timeout_tiny": (config_text(pool="1MiB", partitions=[("p1", "4MiB")],
+                                 service_extra="timeout = 1e-9\n"), ["timeout", "0.1"]),
+    "toml_nested_too_deeply": ("x = " + "[" * 3000, ["not valid TOML"]),
+    "toml_tables_nested_too_deeply": ("x = " + "{a=" * 3000, ["not valid TOML"]),
 }  # fmt: skip
 
 

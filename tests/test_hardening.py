@@ -130,7 +130,7 @@ def _raw(system) -> socket.socket:
 
 
 @pytest.mark.parametrize("data", [b"[" * 60000, b'{"a":' * 30000 + b"1" + b"}" * 30000,
-                                  b"+" + b"[" * 60000],
+                                  wire.MORE + b"[" * wire.CHUNK],
                          ids=["lists", "objects", "a-first-piece-never-ended"])  # fmt: skip
 def test_deeply_nested_json_gets_an_error_and_the_connection_closes(system, data):
     system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]))
@@ -160,6 +160,55 @@ def test_a_request_larger_than_the_daemon_takes_costs_its_connection(system):
     assert system.status()["pid"] == system.pid
 
 
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_fds_sent_with_a_bad_message_are_closed(system):
+    """An undecodable message, a piece out of place, a request too large:
+    whatever fds came with it are closed, or a client could exhaust the
+    daemon's fds and no worker could attach."""
+    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]))
+    before = _fd_count(system.pid)
+    r, w = os.pipe()
+    bad = [b"not json", b'{"op":"status"', wire.LAST + b"{}", b"[" * 60000,
+           wire.MORE + b"{" + b" " * (wire.CHUNK - 1)]  # fmt: skip
+    for data in bad * 20:
+        s = _raw(system)
+        socket.send_fds(s, [data], [r, w, r, w])
+        if data.startswith(wire.MORE):  # fds with a later piece too
+            socket.send_fds(s, [wire.LAST + b"}"], [r, w])
+        s.close()
+    os.close(r)
+    os.close(w)
+    assert system.status()["pid"] == system.pid  # (and every message has been read)
+    assert _fd_count(system.pid) <= before + 2
+    rc, out, err = finish(system.workload("p1", "write"))  # workers attach as ever
+    assert rc == 0, err
+
+
+def test_pieces_that_encode_control_would_not_make_are_refused(system):
+    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]))
+    for pieces in ([wire.MORE + b"{}"],  # a first piece that is not whole
+                   [wire.MORE + b"{" * wire.CHUNK, wire.MORE + b""]):  # an empty piece
+        s = _raw(system)
+        for piece in pieces:
+            s.send(piece)
+        reply, _ = wire.recv_control(s)
+        assert reply["ok"] is False and "bad request" in reply["error"]
+        assert wire.recv_control(s)[0] is None
+
+
+def test_a_request_left_unfinished_costs_its_connection(system):
+    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]))
+    s = _raw(system)
+    s.settimeout(30)
+    s.send(wire.MORE + b"{" + b" " * (wire.CHUNK - 1))  # and nothing more
+    reply, _ = wire.recv_control(s)
+    assert reply["ok"] is False and "did not arrive whole" in reply["error"]
+    assert wire.recv_control(s)[0] is None
+
+
 def test_pool_resize_beyond_the_machine_is_refused(system):
     system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]))
     for size in ("1TiB", "4096"):
@@ -182,7 +231,10 @@ def test_a_partition_whose_metadata_does_not_fit_is_refused_live(system):
 def test_a_config_that_is_no_text_file_is_one_line(tmp_path):
     binary = tmp_path / "binary.toml"
     binary.write_bytes(bytes(range(256)) * 8)
-    for cfg, words in (("/dev/zero", "larger than"), (binary, "not UTF-8")):
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # nobody writes it: reading it would wait forever
+    for cfg, words in (("/dev/zero", "not a regular file"), (binary, "not UTF-8"),
+                       (fifo, "not a regular file"), (tmp_path, "not a regular file")):
         p = pyhv("up", "-c", cfg, "--run-dir", tmp_path / "run", "--detach", timeout=30)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert words in p.stderr and "Traceback" not in p.stderr
@@ -195,6 +247,16 @@ def test_shutdown_says_what_it_stopped(system):
     assert r.returncode == 0
     assert f"pid {pid}" in r.stdout and "1 partition" in r.stdout and "vios1" in r.stdout
     assert not (system.run_dir / "control.sock").exists()
+
+
+def test_inject_rates_are_what_nbdkit_takes():
+    from pyhv.inject import InjectUsage, check_rate
+
+    for ok in ("0%", "100%", "12.5%", "0", "1", "0.25", ".5", "1/2", "0/3"):
+        assert check_rate(ok, "--read-rate") == ok
+    for bad in ("200%", "50 %", "1_0%", "x", "-1", "1.5", "3/2", "1/0", "", "%"):
+        with pytest.raises(InjectUsage):
+            check_rate(bad, "--read-rate")
 
 
 def test_inject_faulty_device_validates_before_it_starts(tmp_path):

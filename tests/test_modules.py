@@ -357,3 +357,61 @@ def test_take_back_resends_in_order_marked_retry_but_never_a_discard():
     assert [r.op for r in back] == [wire.OP_READ, wire.OP_WRITE]
     assert [r.op for r in s.queued] == [wire.OP_READ, wire.OP_WRITE] and not s.inflight
     assert all(r.flags & wire.FLAG_RETRY for r in s.queued)
+
+
+def test_slot_health_tells_an_outage_from_a_bad_slot():
+    from pyhv.slots import SLOT_STRIKES, SlotHealth
+
+    freed = []
+    h = SlotHealth(freed.append)
+    # an outage: every write fails, page by page too; nothing is retired
+    for rnd in range(10):
+        for slot in range(32):
+            assert h.failed(slot, now=rnd * 100.0, alone=True) is False
+        h.retry(rnd * 100.0 + 99)
+    assert not h.retired and h.failing and h.unusable == 0 and len(freed) == 320
+    assert h.written(100, 1) == 320  # the outage ends: its length is told once
+    assert not h.failing
+    # slot 7 fails alone, again and again, while others are written: retired
+    for k in range(SLOT_STRIKES):
+        h.written(200 + k, 1)
+        retired = h.failed(7, now=1000.0 + k, alone=True)
+    assert retired and h.retired == {7}
+    # a failed batch strikes nobody; a slot written fine is forgotten
+    for _ in range(5):
+        h.written(300, 1)
+        h.failed(9, now=2000.0, alone=False)
+        h.retry(5000.0)
+    assert 9 not in h.retired
+    h.written(9, 1)
+    assert 9 not in h.failed_slots
+    # out of free slots: the retired ones get another chance
+    assert h.unretire() == 1 and not h.retired and freed[-1] == 7
+
+
+def test_slot_health_holds_dirty_pages_longer_while_an_outage_lasts():
+    from pyhv.slots import HOLD, MAX_HOLD, SlotHealth
+
+    h = SlotHealth(lambda slot: None)
+    holds = [h.next_hold() for _ in range(6)]
+    assert holds[0] == HOLD and holds == sorted(holds) and holds[-1] == MAX_HOLD
+    h.written(0, 1)
+    assert h.next_hold() == HOLD
+
+
+def test_wire_pieces_round_trip_and_out_of_order_pieces_are_refused():
+    msg = {"op": "x", "blob": "y" * (3 * wire.CHUNK + 5)}
+    pieces = wire.encode_control(msg)
+    assert len(pieces) == 4 and all(len(p) == wire.CHUNK + 1 for p in pieces[:-1])
+    a = wire.Assembler(1 << 20)
+    for p in pieces[:-1]:
+        assert a.feed(p, []) == (None, [])
+    whole, fds = a.feed(pieces[-1], [])
+    assert wire.decode_control(whole) == msg and fds == []
+    with pytest.raises(wire.ProtocolError):
+        wire.Assembler(1 << 20).feed(wire.LAST + b"{}", [])
+    small = wire.Assembler(2 * wire.CHUNK)
+    small.feed(pieces[0], [])
+    small.feed(pieces[1], [])
+    with pytest.raises(wire.ProtocolError):
+        small.feed(pieces[2], [])

@@ -29,12 +29,15 @@ log = logging.getLogger("pyhv.hypervisor")
 
 MAX_CONNECTIONS = 512  # control connections, workers' included
 MAX_BACKLOG = 32  # replies a client may leave unread before it is dropped
+CONN_BACKLOG_BYTES = 16 << 20  # ... and bytes of them, beyond the one it is being sent
+TOTAL_BACKLOG_BYTES = 256 << 20  # bytes of replies unread by all clients together
+PIECES_TIMEOUT = 5.0  # seconds a long request may take to arrive whole
 
 
 class Control:
     """A control connection: a control-point client, or a worker's for life."""
 
-    __slots__ = ("sock", "out", "worker", "pieces")
+    __slots__ = ("sock", "out", "worker", "pieces", "queued")
 
     def __init__(self, sock: socket.socket):
         self.sock: socket.socket | None = sock
@@ -42,6 +45,7 @@ class Control:
         self.out: collections.deque[tuple[collections.deque, list]] = collections.deque()
         self.worker: Worker | None = None
         self.pieces = wire.Assembler(wire.MAX_REQUEST)  # a long request coming in
+        self.queued = 0  # bytes in out
 
 
 UFFD_LINK = "anon_inode:[userfaultfd]"  # what /proc/self/fd/N reads for a userfaultfd
@@ -69,7 +73,7 @@ def prove_uffd(fd: int, pid: int, base: int, part: Partition) -> None:
     except (IndexError, ValueError):
         raise wire.ProtocolError("its userfaultfd has had no UFFDIO_API handshake") from None
     want = uffd.feature_mask(uffd.WORKER_FEATURES)
-    if features != want:
+    if features != want:  # exactly: an event feature would queue messages nobody reads
         raise wire.ProtocolError(f"its userfaultfd has features {features:#x}, attach asked for "
                                  f"{want:#x}")  # fmt: skip
     size = part.cfg.memory
@@ -81,7 +85,9 @@ def prove_uffd(fd: int, pid: int, base: int, part: Partition) -> None:
             for line in f:
                 span, perms, offset, dev, inode = line.split()[:5]
                 lo, hi = (int(x, 16) for x in span.split("-"))
-                if hi <= base or lo >= end:
+                if lo >= end:
+                    break  # (the file is in address order)
+                if hi <= base:
                     continue
                 if (lo != at or int(inode) != st.st_ino or dev != device
                         or perms[:2] != "rw" or perms[3] != "s" or int(offset, 16) != lo - base):
@@ -94,7 +100,9 @@ def prove_uffd(fd: int, pid: int, base: int, part: Partition) -> None:
                                  f"writable at {base:#x}")  # fmt: skip
     # Registering again with the same modes changes nothing for the uffd that
     # holds the range, and fails (EBUSY) for any other: the proof that faults
-    # on this memory come to this fd.
+    # on this memory come to this fd.  (Not that the uffd is the peer's own:
+    # another process that maps the memory at the same address could lend
+    # its uffd; it holds the partition's memory already, and can do no more.)
     try:
         ioctls = uffd.register(fd, base, size, uffd.MODE_MISSING | uffd.MODE_MINOR | uffd.MODE_WP)
     except OSError as e:
@@ -102,8 +110,6 @@ def prove_uffd(fd: int, pid: int, base: int, part: Partition) -> None:
                                  f"{base:#x}: {e.strerror}") from None  # fmt: skip
     if ioctls & uffd.RANGE_IOCTLS != uffd.RANGE_IOCTLS:
         raise wire.ProtocolError("its userfaultfd cannot resolve faults on the partition's memory")
-
-
 
 
 class ControlRoom:
@@ -142,6 +148,12 @@ class ControlRoom:
         self.conns[sock] = c
         self.sel.register(sock, selectors.EVENT_READ, lambda m, c=c: self.on_conn(c, m))
 
+    def _check_partial(self, now: float) -> None:
+        """A long request must arrive whole within PIECES_TIMEOUT."""
+        for c in [c for c in self.partial if now - c.pieces.started > PIECES_TIMEOUT]:
+            self._refuse_conn(c, wire.ProtocolError(
+                f"a request did not arrive whole within {PIECES_TIMEOUT:g}s"))  # fmt: skip
+
     def _accept_again(self) -> None:
         if self.listener is not None:
             self.sel.register(self.listener, selectors.EVENT_READ, self.on_accept)
@@ -165,30 +177,56 @@ class ControlRoom:
         for _, fds in c.out:
             wire.close_fds(fds)
         c.out.clear()
+        self.reply_bytes -= c.queued
+        c.queued = 0
         c.pieces.reset()
+        self.partial.discard(c)
 
     def on_control(self, c: "Control") -> None:
-        """One request from a connection (the next waits for the next event)."""
+        """One message from a connection: a request, or a piece of a long
+        one (the next waits for the next event).  Every fd that came with a
+        message is closed unless its handler took it (and cleared the list)."""
         try:
             data, fds = wire.recv_piece(c.sock)
-            if not data and not fds:
-                self._drop_conn(c, "connection closed")
-                return
-            data, fds = c.pieces.feed(data, fds)
-            if data is None:
-                return  # more of it to come
-            msg = wire.decode_control(data)
         except BlockingIOError:
             return
         except wire.ProtocolError as e:
-            log.warning("control: dropping a connection: %s", e)
-            self.reply(c, {"ok": False, "error": f"bad request: {e}"})
-            self._drop_conn(c, f"protocol error: {e}")
+            self._refuse_conn(c, e)
             return
         except OSError as e:
             log.warning("control: dropping a connection: %s", e)
             self._drop_conn(c, f"connection broken: {e}")
             return
+        if not data and not fds:
+            self._drop_conn(c, "connection closed")
+            return
+        try:
+            whole, fds = c.pieces.feed(data, fds)  # (it closes what it refuses)
+        except wire.ProtocolError as e:
+            self._refuse_conn(c, e)
+            return
+        if whole is None:
+            self.partial.add(c)
+            return  # more of it to come
+        self.partial.discard(c)
+        try:
+            msg = wire.decode_control(whole)
+        except wire.ProtocolError as e:
+            wire.close_fds(fds)
+            self._refuse_conn(c, e)
+            return
+        try:
+            self._handle(c, msg, fds)
+        finally:
+            wire.close_fds(fds)
+
+    def _refuse_conn(self, c: "Control", e: Exception) -> None:
+        """A malformed message: a one-line error, and the connection goes."""
+        log.warning("control: dropping a connection: %s", e)
+        self.reply(c, {"ok": False, "error": f"bad request: {e}"})
+        self._drop_conn(c, f"protocol error: {e}")
+
+    def _handle(self, c: "Control", msg: dict, fds: list[int]) -> None:
         op = msg.get("op")
         handler = self.control_handlers.get(op) if isinstance(op, str) else None
         try:
@@ -202,7 +240,6 @@ class ControlRoom:
             self.reply(c, {"ok": False, "refused": True, "error": str(e)})
             return
         except (wire.ProtocolError, KeyError, TypeError, ValueError) as e:
-            wire.close_fds(fds)
             log.warning("control: bad request %r: %s", op, e)
             self.reply(c, {"ok": False, "error": f"bad request: {e}"})
             self._drop_conn(c, f"bad request: {e}")
@@ -219,11 +256,27 @@ class ControlRoom:
         now waits in its queue; a peer that leaves too much unread is dropped."""
         if c.sock is None:
             return
-        c.out.append((collections.deque(wire.encode_control(reply)), [os.dup(fd) for fd in fds]))
-        if len(c.out) > MAX_BACKLOG:
-            log.warning("control: a client left %d replies unread; dropping it", len(c.out))
+        pieces = wire.encode_control(reply)
+        size = sum(map(len, pieces))
+        if c.out and (len(c.out) >= MAX_BACKLOG or c.queued + size > CONN_BACKLOG_BYTES
+                      or self.reply_bytes + size > TOTAL_BACKLOG_BYTES):  # fmt: skip
+            log.warning("control: a client left %d replies (%d bytes) unread; dropping it",
+                        len(c.out), c.queued)  # fmt: skip
             self._drop_conn(c, "not reading its replies")
             return
+        dups: list[int] = []
+        try:
+            for fd in fds:
+                dups.append(os.dup(fd))
+        except OSError as e:  # out of fds: an answer all the same, and no fds
+            wire.close_fds(dups)
+            log.error("control: cannot pass file descriptors: %s", e.strerror)
+            pieces = wire.encode_control({"ok": False, "error": "the hypervisor cannot pass "
+                                          f"file descriptors now: {e.strerror}"})  # fmt: skip
+            size, dups = sum(map(len, pieces)), []
+        c.out.append((collections.deque(pieces), dups))
+        c.queued += size
+        self.reply_bytes += size
         self._flush_replies(c)
 
     def _flush_replies(self, c: "Control") -> None:
@@ -244,7 +297,9 @@ class ControlRoom:
                 log.warning("control: reply lost: %s", e)
                 self._drop_conn(c, "connection broken")
                 return
-            pieces.popleft()
+            sent = pieces.popleft()
+            c.queued -= len(sent)
+            self.reply_bytes -= len(sent)
             if not pieces:
                 c.out.popleft()
         if c.sock is not None:
@@ -272,7 +327,6 @@ class ControlRoom:
         return {"ok": True, "partition": part.status()}, ()
 
     def op_attach(self, conn, msg, fds):
-        wire.close_fds(fds)
         name = msg["partition"]
         # who it is comes from the kernel (SO_PEERCRED), never from the message
         pid, _, _ = struct.unpack("3i", conn.sock.getsockopt(
@@ -287,8 +341,11 @@ class ControlRoom:
         w = Worker(self.next_worker, pid, part, conn)
         try:  # signals go to this process, even if its pid is reused later
             w.pidfd = os.pidfd_open(pid)
-        except OSError:
+        except ProcessLookupError:
             return {"ok": False, "error": "the attaching process is gone"}, ()
+        except OSError as e:
+            log.error("partition %s: cannot attach pid %d: pidfd_open: %s", name, pid, e.strerror)
+            return {"ok": False, "error": f"the hypervisor cannot attach now: {e.strerror}"}, ()
         conn.worker = w
         self.next_worker += 1
         part.workers[w.id] = w
@@ -301,7 +358,6 @@ class ControlRoom:
     def op_register(self, conn, msg, fds):
         w = conn.worker
         if w is None or w.eng is not None or len(fds) != 1:
-            wire.close_fds(fds)
             raise wire.ProtocolError("register without attach, twice, or without one uffd")
         base = msg.get("base")
         try:
@@ -309,15 +365,14 @@ class ControlRoom:
                 raise wire.ProtocolError(f"base {base!r} is not an address")
             prove_uffd(fds[0], w.pid, base, w.partition)
         except wire.ProtocolError as e:
-            wire.close_fds(fds)
             log.warning("partition %s: worker pid %d: registration refused: %s",
                         w.partition.name, w.pid, e)  # fmt: skip
             raise
         try:
             w.eng = self.engine.worker_add(w.partition.eng, fds[0], base, w.id)
         except OSError as e:
-            wire.close_fds(fds)
             raise wire.ProtocolError(f"its userfaultfd failed at once: {e.strerror}") from None
+        fds.pop()  # the engine's now: it closes it when the worker goes
         log.info("partition %s: worker %d (pid %d) attached", w.partition.name, w.id, w.pid)
         return {"ok": True}, ()
 

@@ -80,6 +80,8 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks):
         self.ready_fd = -1
         self.listener: socket.socket | None = None
         self.conns: dict = {}
+        self.partial: set = set()  # connections in the middle of a long request
+        self.reply_bytes = 0  # queued in every Control.out together
         self.pending_ops: list = []  # (predicate, action) of operations still under way
         self.errors: list[dict] = []  # machine-check records, oldest first
         self.control_handlers = self.control_handlers()
@@ -203,10 +205,11 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks):
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        self._check_partial(now)
         if now >= self.next_slot_retry:  # slots that failed a write are tried again
             for part in self.partitions:
-                part.retry_slots(now)
-            self.next_slot_retry = min((p.slot_retry_at for p in self.partitions),
+                part.slots.retry(now)
+            self.next_slot_retry = min((p.slots.next_retry for p in self.partitions),
                                        default=math.inf)  # fmt: skip
         if now >= self.next_pool_check:  # faults waiting for a frame: a full device may have room
             self.next_pool_check = now + 0.1

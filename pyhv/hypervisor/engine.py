@@ -26,8 +26,6 @@ from pyhv.stream import FLOWING
 
 log = logging.getLogger("pyhv.hypervisor")
 
-FULL_BACKOFF = 1.0  # seconds a full (or failing) device gets before dirty pages are tried again
-FAILING_IN_ROW = 4  # page-outs failed in a row (none done between): the device is failing
 
 
 class EngineSide:
@@ -100,7 +98,12 @@ class EngineSide:
         while i < len(pages):
             chunk = pages[i : i + victims.WRITE_BATCH]
             first, n = self.engine.write_slots(part.eng, chunk)
-            if n == 0:  # no free slot left (retired, or waiting for a retry)
+            if n == 0 and part.slots.retired:  # only retired slots left: another chance
+                log.warning("partition %s: device %s has no free slot; its %d retired slots "
+                            "are tried again", part.name, part.device.id,
+                            part.slots.unretire())  # fmt: skip
+                first, n = self.engine.write_slots(part.eng, chunk)
+            if n == 0:  # no free slot left (all set aside or in use)
                 for page in pages[i:]:
                     part.evicting -= 1
                     self._page_out_failed(part, page, errno.ENOSPC, wrote=False)
@@ -124,48 +127,56 @@ class EngineSide:
                         # page the system cannot deliver, never zeros
                         self._page_in_failed(part, page, -status)
                     else:
-                        self._page_out_failed(part, page, -status)
+                        self._page_out_failed(part, page, -status, alone=len(pages) == 1)
                 return
             self.engine.written(part.eng, pages, data[: 4 * len(pages)])
-            part.slots_written(first, len(pages))
+            ended = part.slots.written(first, len(pages))
+            if ended:
+                log.warning("partition %s: device %s writes again, after %d failed page-outs",
+                            part.name, part.device.id, ended)  # fmt: skip
             self.replenish()
 
         req = part.stream.submit(wire.OP_WRITE, first, len(pages),
                                  array.array("I", pages).tobytes(), done, flags)  # fmt: skip
 
-    def _page_out_failed(self, part: Partition, page: int, err: int, wrote: bool = True) -> None:
+    def _page_out_failed(self, part: Partition, page: int, err: int, wrote: bool = True,
+                         alone: bool = False) -> None:  # fmt: skip
         """Nothing is lost: the page stays resident (dirty) at the back of
         the victim queue, and another page is evicted now instead.
 
-        An I/O error marks the slot bad: the page's next page-out goes to
-        another slot, and the slot is tried again after a back-off, or
-        retired (Partition.slot_failed).  ENOSPC is the device being full,
-        not the slot being bad; FAILING_IN_ROW errors with no page-out done
-        between are the device failing: either way, for FULL_BACKOFF seconds
-        no dirty page of the partition is chosen (clean pages still are),
-        then writing is tried again."""
+        An I/O error sets the slot aside (pyhv.slots: tried again after a
+        back-off, or retired): the page's next page-out goes to another slot.
+        ENOSPC is the device being full, not the slot being bad; failures in
+        a row with no page-out done between are the device failing: either
+        way, for a while (growing while it lasts) no dirty page of the
+        partition is chosen (clean pages still are), then writing is tried
+        again.  An outage is logged when it begins and ends, not a page."""
         part.counters["io_errors"] += 1
         now = time.monotonic()
         if not wrote or err == errno.ENOSPC:
-            part.full_until = now + FULL_BACKOFF
             part.counters["page_out_errors"] += wrote
             self.engine.write_failed(part.eng, page, bad=False)
-            log.error("partition %s: page %d: device %s is full (%s); page stays resident, "
-                      "retrying in %.0fs", part.name, page, part.device.id,
-                      "ENOSPC" if wrote else "no good slot left", FULL_BACKOFF)  # fmt: skip
+            if part.full_until <= now:  # (once a hold, not once a page)
+                hold = part.slots.next_hold()
+                part.full_until = now + hold
+                log.error("partition %s: page %d: device %s is full (%s); dirty pages stay "
+                          "resident, retrying in %gs", part.name, page, part.device.id,
+                          "ENOSPC" if wrote else "no usable slot", hold)  # fmt: skip
         else:
             slot = self.engine.write_failed(part.eng, page, bad=True)
-            retired = part.slot_failed(slot, now) if slot >= 0 else False
-            self.next_slot_retry = min(self.next_slot_retry, part.slot_retry_at)
+            retired = part.slots.failed(slot, now, alone) if slot >= 0 else False
+            self.next_slot_retry = min(self.next_slot_retry, part.slots.next_retry)
             part.counters["page_out_errors"] += 1
-            log.error("partition %s: page %d: page-out to device %s slot %d failed: %s; page "
-                      "stays resident, slot %s", part.name, page, part.device.id, slot,
-                      errno.errorcode.get(err, err),
-                      "retired" if retired else "tried again later")  # fmt: skip
-            part.failing_in_row += 1
-            if part.failing_in_row >= FAILING_IN_ROW and part.full_until <= now:
-                part.full_until = now + FULL_BACKOFF
-                log.error("partition %s: device %s failed %d page-outs in a row; dirty pages "
-                          "wait %.0fs before it is tried again", part.name, part.device.id,
-                          part.failing_in_row, FULL_BACKOFF)  # fmt: skip
+            if retired or not part.slots.failing:
+                log.error("partition %s: page %d: page-out to device %s slot %d failed: %s; page "
+                          "stays resident, slot %s", part.name, page, part.device.id, slot,
+                          errno.errorcode.get(err, err),
+                          "retired" if retired else "tried again later")  # fmt: skip
+            if part.slots.failing and part.full_until <= now:
+                hold = part.slots.next_hold()
+                part.full_until = now + hold
+                log.error("partition %s: device %s failed %d page-outs in a row (%s); dirty "
+                          "pages wait %gs before it is tried again", part.name, part.device.id,
+                          part.slots.failing_in_row, errno.errorcode.get(err, err),
+                          hold)  # fmt: skip
         self.replenish()

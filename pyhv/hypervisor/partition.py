@@ -4,17 +4,18 @@ A partition is a named logical memory (a memfd every worker maps shared),
 its page table (kept by the fault engine, csrc/engine.c: state, slot, CRC32
 and eviction stamp a page, a slot map of its device), its paging stream,
 its error log, and what Python decides about its device: which slots that
-failed a write are tried again when, and when dirty pages must wait.
+failed a write are tried again when (pyhv.slots), and when dirty pages must
+wait.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 import mmap
 import os
 
 from pyhv import uffd
+from pyhv.slots import SlotHealth
 from pyhv.stream import Stream
 from pyhv.uffd import PAGE_SIZE
 
@@ -23,8 +24,6 @@ UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE = range(6)
 STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device")
 SLOT_FREE, SLOT_USED, SLOT_BAD = 0, 1, 2  # the engine's slot map
 
-SLOT_BACKOFF = 1.0  # a slot that failed a write is tried again after 1, 2, 4 ... seconds
-SLOT_STRIKES = 3  # failures, each while other slots were written fine, that retire a slot
 
 
 class Worker:
@@ -70,17 +69,7 @@ class Partition:
                              list(cfg.paging), self.memfd)  # fmt: skip
         self.evicting = 0  # page-outs of this partition in flight or queued
         self.counters = collections.Counter()  # what Python counts: errors
-        # Slots whose last write failed: slot -> [strikes, retry at (0 once
-        # free again), WRITEs done then].  A slot is tried again after a
-        # back-off (the device may have recovered); it is retired for good
-        # after SLOT_STRIKES failures, a strike counting only when other
-        # slots were written fine since the last: a device that fails every
-        # write (an outage) retires nothing.  A good write forgets the slot.
-        self.bad_slots: dict[int, list] = {}
-        self.retired_slots = 0
-        self.slot_retry_at = math.inf  # the earliest retry among bad_slots
-        self.writes_done = 0  # WRITEs that succeeded
-        self.failing_in_row = 0  # page-outs that failed with none done between
+        self.slots = SlotHealth(self._slot_free)  # slots that failed a write
         self.full_until = 0.0  # no new dirty page-outs until then (full, or failing)
 
     def in_memory(self, page: int) -> bool:
@@ -94,50 +83,8 @@ class Partition:
         os.close(self.memfd)
         self.mcelog.close()
 
-    # --- slots that failed a write ----------------------------------------------------
-
-    def slot_failed(self, slot: int, now: float) -> bool:
-        """A write to the slot failed (the engine marked it bad): it is not
-        used until its retry time, or ever again once it has failed often
-        with the device otherwise well (True: retired now)."""
-        entry = self.bad_slots.get(slot)
-        if entry is None:
-            entry = self.bad_slots[slot] = [1, 0.0, self.writes_done]
-        elif entry[2] != self.writes_done:  # others were written since: this slot is bad
-            entry[0] += 1
-            entry[2] = self.writes_done
-        if entry[0] >= SLOT_STRIKES:
-            entry[1] = math.inf
-            self.retired_slots += 1
-            return True
-        entry[1] = now + SLOT_BACKOFF * 2 ** (entry[0] - 1)
-        self.slot_retry_at = min(self.slot_retry_at, entry[1])
-        return False
-
-    def retry_slots(self, now: float) -> None:
-        """Slots whose back-off is over are free again."""
-        if now < self.slot_retry_at:
-            return
-        self.slot_retry_at = math.inf
-        for slot, entry in self.bad_slots.items():
-            at = entry[1]
-            if 0 < at <= now:
-                entry[1] = 0
-                self.engine.slot_set(self.eng, slot, SLOT_FREE)
-            elif now < at < self.slot_retry_at:
-                self.slot_retry_at = at
-
-    def slots_written(self, first: int, n: int) -> None:
-        """A WRITE to slots first..first+n-1 was done: they are good."""
-        self.writes_done += 1
-        self.failing_in_row = 0
-        if self.bad_slots:
-            for slot in range(first, first + n):
-                self.bad_slots.pop(slot, None)
-
-    def unusable_slots(self) -> int:
-        """Slots not given out now: waiting for their retry, or retired."""
-        return sum(1 for _, at, _ in self.bad_slots.values() if at)
+    def _slot_free(self, slot: int) -> None:
+        self.engine.slot_set(self.eng, slot, SLOT_FREE)
 
     # --- status ---------------------------------------------------------------------------
 
@@ -169,8 +116,8 @@ class Partition:
             "isolation": self.cfg.isolation,
             "weight": self.cfg.weight,
             "metadata_bytes_per_page": round(s["metadata_bytes"] / self.pages, 2),
-            "bad_slots": self.unusable_slots(),  # waiting for a retry, or retired
-            "retired_slots": self.retired_slots,
+            "bad_slots": self.slots.unusable,  # waiting for a retry, or retired
+            "retired_slots": len(self.slots.retired),
             "free_slots": self.engine.slot_count(self.eng, SLOT_FREE),
             "device": self.cfg.device,
             "paging": self.cfg.paging,
