@@ -11,9 +11,15 @@ directory (removed at the end):
 
    ``random``      20,000 touches of seeded random pages;
    ``sequential``  two in-order passes over every page;
+   ``scattered``   the same two passes, after 20,000 random writes (not
+                   timed) have scattered the pages over the device's slots;
    ``zipf``        20,000 touches of pages drawn from a bounded Zipf
                    distribution (exponent 1: the hottest 20% of the pages
                    take ~84% of the touches), hot pages scattered (seeded).
+
+   The first write of every page (``fill``) is timed too, in the random
+   workload's process; so are the context switches of the whole machine
+   (``/proc/stat`` ctxt) during each timed phase, reported per miss.
 
    ``quick``: 5,000 touches and one sequential pass.
 
@@ -75,7 +81,8 @@ MEMORY = 64 * MiB  # the workload's memory: 16,384 pages
 POOL = 16 * MiB  # pyhv's pool, and the kernel cgroup's share for data
 INTERPRETER = 8 * MiB  # the cgroup's allowance for the Python interpreter
 DEVICE = 2 * MEMORY  # the paging device, the same size for both: kernel swap and pyhv
-WORKLOADS = ("random", "sequential", "zipf")
+WORKLOADS = ("random", "sequential", "scattered", "zipf")
+ROWS = ("fill", *WORKLOADS)  # fill: the random workload's first write of every page
 SEED = 5
 CGROUP_PREFIX = "pyhv-bench-"
 ZIPF_S = 1.0
@@ -95,7 +102,7 @@ def params(quick: bool) -> dict:
 def _offsets(name: str, npages: int, touches: int, passes: int, seed: int) -> list[int]:
     """Byte offsets of the touches, computed before the timed phase."""
     rng = random.Random(seed)
-    if name == "sequential":
+    if name in ("sequential", "scattered"):
         return [p * PAGE + (p % PAGE) for _ in range(passes) for p in range(npages)]
     if name == "random":
         pages = [rng.randrange(npages) for _ in range(touches)]
@@ -111,6 +118,15 @@ def _offsets(name: str, npages: int, touches: int, passes: int, seed: int) -> li
     else:
         raise ValueError(f"unknown workload {name!r}")
     return [p * PAGE + rng.randrange(PAGE) for p in pages]
+
+
+def _ctxt() -> int:
+    """Context switches of the whole machine so far (/proc/stat ctxt)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("ctxt "):
+                return int(line.split()[1])
+    return 0
 
 
 def _pyhv_counters() -> dict:
@@ -155,11 +171,27 @@ def workload_main(argv: list[str]) -> int:
     view = memoryview(mem)
     offs = _offsets(args.name, npages, args.touches, args.passes, args.seed)
 
+    fill0 = _pyhv_counters() if args.mode == "pyhv" else None
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    c0, t0 = _ctxt(), time.perf_counter_ns()
     for p in range(npages):  # write every page once (never zero: the kernel skips zero pages)
         view[p * PAGE] = (p % 255) + 1
+    fill = {"seconds": (time.perf_counter_ns() - t0) / 1e9, "touches": npages,
+            "ctxt": _ctxt() - c0}  # fmt: skip
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    fill["majflt"] = ru1.ru_majflt - ru0.ru_majflt
+    if fill0 is not None:
+        fill1 = _pyhv_counters()
+        fill["counters"] = {k: fill1[k] - fill0[k] for k in fill1 if k != "resident_pages"}
+    if args.name == "scattered":  # random writes move the pages to scattered slots
+        rng = random.Random(args.seed + 1)
+        for _ in range(args.touches):
+            off = rng.randrange(npages) * PAGE
+            view[off] = (view[off] + 1) & 0xFF
 
     before = _pyhv_counters() if args.mode == "pyhv" else None
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    ctxt0 = _ctxt()
     lat = [0] * len(offs)
     clock = time.perf_counter_ns
     t0 = clock()
@@ -168,10 +200,11 @@ def workload_main(argv: list[str]) -> int:
         view[off] = (view[off] + 1) & 0xFF
         lat[i] = clock() - s
     seconds = (clock() - t0) / 1e9
+    ctxt = _ctxt() - ctxt0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     out = {"seconds": seconds, "touches": len(offs), "workload": args.name, "mode": args.mode,
            "pages": npages, "majflt": ru1.ru_majflt - ru0.ru_majflt,
-           "minflt": ru1.ru_minflt - ru0.ru_minflt,
+           "minflt": ru1.ru_minflt - ru0.ru_minflt, "ctxt": ctxt, "fill": fill,
            "maxrss_kib": ru1.ru_maxrss}  # fmt: skip
     if args.mode == "anon":
         out["interpreter_charge_bytes"] = charge
@@ -180,6 +213,7 @@ def workload_main(argv: list[str]) -> int:
         out["counters"] = {k: after[k] - before[k] for k in after if k != "resident_pages"}
         out["counters"]["resident_pages"] = after["resident_pages"]
     out["page_ins"] = out["counters"]["page_ins"] if before is not None else out["majflt"]
+    out["ctxt_per_miss"] = round(ctxt / out["page_ins"], 2) if out["page_ins"] else None
     out.update(_latency_summary(lat, out["page_ins"]))
     if args.samples:
         out["samples_ns"] = lat
@@ -281,14 +315,17 @@ def _parse_workload(r: subprocess.CompletedProcess, what: str) -> dict:
 
 
 class LoopDevice:
-    """A loop device with direct I/O over a preallocated file."""
+    """A loop device with direct I/O over a preallocated (or sparse) file."""
 
-    def __init__(self, path: str, size: int):
+    def __init__(self, path: str, size: int, sparse: bool = False):
         self.file = path
         self.dev: str | None = None
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.posix_fallocate(fd, 0, size)
+            if sparse:
+                os.ftruncate(fd, size)
+            else:
+                os.posix_fallocate(fd, 0, size)
         finally:
             os.close(fd)
         self.dev = _sh("losetup", "--find", "--show", "--direct-io=on", path)
@@ -546,6 +583,20 @@ class PyhvSystem:
         except OSError:
             return ""
 
+    def hypervisor_rss(self) -> int | None:
+        """The hypervisor's resident memory now (its page tables; the
+        partitions' memory is a memfd it never touches), bytes."""
+        try:
+            with open(os.path.join(self.run_dir, "hypervisor.pid")) as f:
+                pid = int(f.read())
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return None
+
     def run(self, name: str, p: dict, samples: bool = False, timeout: float = 600) -> dict:
         cmd = ["run", "--run-dir", self.run_dir, "--partition", "p1", "--",
                *_workload_cmd(name, "pyhv", p, samples)]  # fmt: skip
@@ -571,6 +622,39 @@ def run_pyhv_workload(device: str, run_dir: str, name: str, p: dict,
         with _no_interrupts():
             system.shutdown()
     return out
+
+
+SCALE_MEMORY = 16 << 30  # the scale run: a 16 GiB partition ...
+SCALE_POOL = 1 << 30  # ... in a 1 GiB pool, on a sparse device
+
+
+def run_scale(tmpdir: str, p: dict, memory: int = SCALE_MEMORY, pool: int = SCALE_POOL) -> dict:
+    """pyhv alone at scale: the fill and random workloads of a partition of
+    `memory` in a pool of `pool`, its device a loop device over a sparse
+    file; per-page costs, and what the hypervisor holds (metadata and RSS)."""
+    loop = LoopDevice(os.path.join(tmpdir, "scale.img"), memory, sparse=True)
+    run_dir = os.path.join(tmpdir, "run-scale")
+    system = PyhvSystem(run_dir, loop.dev, pool=pool, memory=memory)
+    try:
+        system.up()
+        r = system.run("random", {**p, "memory": memory}, timeout=3600)
+        st = json.loads(_pyhv("status", "--run-dir", run_dir, "--json").stdout)
+        part = st["partitions"][0]
+        r["hypervisor_rss_bytes"] = system.hypervisor_rss()
+        r["metadata_bytes_per_page"] = part["metadata_bytes_per_page"]
+    finally:
+        with _no_interrupts():
+            try:
+                system.shutdown()
+            finally:
+                loop.close()
+    pages = memory // PAGE
+    return {"memory_bytes": memory, "pool_bytes": pool, "pages": pages,
+            "fill_us_per_page": round(r["fill"]["seconds"] / pages * 1e6, 2),
+            "random_us_per_touch": round(r["seconds"] / r["touches"] * 1e6, 2),
+            "hypervisor_rss_bytes": r["hypervisor_rss_bytes"],
+            "hypervisor_rss_bytes_per_page": round((r["hypervisor_rss_bytes"] or 0) / pages, 2),
+            "metadata_bytes_per_page": r["metadata_bytes_per_page"], "pyhv": r}  # fmt: skip
 
 
 # --- the C floor -------------------------------------------------------------------------
@@ -619,14 +703,14 @@ def _downsample(values_ns: list[int], points: int = 2000) -> list[float]:
 
 
 def run(quick: bool = False, json_file: str | None = None, plot_file: str | None = None,
-        progress: bool = True) -> dict:  # fmt: skip
+        progress: bool = True, scale: bool = False) -> dict:  # fmt: skip
     """Run the whole comparison; returns the result dict (see format_table)."""
     from pyhv.progress import Progress
 
     if plot_file:
         _need_matplotlib()  # fail before minutes of measuring, not after
     p = params(quick)
-    steps = 2 + 2 * len(WORKLOADS) + 1 + (1 if plot_file else 0)
+    steps = 2 + 2 * len(WORKLOADS) + 1 + (1 if plot_file else 0) + (1 if scale else 0)
     bar = Progress("pyhv bench", steps, enabled=progress)
     started = time.time()
     result: dict = {
@@ -695,6 +779,26 @@ def run(quick: bool = False, json_file: str | None = None, plot_file: str | None
                     result["errors"].append(f"pyhv {name}: {e}")
                 bar.advance(1)
                 result["workloads"][name] = _row(row, result["c_floor"])
+                if name == "random":  # its first writes of every page: the fill row
+                    fill = {side: row[side]["fill"] for side in ("pyhv", "kernel_swap")
+                            if row.get(side)}  # fmt: skip
+                    fill["touches"] = next((f["touches"] for f in fill.values()), None)
+                    result["workloads"]["fill"] = _row(fill, result["c_floor"])
+            result["workloads"] = {k: result["workloads"][k] for k in ROWS
+                                   if k in result["workloads"]}  # fmt: skip
+            if scale:
+                try:
+                    sc = run_scale(tmpdir, p)
+                    base = result["workloads"].get("random", {}).get("pyhv")
+                    if base:  # against the 64 MiB run of the same bench
+                        sc["fill_vs_small"] = round(sc["fill_us_per_page"] / (
+                            base["fill"]["seconds"] / base["fill"]["touches"] * 1e6), 3)
+                        sc["random_vs_small"] = round(sc["random_us_per_touch"] / (
+                            base["seconds"] / base["touches"] * 1e6), 3)  # fmt: skip
+                    result["scale"] = sc
+                except (BenchError, subprocess.TimeoutExpired) as e:
+                    result["errors"].append(f"pyhv scale: {e}")
+                bar.advance(1)
 
             result["fault_latency"] = {
                 label: _summary_us(v) for label, v in samples.items()
@@ -736,6 +840,12 @@ def _row(row: dict, floor: dict) -> dict:
         "pyhv": y,
         "kernel_swap": k,
     }
+    for side, s in (("pyhv", y), ("kernel_swap", k)):
+        if s and s.get("ctxt") is not None:
+            misses = s.get("page_ins") or s.get("majflt") or 0
+            if "page_ins" not in s:  # the fill: every page is a fault
+                misses = s["touches"]
+            out[f"{side}_ctxt_per_miss"] = round(s["ctxt"] / misses, 2) if misses else None
     if y and "counters" in y:
         c = y["counters"]
         est = (c["page_ins"] * floor["page_in"]["p50_us"]
@@ -777,12 +887,16 @@ def format_table(result: dict) -> str:
         f"{p['cgroup_limit_bytes'] // MiB} MiB memory cgroup; loop devices, direct I/O",
         "",
         f"{'workload':<12}{'touches':>9}{'pyhv':>11}{'kernel swap':>13}{'ratio':>8}"
-        f"{'C floor*':>11}",
+        f"{'C floor*':>11}{'ctxt/miss**':>14}",
     ]  # fmt: skip
     for name, w in result["workloads"].items():
         ratio = "-" if w["ratio"] is None else f"{w['ratio']:.2f}x"
+        cs = "/".join("-" if w.get(f"{side}_ctxt_per_miss") is None
+                      else f"{w[f'{side}_ctxt_per_miss']:.1f}"
+                      for side in ("pyhv", "kernel_swap"))  # fmt: skip
         lines.append(f"{name:<12}{w['touches'] or '-':>9}{_fmt_s(w['pyhv_s']):>11}"
-                     f"{_fmt_s(w['kernel_swap_s']):>13}{ratio:>8}{_fmt_s(w['c_floor_s']):>11}")
+                     f"{_fmt_s(w['kernel_swap_s']):>13}{ratio:>8}{_fmt_s(w['c_floor_s']):>11}"
+                     f"{cs:>14}")
     lines.append("")
     fl = result.get("c_floor")
     if fl:
@@ -797,6 +911,8 @@ def format_table(result: dict) -> str:
                          f"= page-ins): p50 {w['fault_p50_us']} us, p99 {w['fault_p99_us']} us")
     lines.append("* C floor: the touch phase's page-ins (and first touches) under pyhv times "
                  "the C handler's median; no write-back.")  # fmt: skip
+    lines.append("** context switches of the whole machine per page-in (fill: per page), "
+                 "pyhv/kernel swap")  # fmt: skip
     ks = result["kernel_swap"]
     k = result["workloads"].get("random", {}).get("kernel_swap") or {}
     if k.get("interpreter_charge_bytes") is not None:
@@ -805,6 +921,14 @@ def format_table(result: dict) -> str:
                      f"charged {k['interpreter_charge_bytes'] / MiB:.1f} MiB before the data: "
                      f"~{(lim - k['interpreter_charge_bytes']) / MiB:.1f} MiB for data "
                      f"(pyhv: {p['pool_bytes'] // MiB} MiB pool)")  # fmt: skip
+    sc = result.get("scale")
+    if sc:
+        lines.append(f"scale: {sc['memory_bytes'] >> 30} GiB partition, {sc['pool_bytes'] >> 20} "
+                     f"MiB pool, sparse device: fill {sc['fill_us_per_page']} us a page "
+                     f"({sc.get('fill_vs_small', '-')}x the 64 MiB run), random "
+                     f"{sc['random_us_per_touch']} us a touch ({sc.get('random_vs_small', '-')}x);"
+                     f" hypervisor RSS {sc['hypervisor_rss_bytes_per_page']} B a page, "
+                     f"page tables {sc['metadata_bytes_per_page']} B a page")  # fmt: skip
     if not ks.get("available"):
         lines.append(f"kernel swap skipped: {ks.get('skipped')}")
     for e in result.get("errors", []):
@@ -891,9 +1015,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", dest="json_file")
     ap.add_argument("--plot", dest="plot_file")
+    ap.add_argument("--scale", action="store_true")
     args = ap.parse_args(argv)
     try:
-        r = run(args.quick, args.json_file, args.plot_file, progress=True)
+        r = run(args.quick, args.json_file, args.plot_file, progress=True, scale=args.scale)
     except BenchError as e:
         print(f"pyhv bench: {e}", file=sys.stderr)
         return 1

@@ -11,26 +11,13 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
-from pyhv import wire
-from pyhv._spawn import module_command
-from pyhv.config import ConfigError, human_size, load_config
-from pyhv.hypervisor import CONTROL_SOCKET, ERROR_LOG, LOG_FILE, PID_FILE
-
-EXIT_USAGE = 2
-EXIT_FAIL = 1
-
-
-class Fail(Exception):
-    """A one-line error; code is the exit status."""
-
-    def __init__(self, msg: str, code: int = EXIT_FAIL):
-        super().__init__(msg)
-        self.code = code
-
+from pyhv.config import ConfigError, human_size
+from pyhv.hypervisor import ERROR_LOG
+from pyhv.system import EXIT_FAIL, EXIT_USAGE, Fail, running_pid, control, spawn_workers, \
+    start_system, stop_system, wait_workers  # fmt: skip
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
@@ -47,101 +34,7 @@ def _run_dir(args, must_exist: bool = True) -> str:
     return run_dir
 
 
-def _running_pid(run_dir: str) -> int | None:
-    """The pid of a live hypervisor in run_dir, or None."""
-    try:
-        with open(os.path.join(run_dir, PID_FILE)) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return pid if os.path.exists(os.path.join(run_dir, CONTROL_SOCKET)) else None
-
-
-def control(run_dir: str, msg: dict, timeout: float = 30.0) -> dict:
-    path = os.path.join(run_dir, CONTROL_SOCKET)
-    try:
-        return wire.request(path, msg, timeout)
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise Fail(f"no hypervisor is running in {run_dir}") from None
-    except (OSError, wire.ProtocolError) as e:
-        raise Fail(f"hypervisor in {run_dir}: {e}") from None
-
-
 # --- up ------------------------------------------------------------------------
-
-
-def start_system(config_path: str | None, run_dir: str, detach: bool, config=None) -> int:
-    """Validate, then start the hypervisor (and through it the paging services)."""
-    if config is None:
-        config = load_config(config_path, run_dir)
-    check_kernel()
-    pid = _running_pid(run_dir)
-    if pid is not None:
-        raise Fail(f"a hypervisor is already running in {run_dir} (pid {pid})", EXIT_USAGE)
-    check_locks(config)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=1)
-    except OSError as e:
-        raise Fail(f"cannot use run directory {run_dir}: {e.strerror}", EXIT_USAGE) from None
-    if not detach:
-        from pyhv import hypervisor
-
-        return hypervisor.main(["--run-dir", run_dir])
-    r, w = os.pipe()
-    with open(os.path.join(run_dir, LOG_FILE), "ab") as logf:
-        proc = subprocess.Popen(
-            module_command("pyhv.daemon", "--run-dir", run_dir, "--ready-fd", str(w)),
-            pass_fds=[w], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-            start_new_session=True, cwd=run_dir,
-        )  # fmt: skip
-    os.close(w)
-    with os.fdopen(r) as ready:
-        line = ready.readline().strip()
-    if line != "ready":
-        proc.wait(10)
-        why = line[len("error ") :] if line.startswith("error ") else "exited during start-up"
-        raise Fail(f"the hypervisor did not start: {why} (see {os.path.join(run_dir, LOG_FILE)})")
-    return 0
-
-
-def check_locks(config) -> None:
-    """Refuse devices that another running system holds (the hypervisor
-    takes the same locks for real when it starts)."""
-    import fcntl
-
-    for dev in config.devices:
-        try:
-            fd = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Fail(f"device {dev.id!r} ({dev.path}) is in use by another system",
-                       EXIT_USAGE) from None  # fmt: skip
-        finally:
-            os.close(fd)
-
-
-def check_kernel() -> None:
-    """Refuse to start where workers could not fault through the hypervisor."""
-    from pyhv import uffd
-
-    try:
-        missing = uffd.missing_features(uffd.WORKER_FEATURES)
-    except OSError as e:
-        raise Fail(f"userfaultfd is not available here: {e.strerror} (pyhv needs root, or "
-                   "read-write access to /dev/userfaultfd)") from None  # fmt: skip
-    if missing:
-        raise Fail(f"this kernel's userfaultfd lacks {', '.join(missing)} (pyhv needs Linux 6.1+)")
 
 
 def cmd_up(args) -> int:
@@ -150,40 +43,6 @@ def cmd_up(args) -> int:
 
 
 # --- run -------------------------------------------------------------------------
-
-
-def spawn_workers(run_dir: str, partition: str, n: int, cmd: list[str], **popen) -> list:
-    procs = []
-    for i in range(n):
-        env = dict(os.environ, PYHV_RUN_DIR=run_dir, PYHV_PARTITION=partition,
-                   PYHV_WORKER=str(i), PYHV_WORKERS=str(n))  # fmt: skip
-        try:
-            procs.append(subprocess.Popen(cmd, env=env, **popen))
-        except OSError as e:
-            for p in procs:
-                p.kill()
-            raise Fail(f"cannot run {cmd[0]}: {e.strerror}", EXIT_USAGE) from None
-    return procs
-
-
-def wait_workers(procs: list) -> int:
-    """Wait for all; 0 if all exited 0, else the first failure's status
-    (128+N for a worker killed by signal N)."""
-    first = 0
-    left = {p.pid: p for p in procs}
-    while left:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        p = left.pop(pid, None)
-        if p is None:
-            continue
-        p.returncode = os.waitstatus_to_exitcode(status)
-        code = p.returncode if p.returncode >= 0 else 128 - p.returncode
-        if code and not first:
-            first = code
-    return first
 
 
 def cmd_run(args) -> int:
@@ -260,26 +119,6 @@ def cmd_status(args) -> int:
     st = control(run_dir, {"op": "status"})
     print(json.dumps(st, indent=2) if args.json else format_status(st))
     return 0
-
-
-def stop_system(run_dir: str, timeout: float = 30.0) -> dict:
-    """Shut the system down in order; returns what the hypervisor stopped."""
-    reply = control(run_dir, {"op": "shutdown"})
-    pid = reply.get("pid")
-    deadline = time.monotonic() + timeout
-    while pid and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return reply
-        if os.path.exists(f"/proc/{pid}/status"):
-            with open(f"/proc/{pid}/status") as f:
-                if "State:\tZ" in f.read():
-                    return reply
-        time.sleep(0.05)
-    if pid:
-        raise Fail(f"the hypervisor (pid {pid}) did not stop within {timeout:.0f}s")
-    return reply
 
 
 def _count(n: int, what: str) -> str:
@@ -433,7 +272,7 @@ def read_error_log(path: str) -> list[dict]:
 def cmd_errors(args) -> int:
     """Machine-check records: from the hypervisor, or its run directory's log."""
     run_dir = _run_dir(args)
-    if _running_pid(run_dir) is not None:
+    if running_pid(run_dir) is not None:
         errors = _op(args, {"op": "errors"})["errors"]
     else:
         errors = read_error_log(os.path.join(run_dir, ERROR_LOG))
@@ -491,7 +330,7 @@ def cmd_bench(args) -> int:
     from pyhv import benchmark
 
     try:
-        r = benchmark.run(args.quick, args.json, args.plot, progress=True)
+        r = benchmark.run(args.quick, args.json, args.plot, progress=True, scale=args.scale)
     except benchmark.BenchError as e:
         raise Fail(f"bench: {e}") from None
     print(benchmark.format_table(r))
@@ -629,6 +468,8 @@ def build_parser() -> Parser:
     p.add_argument("--quick", action="store_true", help="smaller workloads (well under a minute)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="latency CDFs and workload times")
+    p.add_argument("--scale", action="store_true", help="add the scale run: a 16 GiB partition "
+                   "in a 1 GiB pool on a sparse device (minutes, ~16 GiB of disk)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="run a small system on an embedded config")

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from pyhv import cli
+from pyhv import system
 from pyhv._spawn import module_command
 from pyhv.config import DEMO_CONFIG, load_config_text
 from pyhv.progress import Progress
@@ -38,7 +38,7 @@ def _phase(run_dir, label, action, config, extra, show, samples) -> list[dict]:
         stripe = action == "write" and n > 1
         cmd = module_command("pyhv.workload", action, "--progress", str(PROGRESS_EVERY))
         cmd += (["--stripe"] if stripe else []) + extra
-        procs += cli.spawn_workers(run_dir, part.name, n, cmd, stdout=subprocess.PIPE)
+        procs += system.spawn_workers(run_dir, part.name, n, cmd, stdout=subprocess.PIPE)
         pages += part.pages if stripe else part.pages * n
     bar = Progress(label, pages, enabled=show)
     sel = selectors.DefaultSelector()
@@ -58,11 +58,11 @@ def _phase(run_dir, label, action, config, extra, show, samples) -> list[dict]:
                 reports.append(json.loads(line))
         if time.monotonic() >= next_sample:
             next_sample = time.monotonic() + 0.05
-            samples.append(cli.control(run_dir, {"op": "status"})["pool"]["resident_pages"])
+            samples.append(system.control(run_dir, {"op": "status"})["pool"]["resident_pages"])
     bar.close()
     codes = [p.wait() for p in procs]
     if any(codes):
-        raise cli.Fail(f"demo: a worker failed in the {action} phase (exit {codes})")
+        raise system.Fail(f"demo: a worker failed in the {action} phase (exit {codes})")
     return reports
 
 
@@ -73,18 +73,18 @@ def run(json_output: bool = False) -> int:
     os.environ["PYHV_WORKLOAD_LATENCIES"] = "1"
     try:
         config = load_config_text(DEMO_CONFIG, run_dir, "embedded demo config")
-        cli.start_system(None, run_dir, detach=True, config=config)
+        system.start_system(None, run_dir, detach=True, config=config)
         samples: list[int] = []
         writes = _phase(run_dir, "write", "write", config, [], show, samples)
         verifies = _phase(run_dir, "verify (random)", "verify", config, ["--random"], show,
                           samples)  # fmt: skip
-        st = cli.control(run_dir, {"op": "status"})
-        cli.stop_system(run_dir)
+        st = system.control(run_dir, {"op": "status"})
+        system.stop_system(run_dir)
     except BaseException:
-        if cli._running_pid(run_dir):
+        if system.running_pid(run_dir):
             try:
-                cli.stop_system(run_dir)
-            except cli.Fail:
+                system.stop_system(run_dir)
+            except system.Fail:
                 pass
         shutil.rmtree(run_dir, ignore_errors=True)
         raise

@@ -82,11 +82,15 @@ def test_the_installed_bench_quick_reports_every_workload_from_anywhere(installe
     assert "workload" in r.stdout and "kernel swap" in r.stdout and "Traceback" not in r.stderr
     result = json.loads(out.read_text())
     assert result["quick"] and result["errors"] == []
-    assert set(result["workloads"]) == {"random", "sequential", "zipf"}
+    assert list(result["workloads"]) == ["fill", "random", "sequential", "scattered", "zipf"]
     for name, row in result["workloads"].items():
         y = row["pyhv"]
         assert y["seconds"] > 0 and y["touches"] == row["touches"], name
-        assert y["counters"]["page_ins"] > 0 and y["counters"]["io_errors"] == 0, name
+        assert y["counters"]["io_errors"] == 0 and y["ctxt"] > 0, name
+        if name == "fill":  # every page written once: a first touch each
+            assert y["counters"]["first_touches"] == y["touches"] and y["counters"]["page_outs"]
+        else:
+            assert y["counters"]["page_ins"] > 0, name
         swap = result["kernel_swap"]
         if swap["available"]:
             assert row["kernel_swap"]["seconds"] > 0 and row["ratio"] > 0, name
