@@ -118,6 +118,7 @@ struct pending { /* a page FILLING or PAGING_OUT, and who waits for it */
 	struct waiter *head, **tail;
 	int fill_kind; /* while it waits for a frame: 0 zero fill, 1 page-in */
 	int no_frame;  /* it waits for a frame (in the pool's queue) */
+	uint64_t t0;   /* when it began (a fault, a read-ahead or an eviction) */
 	struct pending *wait_next; /* in the pool's queue of faults waiting for a frame */
 };
 
@@ -168,6 +169,8 @@ struct pyhv_eng_part {
 	struct pyhv_eng_part *next; /* every partition, for teardown and EPOLLOUT */
 	int64_t last_page_in, readahead_end;
 	uint32_t readahead;
+	int64_t last_first_touch, zero_ahead_end; /* the same, for a run of first touches */
+	uint32_t zero_ahead;
 	double written_share;
 	uint64_t page_in_count;
 	struct pyhv_eng_counters c;
@@ -265,6 +268,7 @@ static struct pending *pending_new(struct pyhv_eng *e, struct pyhv_eng_part *p, 
 	x->part = p;
 	x->page = page;
 	x->tail = &x->head;
+	x->t0 = now_ns();
 	uint64_t b = bucket_of(p, page);
 	x->next = e->buckets[b];
 	e->buckets[b] = x;
@@ -591,6 +595,10 @@ static void install(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page, 
 	}
 	if (read && !clean) /* written at once: its device copy is stale */
 		release_slot(p, page);
+	if (read && x && x->head) { /* a fault waited for this page-in */
+		e->g.page_in_waits++;
+		e->g.page_in_wait_ns += now_ns() - x->t0;
+	}
 	p->state[page] = clean ? CLEAN : DIRTY;
 	p->resident++;
 	enqueue(e, p, page);
@@ -783,6 +791,41 @@ static void prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first
 		page_in_run(e, p, run, (uint32_t)n);
 }
 
+/* A sequential run of first touches (a program filling its memory): the
+ * next pages that were never written are filled with zeros too, in one
+ * UFFDIO_ZEROPAGE into the worker that faults, so that its next touches do
+ * not fault at all; the window doubles along the run.  Each takes a free
+ * frame (never ahead of a waiting fault); they are resident and dirty, as
+ * a first touch would have left them. */
+static void zero_ahead(struct pyhv_eng *e, struct pyhv_eng_part *p, struct eng_worker *w,
+		       uint64_t first)
+{
+	uint64_t end = first + p->zero_ahead, n = 0;
+	if (end > p->pages)
+		end = p->pages;
+	p->zero_ahead = p->zero_ahead * 2 > PREFETCH_MAX ? PREFETCH_MAX : p->zero_ahead * 2;
+	while (first + n < end && p->state[first + n] == UNTOUCHED && try_take(e))
+		n++;
+	p->zero_ahead_end = (int64_t)(first + n);
+	if (!n)
+		return;
+	struct uffdio_zeropage z = {{w->base + first * PG, n * PG}, UFFDIO_ZEROPAGE_MODE_DONTWAKE, 0};
+	int r = uffd_op(e, w, UFFDIO_ZEROPAGE, &z, &z.zeropage);
+	uint64_t done = r == IO_OK ? n : 0;
+	if (r != IO_OK && z.zeropage > 0) /* as far as it got (EEXIST: someone mapped one) */
+		done = (uint64_t)z.zeropage / PG;
+	for (uint64_t k = 0; k < done; k++) {
+		p->state[first + k] = DIRTY;
+		p->resident++;
+		enqueue(e, p, first + k);
+	}
+	p->c.first_touches += done;
+	p->c.zeroed_ahead += done;
+	p->zero_ahead_end = (int64_t)(first + done);
+	if (done < n)
+		release_frames(e, n - done);
+}
+
 /* A frame is held for the page (FILLING, with its pending record). */
 static void fill(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page, int read)
 {
@@ -852,6 +895,7 @@ static void chan_readable(struct pyhv_eng *e, struct pyhv_eng_chan *ch)
 		}
 		unlink_inflight(r);
 		e->g.reads_done++;
+		e->g.read_rtt_ns += now_ns() - r->sent_ns;
 		read_done(e, r, h.status);
 	}
 }
@@ -906,6 +950,12 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 					prefetch(e, p, page + 1);
 				else
 					p->readahead = PREFETCH_MIN;
+			} else if (w->alive) {
+				if ((int64_t)page == p->last_first_touch + 1 ||
+				    (int64_t)page == p->zero_ahead_end)
+					zero_ahead(e, p, w, page + 1);
+				else
+					p->zero_ahead = PREFETCH_MIN;
 			}
 		} else {
 			x->fill_kind = read;
@@ -921,6 +971,8 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 		}
 		if (read)
 			p->last_page_in = (int64_t)page;
+		else
+			p->last_first_touch = (int64_t)page;
 	} else if (st == FILLING || st == PAGING_OUT) {
 		struct pending *x = pending_find(e, p, page);
 		if (!x || add_waiter(x, w, write))
@@ -1287,6 +1339,9 @@ struct pyhv_eng_part *pyhv_eng_part_new(struct pyhv_eng *e, uint32_t stream, uin
 	p->last_page_in = -2;
 	p->readahead_end = -1;
 	p->readahead = PREFETCH_MIN;
+	p->last_first_touch = -2;
+	p->zero_ahead_end = -1;
+	p->zero_ahead = PREFETCH_MIN;
 	pthread_mutex_lock(&e->mu);
 	p->next = e->parts;
 	e->parts = p;

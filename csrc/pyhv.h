@@ -101,6 +101,7 @@ struct pyhv_eng_event {
 struct pyhv_eng_counters { /* per partition, counted by the engine */
 	uint64_t faults, first_touches, page_ins, page_outs, prefetched, clean_drops, refaults;
 	uint64_t wp_faults, minor_faults, installed_writable, removed_by_worker, read_errors;
+	uint64_t zeroed_ahead; /* first touches filled ahead of a sequential run (no fault) */
 };
 struct pyhv_eng_stats {
 	struct pyhv_eng_counters c;
@@ -111,6 +112,8 @@ struct pyhv_eng_stats {
 struct pyhv_eng_stats_global {
 	uint64_t sleeps, evict_requests, enomem, send_errors, reads_sent, reads_done;
 	uint64_t reads_taken_back, stray_replies, stray_faults, fault_reads;
+	uint64_t read_rtt_ns;		       /* READs sent to answered, summed (reads_done of them) */
+	uint64_t page_in_waits, page_in_wait_ns; /* faults that waited for a page-in, and how long */
 };
 struct pyhv_eng_pool {
 	uint64_t pages, used, high_water, waiting, reserve, pending, events_lost;

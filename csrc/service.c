@@ -14,8 +14,10 @@
  *
  * Page-ins have a channel of their own, the fast channel (a second
  * SEQPACKET socket, pyhv_svc_fast): the hypervisor's fault engine sends
- * READs there, and one thread serves each where it receives it, with no
- * hand-off to another thread on the path of a fault.
+ * READs there, and FAST_THREADS threads wait on it; each serves the READ it
+ * receives itself, with no hand-off to another thread on the path of a
+ * fault, and several READs (a read-ahead window over scattered slots) are
+ * on the device at once.
  *
  * READ  slot, count; payload count CRC32s, then the first page of the
  *       partition's memory they go to.  pread straight into the memory
@@ -54,6 +56,7 @@
 #define OP_READ 3
 #define OP_WRITE 4
 #define JOBS 16 /* requests the engine holds at once */
+#define FAST_THREADS 4 /* READs on the device at once from the fast channel */
 
 struct svc_stream {
 	int fd; /* the device (owned by Python), -1: not open */
@@ -74,10 +77,11 @@ struct job {
 struct pyhv_svc {
 	int sock;
 	int fast; /* the fast channel (READs only), -1: none */
-	pthread_t fast_thread;
-	/* held by the fast thread while it serves a READ, and by stream_set and
-	 * stream_clear: a stream never changes under a READ */
-	pthread_mutex_t fast_mu;
+	pthread_t fast_threads[FAST_THREADS];
+	/* read-held by a fast thread while it serves a READ, write-held by
+	 * stream_set and stream_clear: a stream never changes under a READ */
+	pthread_rwlock_t fast_lock;
+	int fast_spinning; /* a fast thread polls for the next READ: the others sleep */
 	pthread_mutex_t mu;
 	pthread_cond_t work, idle;
 	struct job *free, *reads, *writes, *writes_tail, *reads_tail;
@@ -330,7 +334,7 @@ struct pyhv_svc *pyhv_svc_new(int sock, int threads, int spin_us)
 		s->free = j;
 	}
 	pthread_mutex_init(&s->mu, NULL);
-	pthread_mutex_init(&s->fast_mu, NULL);
+	pthread_rwlock_init(&s->fast_lock, NULL);
 	pthread_cond_init(&s->work, NULL);
 	pthread_cond_init(&s->idle, NULL);
 	if (threads < 1)
@@ -364,14 +368,14 @@ int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pa
 		munmap(mem, mem_size);
 		return -e;
 	}
-	pthread_mutex_lock(&s->fast_mu);
+	pthread_rwlock_wrlock(&s->fast_lock);
 	st->memfd = dupfd;
 	st->mem = mem;
 	st->mem_pages = mem_size / PG;
 	st->fd = fd;
 	st->pages = pages;
 	st->errors = 0;
-	pthread_mutex_unlock(&s->fast_mu);
+	pthread_rwlock_unlock(&s->fast_lock);
 	return 0;
 }
 
@@ -380,7 +384,7 @@ void pyhv_svc_stream_clear(struct pyhv_svc *s, unsigned stream)
 	if (stream >= PYHV_SVC_MAX_STREAMS)
 		return;
 	struct svc_stream *st = &s->streams[stream];
-	pthread_mutex_lock(&s->fast_mu);
+	pthread_rwlock_wrlock(&s->fast_lock);
 	if (st->mem)
 		munmap(st->mem, st->mem_pages * PG);
 	if (st->memfd >= 0)
@@ -388,7 +392,7 @@ void pyhv_svc_stream_clear(struct pyhv_svc *s, unsigned stream)
 	st->mem = NULL;
 	st->memfd = st->fd = -1;
 	st->pages = st->mem_pages = 0;
-	pthread_mutex_unlock(&s->fast_mu);
+	pthread_rwlock_unlock(&s->fast_lock);
 }
 
 uint64_t pyhv_svc_stream_errors(struct pyhv_svc *s, unsigned stream)
@@ -522,27 +526,38 @@ long pyhv_svc_serve(struct pyhv_svc *s, uint8_t *buf, size_t cap, int *flags_out
 	}
 }
 
-/* The fast channel's thread: receive a READ, serve it here, answer; poll a
- * moment for the next before sleeping.  End-of-file (the hypervisor is
- * gone) ends the thread; the main loop sees the same on the stream socket.
- * Anything but a READ the engine would send is answered EINVAL. */
+/* A fast channel thread: receive a READ, serve it here, answer; the one
+ * that finished last polls a moment for the next before sleeping (one at a
+ * time: several polling threads would take the CPUs from the workers).
+ * End-of-file (the hypervisor is gone) ends the threads; the main loop sees
+ * the same on the stream socket.  Anything but a READ the engine would send
+ * is answered EINVAL. */
 static void *fast_thread(void *arg)
 {
 	struct pyhv_svc *s = arg;
 	struct job j;
 	uint64_t last = 0;
+	int spinning = 0;
 	j.payload = malloc(PYHV_SVC_MAX_FRAME);
 	if (!j.payload || posix_memalign((void **)&j.io, PG, PG))
 		return NULL;
 	for (;;) {
 		struct iovec iov[2] = {{j.hdr, HDR}, {j.payload, PYHV_SVC_MAX_FRAME - HDR}};
 		struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
-		int spin = s->spin_ns && now_ns() - last < s->spin_ns;
+		int spin = s->spin_ns && now_ns() - last < s->spin_ns &&
+			   (spinning || !__atomic_exchange_n(&s->fast_spinning, 1, __ATOMIC_ACQ_REL));
+		if (spinning && !spin)
+			__atomic_store_n(&s->fast_spinning, 0, __ATOMIC_RELEASE);
+		spinning = spin;
 		ssize_t n = recvmsg(s->fast, &m, spin ? MSG_DONTWAIT : 0);
 		if (n < 0 && (errno == EINTR || (errno == EAGAIN && spin))) {
 			if (errno == EAGAIN)
 				sched_yield();
 			continue;
+		}
+		if (spinning) { /* another may poll while this one serves */
+			__atomic_store_n(&s->fast_spinning, 0, __ATOMIC_RELEASE);
+			spinning = 0;
 		}
 		if (n <= 0)
 			break;
@@ -551,12 +566,12 @@ static void *fast_thread(void *arg)
 		memcpy(&h, j.hdr, n < (ssize_t)HDR ? (size_t)n : HDR);
 		if (n < (ssize_t)HDR)
 			break; /* not the hypervisor's engine: stop serving it */
-		pthread_mutex_lock(&s->fast_mu);
+		pthread_rwlock_rdlock(&s->fast_lock);
 		if (h.op == OP_READ && !(m.msg_flags & MSG_TRUNC) && hot(s, &h, (size_t)n - HDR))
 			run_job(s, &j, s->fast);
 		else
 			reply(s->fast, &h, -EINVAL, NULL, 0);
-		pthread_mutex_unlock(&s->fast_mu);
+		pthread_rwlock_unlock(&s->fast_lock);
 	}
 	free(j.payload);
 	free(j.io);
@@ -568,10 +583,10 @@ int pyhv_svc_fast(struct pyhv_svc *s, int sock)
 	if (s->fast >= 0)
 		return -EBUSY;
 	s->fast = sock;
-	int r = pthread_create(&s->fast_thread, NULL, fast_thread, s);
-	if (r) {
-		s->fast = -1;
-		return -r;
+	for (int i = 0; i < FAST_THREADS; i++) {
+		int r = pthread_create(&s->fast_threads[i], NULL, fast_thread, s);
+		if (r)
+			return i ? 0 : -r; /* fewer threads serve as well, only slower */
 	}
 	return 0;
 }

@@ -99,6 +99,7 @@ class Partition:
             "resident_pages": s["resident"],
             "faults": s["faults"],
             "first_touches": s["first_touches"],
+            "zeroed_ahead": s["zeroed_ahead"],
             "page_ins": s["page_ins"],
             "page_outs": s["page_outs"],
             "prefetched": s["prefetched"],
