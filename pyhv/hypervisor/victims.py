@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import heapq
 
-EVICT_AHEAD = 64  # frames kept free ahead of demand once the pool is full (read-ahead takes them)
-WRITE_BATCH = 32  # dirty pages written back together, to neighbouring slots, in one WRITE
+EVICT_AHEAD = 128  # frames kept free ahead of demand once the pool is full (read-ahead takes them)
+WRITE_BATCH = 64  # dirty pages written back together, to neighbouring slots, in one WRITE
 
 
 def reserve(pool_pages: int) -> int:
