@@ -40,7 +40,7 @@ def snapshot(system) -> dict:
 def test_pool_resize_grows_and_shrinks_by_evicting(system):
     system.up(config_text(pool="4MiB", partitions=[("p1", "16MiB")]))
     assert finish(system.workload("p1", "write"))[0] == 0
-    assert system.status()["pool"]["resident_pages"] > 900
+    assert system.status()["pool"]["resident_pages"] > 1024 * 3 // 4  # (128 kept free)
     p = system.pyhv("pool", "resize", "1MiB", "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == {"ok": True, "pages": 256, "old_pages": 1024}
