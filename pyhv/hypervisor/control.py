@@ -20,10 +20,11 @@ import socket
 import struct
 import time
 
-from pyhv import uffd, vcp, wire
+from pyhv import uffd, wire
+from pyhv.hypervisor import vcp
 from pyhv.hypervisor.partition import Partition, Worker
 from pyhv.uffd import PAGE_SIZE
-from pyhv.vcp import Refused
+from pyhv.hypervisor.vcp import Refused
 
 log = logging.getLogger("pyhv.hypervisor")
 

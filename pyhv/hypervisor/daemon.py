@@ -34,7 +34,8 @@ import socket
 import sys
 import time
 
-from pyhv import uffd, vcp, wire
+from pyhv import uffd, wire
+from pyhv.hypervisor import vcp
 from pyhv.config import Config
 from pyhv.hypervisor import victims
 from pyhv.hypervisor.control import ControlRoom
@@ -44,7 +45,7 @@ from pyhv.hypervisor.partition import Partition, Worker
 from pyhv.hypervisor.streams import PagingServices
 from pyhv.stream import ABORTED, COMPLETED, FLOWING, Request, ServiceLink, Stream
 from pyhv.uffd import PAGE_SIZE
-from pyhv.vcp import Refused
+from pyhv.hypervisor.vcp import Refused
 
 log = logging.getLogger("pyhv.hypervisor")
 

@@ -24,7 +24,7 @@ from pyhv.hypervisor import victims
 from pyhv.hypervisor.partition import CLEAN, DIRTY
 from pyhv.uffd import PAGE_SIZE
 
-log = logging.getLogger("pyhv.vcp")
+log = logging.getLogger("pyhv.hypervisor.vcp")
 
 def handlers(hv) -> dict:
     ops = {
