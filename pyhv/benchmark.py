@@ -129,6 +129,23 @@ def _ctxt() -> int:
     return 0
 
 
+def _resident_of(buf) -> int | None:
+    """Bytes of buf's mapping resident now (/proc/self/smaps): how much of
+    the data the kernel holds in memory."""
+    import ctypes
+
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    head = f"{addr:x}-"
+    with open("/proc/self/smaps") as f:
+        found = False
+        for line in f:
+            if line.startswith(head):
+                found = True
+            elif found and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def _pyhv_counters() -> dict:
     from pyhv import wire
 
@@ -208,10 +225,12 @@ def workload_main(argv: list[str]) -> int:
            "maxrss_kib": ru1.ru_maxrss}  # fmt: skip
     if args.mode == "anon":
         out["interpreter_charge_bytes"] = charge
+        out["data_resident_bytes"] = _resident_of(mem)
     if before is not None:
         after = _pyhv_counters()
         out["counters"] = {k: after[k] - before[k] for k in after if k != "resident_pages"}
         out["counters"]["resident_pages"] = after["resident_pages"]
+        out["data_resident_bytes"] = after["resident_pages"] * PAGE
     out["page_ins"] = out["counters"]["page_ins"] if before is not None else out["majflt"]
     out["ctxt_per_miss"] = round(ctxt / out["page_ins"], 2) if out["page_ins"] else None
     out.update(_latency_summary(lat, out["page_ins"]))
@@ -921,6 +940,11 @@ def format_table(result: dict) -> str:
                      f"charged {k['interpreter_charge_bytes'] / MiB:.1f} MiB before the data: "
                      f"~{(lim - k['interpreter_charge_bytes']) / MiB:.1f} MiB for data "
                      f"(pyhv: {p['pool_bytes'] // MiB} MiB pool)")  # fmt: skip
+    y = result["workloads"].get("random", {}).get("pyhv") or {}
+    if k.get("data_resident_bytes") and y.get("data_resident_bytes"):
+        lines.append(f"data in memory at the end of random: kernel swap "
+                     f"{k['data_resident_bytes'] / MiB:.1f} MiB (it swaps the interpreter's "
+                     f"cold pages out too), pyhv {y['data_resident_bytes'] / MiB:.1f} MiB")
     sc = result.get("scale")
     if sc:
         lines.append(f"scale: {sc['memory_bytes'] >> 30} GiB partition, {sc['pool_bytes'] >> 20} "
