@@ -40,6 +40,10 @@
  *   FILLING    being filled (zero page, or READ in flight): faults wait
  *   PAGING_OUT being written back by Python's WRITE: faults wait
  *   ON_DEVICE  in slot[page] only
+ *   POISONED   lost (a machine check): every worker attached then has it
+ *              poisoned; a fault (a worker attached later) fills it with
+ *              zeros, but nothing fills or maps it ahead of a fault: a
+ *              poison marker would be overwritten
  * Every page in FILLING or PAGING_OUT has a `pending` record with its
  * waiters; every resident page (DIRTY, CLEAN) is in exactly one of its
  * partition's victim queues, and holds one frame of the pool, as does every
@@ -75,9 +79,9 @@
 #define GUESS_WRITTEN 0.5  /* past this share of page-ins written soon after, install writable */
 #define GUESS_PROBE 8	   /* ... but one page-in in this many, which keeps measuring */
 #define BUCKETS 16384u	   /* pending pages hash (pages in flight are bounded by the pool) */
-#define MAX_EVENTS 4096	   /* events queued for Python before the oldest are counted lost */
+#define EVENTS 256	   /* room for events queued for Python, to begin with (it grows) */
 
-enum { UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE };
+enum { UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED, NSTATES };
 enum { SLOT_FREE, SLOT_USED, SLOT_BAD };
 enum { SRC_UFFD = 1, SRC_CHAN, SRC_STOP };
 enum { IO_OK, IO_EXISTS, IO_GONE }; /* outcome of an ioctl on a worker's uffd */
@@ -93,6 +97,7 @@ struct frame_hdr { /* wire.HEADER, "<QHBBiIII" */
 	uint32_t crc;
 } __attribute__((packed));
 _Static_assert(sizeof(struct frame_hdr) == HDR, "wire.HEADER");
+_Static_assert(NSTATES == PYHV_ENG_STATES, "page states");
 
 struct eng_worker {
 	int kind; /* SRC_UFFD: first, for epoll dispatch */
@@ -118,6 +123,7 @@ struct pending { /* a page FILLING or PAGING_OUT, and who waits for it */
 	struct waiter *head, **tail;
 	int fill_kind; /* while it waits for a frame: 0 zero fill, 1 page-in */
 	int no_frame;  /* it waits for a frame (in the pool's queue) */
+	int poisoned;  /* a zero fill of a POISONED page: for its waiters only */
 	uint64_t t0;   /* when it began (a fault, a read-ahead or an eviction) */
 	struct pending *wait_next; /* in the pool's queue of faults waiting for a frame */
 };
@@ -193,7 +199,7 @@ struct pyhv_eng {
 	int want_evict; /* Python was told the pool runs low and has not asked since */
 	int notified;	/* notify_fd written since Python last read events */
 	struct pyhv_eng_event *events;
-	int nevents;
+	int nevents, cap_events;
 	uint64_t events_lost;
 	struct pyhv_eng_chan *chans;
 	struct pyhv_eng_part *parts;
@@ -350,9 +356,14 @@ static void notify(struct pyhv_eng *e)
 static void post(struct pyhv_eng *e, uint32_t type, int err, struct pyhv_eng_part *p,
 		 uint64_t page, uint64_t worker)
 {
-	if (e->nevents == MAX_EVENTS) {
-		e->events_lost++;
-		return;
+	if (e->nevents == e->cap_events) { /* Python is behind: more room, never a lost event */
+		struct pyhv_eng_event *v = realloc(e->events, 2 * (size_t)e->cap_events * sizeof(*v));
+		if (!v) {
+			e->events_lost++;
+			return;
+		}
+		e->events = v;
+		e->cap_events *= 2;
 	}
 	struct pyhv_eng_event *ev = &e->events[e->nevents++];
 	ev->type = type;
@@ -378,6 +389,7 @@ static void want_frames(struct pyhv_eng *e)
 /* --- ioctls on a worker's uffd ---------------------------------------------------- */
 
 static void drop_worker(struct pyhv_eng *e, struct eng_worker *w, int err);
+static void wake_pending(struct pyhv_eng *e, struct pending *x);
 
 /* Every ioctl on a worker's range goes through here: EEXIST/EAGAIN are
  * benign (someone resolved it: IO_EXISTS), anything else means the worker is
@@ -415,10 +427,14 @@ static int op_wp(struct pyhv_eng *e, struct eng_worker *w, uint64_t page, uint64
 	return uffd_op(e, w, UFFDIO_WRITEPROTECT, &wp, NULL);
 }
 
+/* Map a zero page into w; present already: woken (IO_EXISTS). */
 static int op_zero(struct pyhv_eng *e, struct eng_worker *w, uint64_t page)
 {
 	struct uffdio_zeropage z = {{w->base + page * PG, PG}, 0, 0};
-	return uffd_op(e, w, UFFDIO_ZEROPAGE, &z, &z.zeropage);
+	int r = uffd_op(e, w, UFFDIO_ZEROPAGE, &z, &z.zeropage);
+	if (r == IO_EXISTS)
+		r = op_wake(e, w, page, 1) == IO_OK ? IO_EXISTS : IO_GONE;
+	return r;
 }
 
 /* Map n pages that are in the memory into w (write-protected if clean);
@@ -504,7 +520,7 @@ static int try_take(struct pyhv_eng *e)
 		e->used++;
 		if (e->used > e->high_water)
 			e->high_water = e->used;
-		if (e->pool_pages - e->used < e->reserve)
+		if (e->used + e->reserve > e->pool_pages)
 			want_frames(e);
 		return 1;
 	}
@@ -528,7 +544,7 @@ static void serve_waiters(struct pyhv_eng *e)
 		x->no_frame = 0;
 		fill(e, x->part, x->page, x->fill_kind);
 	}
-	if (e->wait_head || e->pool_pages - e->used < e->reserve)
+	if (e->wait_head || e->used + e->reserve > e->pool_pages)
 		want_frames(e);
 }
 
@@ -576,7 +592,9 @@ static void install(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page, 
 		if (r != IO_GONE)
 			installer = q->w;
 	}
-	for (int i = 0; i < p->nworkers && !installer;) {
+	/* any other worker (all of them attached after it was lost, or they
+	 * would have been poisoned: their marker must stay) */
+	for (int i = 0; i < p->nworkers && !installer && !(x && x->poisoned);) {
 		struct eng_worker *w = p->workers[i];
 		int r = read ? op_map(e, w, page, 1, clean) : op_zero(e, w, page);
 		if (r != IO_GONE)
@@ -585,7 +603,7 @@ static void install(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page, 
 			i++; /* (a dropped worker's place is taken by the last) */
 	}
 	if (!installer) { /* nobody left to map it into: it stays where it was */
-		p->state[page] = read ? ON_DEVICE : UNTOUCHED;
+		p->state[page] = read ? ON_DEVICE : x && x->poisoned ? POISONED : UNTOUCHED;
 		if (read)
 			fallocate(p->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 				  (off_t)(page * PG), PG);
@@ -735,9 +753,13 @@ static void pump(struct pyhv_eng *e, struct pyhv_eng_part *p)
 static void page_in_run(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint32_t n)
 {
 	struct rreq *r = calloc(1, sizeof(*r));
-	if (!r) { /* cannot even queue it: the page is lost to this fault; say so */
+	if (!r) { /* no memory to ask for them: they stay on the device, their faults retry */
 		e->g.enomem++;
-		post(e, PYHV_EV_READ_FAILED, ENOMEM, p, first, 0);
+		for (uint32_t k = 0; k < n; k++) {
+			p->state[first + k] = ON_DEVICE;
+			wake_pending(e, pending_take(e, p, first + k));
+		}
+		release_frames(e, n);
 		return;
 	}
 	r->id = ++e->next_id;
@@ -835,9 +857,39 @@ static void fill(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page, int
 		install(e, p, page, 0, 0);
 }
 
-static void read_done(struct pyhv_eng *e, struct rreq *r, int status)
+/* The service refused a READ it should have served (the stream is not open
+ * there, the request malformed): that is the service failing, not the page.
+ * The READ goes back to the front of its queue, the channel is no longer
+ * used, and Python fails the service over (the other READs in flight there
+ * come back with pyhv_eng_chan_remove). */
+static int service_fault(int status)
+{
+	return status == -EINVAL || status == -EBADF || status == -EOPNOTSUPP ||
+	       status == -EMSGSIZE || status == -EPROTO;
+}
+
+static void chan_failed(struct pyhv_eng *e, struct pyhv_eng_chan *ch, int err)
+{
+	if (ch->dead)
+		return;
+	ch->dead = 1;
+	epoll_ctl(e->ep, EPOLL_CTL_DEL, ch->sock, NULL);
+	post(e, PYHV_EV_CHAN_CLOSED, err, NULL, 0, ch->id);
+}
+
+static void read_done(struct pyhv_eng *e, struct pyhv_eng_chan *ch, struct rreq *r, int status)
 {
 	struct pyhv_eng_part *p = r->part;
+	if (service_fault(status)) {
+		e->g.reads_refused++;
+		r->next = p->qhead;
+		p->qhead = r;
+		if (!p->qtail)
+			p->qtail = r;
+		p->queued++;
+		chan_failed(e, ch, -status);
+		return;
+	}
 	if (status == 0) {
 		p->c.page_ins += r->n;
 		install_read(e, p, r->first, r->n);
@@ -881,9 +933,7 @@ static void chan_readable(struct pyhv_eng *e, struct pyhv_eng_chan *ch)
 		if (n < 0 && errno == EAGAIN)
 			return;
 		if (n < (ssize_t)HDR) { /* end-of-file, or garbage: the service failed */
-			ch->dead = 1;
-			epoll_ctl(e->ep, EPOLL_CTL_DEL, ch->sock, NULL);
-			post(e, PYHV_EV_CHAN_CLOSED, n < 0 ? errno : 0, NULL, 0, ch->id);
+			chan_failed(e, ch, n < 0 ? errno : 0);
 			return;
 		}
 		struct rreq *r = ch->head;
@@ -896,7 +946,9 @@ static void chan_readable(struct pyhv_eng *e, struct pyhv_eng_chan *ch)
 		unlink_inflight(r);
 		e->g.reads_done++;
 		e->g.read_rtt_ns += now_ns() - r->sent_ns;
-		read_done(e, r, h.status);
+		read_done(e, ch, r, h.status);
+		if (ch->dead)
+			return;
 	}
 }
 
@@ -931,7 +983,7 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 		return;
 	}
 	int write = (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
-	if (st == UNTOUCHED || st == ON_DEVICE) {
+	if (st == UNTOUCHED || st == ON_DEVICE || st == POISONED) {
 		struct pending *x = pending_new(e, p, page);
 		if (!x || add_waiter(x, w, write)) {
 			pending_free(e, x ? pending_take(e, p, page) : NULL);
@@ -939,6 +991,7 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 			op_wake(e, w, page, 1); /* it faults again: no state changed */
 			return;
 		}
+		x->poisoned = st == POISONED;
 		p->state[page] = FILLING;
 		int read = st == ON_DEVICE;
 		if (!read)
@@ -950,7 +1003,7 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 					prefetch(e, p, page + 1);
 				else
 					p->readahead = PREFETCH_MIN;
-			} else if (w->alive) {
+			} else if (w->alive && st == UNTOUCHED) {
 				if ((int64_t)page == p->last_first_touch + 1 ||
 				    (int64_t)page == p->zero_ahead_end)
 					zero_ahead(e, p, w, page + 1);
@@ -1014,6 +1067,10 @@ static void uffd_readable(struct pyhv_eng *e, struct eng_worker *w)
 
 /* --- workers ------------------------------------------------------------------------- */
 
+/* The engine stops serving the worker.  Its uffd stays open (and its
+ * memory registered): a process that lives on cannot touch the memory
+ * unguarded, its faults just wait, until Python has it gone and removes it
+ * (pyhv_eng_worker_remove closes the uffd). */
 static void forget_worker(struct pyhv_eng *e, struct eng_worker *w)
 {
 	struct pyhv_eng_part *p = w->part;
@@ -1022,9 +1079,8 @@ static void forget_worker(struct pyhv_eng *e, struct eng_worker *w)
 			p->workers[i] = p->workers[--p->nworkers];
 			break;
 		}
-	epoll_ctl(e->ep, EPOLL_CTL_DEL, w->uffd, NULL);
-	close(w->uffd);
-	w->uffd = -1;
+	if (w->alive)
+		epoll_ctl(e->ep, EPOLL_CTL_DEL, w->uffd, NULL);
 	w->alive = 0;
 }
 
@@ -1101,8 +1157,11 @@ void pyhv_eng_worker_remove(struct pyhv_eng *e, struct pyhv_eng_worker *handle)
 {
 	struct eng_worker *w = (struct eng_worker *)handle;
 	pthread_mutex_lock(&e->mu);
-	if (w->alive)
-		forget_worker(e, w);
+	forget_worker(e, w);
+	if (w->uffd >= 0) {
+		close(w->uffd);
+		w->uffd = -1;
+	}
 	worker_put(e, w);
 	pthread_mutex_unlock(&e->mu);
 }
@@ -1174,7 +1233,8 @@ struct pyhv_eng *pyhv_eng_new(uint64_t pool_pages, uint64_t reserve, int spin_us
 		return NULL;
 	e->ep = e->stop_fd = e->notify_fd = -1;
 	e->buckets = calloc(BUCKETS, sizeof(*e->buckets));
-	e->events = calloc(MAX_EVENTS, sizeof(*e->events));
+	e->events = calloc(EVENTS, sizeof(*e->events));
+	e->cap_events = EVENTS;
 	if (!e->buckets || !e->events)
 		goto fail;
 	e->ep = epoll_create1(EPOLL_CLOEXEC);
@@ -1232,8 +1292,12 @@ void pyhv_eng_free(struct pyhv_eng *e)
 	}
 	while (e->parts) {
 		struct pyhv_eng_part *p = e->parts;
-		while (p->nworkers) /* (their structs are Python's to remove, or leak at exit) */
-			forget_worker(e, p->workers[0]);
+		while (p->nworkers) { /* (their structs are Python's to remove, or leak at exit) */
+			struct eng_worker *w = p->workers[0];
+			forget_worker(e, w);
+			close(w->uffd);
+			w->uffd = -1;
+		}
 		part_release(e, p);
 	}
 	bury(e);
@@ -1437,13 +1501,13 @@ void pyhv_eng_part_load(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t *o
 	pthread_mutex_unlock(&e->mu);
 }
 
-/* How many pages are in each state (out[6], by state number). */
+/* How many pages are in each state (out[PYHV_ENG_STATES], by state number). */
 void pyhv_eng_state_counts(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t *out)
 {
-	memset(out, 0, 6 * sizeof(*out));
+	memset(out, 0, NSTATES * sizeof(*out));
 	pthread_mutex_lock(&e->mu);
 	for (uint64_t i = 0; i < p->pages; i++)
-		out[p->state[i] < 6 ? p->state[i] : 0]++;
+		out[p->state[i] < NSTATES ? p->state[i] : 0]++;
 	pthread_mutex_unlock(&e->mu);
 }
 
@@ -1790,7 +1854,7 @@ int64_t pyhv_eng_poison(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t pa
 			i++;
 	}
 	pending_free(e, x);
-	p->state[page] = UNTOUCHED;
+	p->state[page] = POISONED;
 	int64_t slot = (int64_t)p->slot[page] - 1;
 	release_slot(p, page);
 	release_frames(e, 1);

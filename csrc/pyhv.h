@@ -90,6 +90,7 @@ struct pyhv_eng_chan;
 #define PYHV_EV_READ_FAILED 1 /* page of stream could not be read (err): a machine check */
 #define PYHV_EV_WORKER_GONE 2 /* worker's uffd failed (err) or its process is gone */
 #define PYHV_EV_CHAN_CLOSED 3 /* a fast channel reached end-of-file (worker: its id) */
+#define PYHV_ENG_STATES 7 /* page states (csrc/engine.c), pyhv_eng_state_counts' out[] */
 struct pyhv_eng_event {
 	uint32_t type;
 	int32_t err;
@@ -114,6 +115,7 @@ struct pyhv_eng_stats_global {
 	uint64_t reads_taken_back, stray_replies, stray_faults, fault_reads;
 	uint64_t read_rtt_ns;		       /* READs sent to answered, summed (reads_done of them) */
 	uint64_t page_in_waits, page_in_wait_ns; /* faults that waited for a page-in, and how long */
+	uint64_t reads_refused; /* READs a service refused (EINVAL...): failed over, not lost */
 };
 struct pyhv_eng_pool {
 	uint64_t pages, used, high_water, waiting, reserve, pending, events_lost;

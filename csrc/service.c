@@ -357,7 +357,6 @@ int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pa
 	/* called between serve() calls: no job runs */
 	if (stream >= PYHV_SVC_MAX_STREAMS)
 		return -EINVAL;
-	pyhv_svc_stream_clear(s, stream);
 	struct svc_stream *st = &s->streams[stream];
 	void *mem = mmap(NULL, mem_size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
 	if (mem == MAP_FAILED)
@@ -368,7 +367,13 @@ int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pa
 		munmap(mem, mem_size);
 		return -e;
 	}
+	/* the old stream (a reopen) goes and the new one comes under one hold of
+	 * the lock: a READ sees one or the other, never a stream half set */
 	pthread_rwlock_wrlock(&s->fast_lock);
+	if (st->mem)
+		munmap(st->mem, st->mem_pages * PG);
+	if (st->memfd >= 0)
+		close(st->memfd);
 	st->memfd = dupfd;
 	st->mem = mem;
 	st->mem_pages = mem_size / PG;

@@ -109,14 +109,16 @@ class PagingService:
         if len(fds) != 1:
             raise OSError(errno.EINVAL, "OPEN carries the partition's memory as one fd")
         spec = json.loads(bytes(self.view[:payload]))
-        self.op_close(stream, slot, count, payload, [])
         dev = PagingDevice(spec["id"], spec["path"], spec["kind"], spec["size"], spec["direct"])
         dev.open()
-        try:
+        try:  # (a stream opened again is replaced at once: a READ never finds it closed)
             self.engine.stream_set(stream, dev.fd, dev.pages, fds[0], int(spec["memory"]))
         except OSError:
             dev.close()
             raise
+        old = self.streams.pop(stream, None)
+        if old is not None:
+            old.close()
         self.streams[stream] = dev
         log.info("paging service %s: stream %d opened device %s (%s %s, %d pages)", self.name,
                  stream, dev.id, dev.kind, dev.path, dev.pages)  # fmt: skip

@@ -291,7 +291,7 @@ class Engine:
                 "removed_by_worker", "read_errors", "zeroed_ahead")  # fmt: skip
     GLOBAL = ("sleeps", "evict_requests", "enomem", "send_errors", "reads_sent", "reads_done",
               "reads_taken_back", "stray_replies", "stray_faults", "fault_reads", "read_rtt_ns",
-              "page_in_waits", "page_in_wait_ns")  # fmt: skip
+              "page_in_waits", "page_in_wait_ns", "reads_refused")  # fmt: skip
 
     def __init__(self, pool_pages: int, reserve: int, spin_us: int):
         err = ffi.new("int *")
@@ -303,7 +303,7 @@ class Engine:
         self._events = ffi.new("struct pyhv_eng_event[]", 256)
         self._pool = ffi.new("struct pyhv_eng_pool *")
         self._stats = ffi.new("struct pyhv_eng_stats *")
-        self._counts = ffi.new("uint64_t[]", 6)
+        self._counts = ffi.new("uint64_t[]", lib.PYHV_ENG_STATES)
         self._first = ffi.new("uint32_t *")
         self._nclean = ffi.new("uint32_t *")
         self._touched = ffi.new("uint64_t[]", 64)

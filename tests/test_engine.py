@@ -6,6 +6,7 @@ the work."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import textwrap
@@ -117,10 +118,9 @@ def test_a_failover_with_the_engines_page_ins_in_flight_loses_none(system):
     system.up(config_text(pool="2MiB", partitions=[("p1", "32MiB")], services=TWO, paging=TWO,
                           service_extra="timeout = 1\n"))  # fmt: skip
     assert finish(system.workload("p1", "write", "--generation", "7"))[0] == 0
-    reader = system.workload("p1", "verify", "--generation", "7", "--random")
-    system.wait_for(lambda st: st["partitions"][0]["page_ins"] > 200, "page-ins under way")
     hung = _service_pid(system)
-    os.kill(hung, signal.SIGSTOP)  # READs in flight on its fast channel stay unanswered
+    os.kill(hung, signal.SIGSTOP)  # the reader's READs on its fast channel stay unanswered
+    reader = system.workload("p1", "verify", "--generation", "7", "--random")
     rc, out, err = finish(reader, timeout=120)
     assert rc == 0, err
     assert reports(out)[0]["mismatches"] == 0
@@ -130,3 +130,72 @@ def test_a_failover_with_the_engines_page_ins_in_flight_loses_none(system):
     assert svc2["streams"][0]["state"] == "RESUMED"
     assert st["pool"]["engine"]["reads_taken_back"] >= 1  # it had READs in flight, resent
     _quiet_pool_is_consistent(st)
+
+
+WRITE_PAGES = textwrap.dedent("""
+    import sys, pyhv
+    from pyhv.pattern import page_pattern
+    m = pyhv.attach()
+    for page in [50] + list(range(200, 1000)):  # page 50, then enough to evict it
+        m[page * 4096:(page + 1) * 4096] = page_pattern("p1", page, 1)
+""")
+
+# Attached before page 50 is lost (so it is poisoned there too), then it
+# fills pages 48 and 49 for the first time -- a sequential run of first
+# touches, which zero-fills ahead -- and reads page 50: a machine check.
+BYSTANDER = textwrap.dedent("""
+    import os, sys, time, pyhv
+    m = pyhv.attach()
+    print("attached", flush=True)
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.01)
+    m[48 * 4096] = 1
+    m[49 * 4096] = 1
+    print("read", m[50 * 4096], flush=True)
+""")
+
+
+def test_a_lost_page_stays_poisoned_for_workers_attached_before_it_was_lost(system):
+    """Zero-fill ahead (or read-ahead) never maps over a poison marker: a
+    worker that was attached when the page was lost gets its machine check,
+    never zeros."""
+    system.up(config_text(pool="1MiB", partitions=[("p1", "8MiB")]))
+    assert finish(system.run("p1", PY, "-c", WRITE_PAGES))[0] == 0
+    assert system.pyhv("inject", "corrupt", "--partition", "p1", "--pages", "50").returncode == 0
+    go = system.run_dir / "go"
+    bystander = system.run("p1", PY, "-c", BYSTANDER, str(go))
+    assert bystander.stdout.readline().strip() == "attached"
+    rc, out, err = finish(system.run("p1", PY, "-c", READ_PAGE, "50"))
+    assert rc == 128 + signal.SIGBUS and "machine check" in err, (rc, out, err)
+    go.touch()
+    rc, out, err = finish(bystander)
+    assert rc == 128 + signal.SIGBUS and "read" not in out, (rc, out, err)
+    assert system.partition("p1")["pages_by_state"].get("poisoned") == 1
+    # a worker attached after the loss reads it as a zero page
+    rc, out, err = finish(system.run("p1", PY, "-c", "import pyhv; m = pyhv.attach(); "
+                                     "print(m[50 * 4096:51 * 4096] == bytes(4096))"))  # fmt: skip
+    assert rc == 0 and out.strip() == "True", err
+
+
+def test_switches_while_the_active_service_hangs_lose_no_page(system):
+    """A switch whose current service hangs meets the failover that fences
+    it: the stream is opened once where it goes, no page-in is refused for
+    a stream half open, no page becomes a machine check."""
+    system.up(config_text(pool="2MiB", partitions=[("p1", "32MiB")], services=TWO, paging=TWO,
+                          service_extra="timeout = 1\n"))  # fmt: skip
+    assert finish(system.workload("p1", "write", "--generation", "3"))[0] == 0
+    readers = [system.workload("p1", "verify", "--generation", "3", "--random", "--seed", str(i))
+               for i in range(2)]  # fmt: skip
+    for _ in range(4):
+        st = system.status()
+        active = st["partitions"][0]["service"]
+        os.kill(_service_pid(system, active), signal.SIGSTOP)
+        r = system.pyhv("service", "switch", "p1", "--json")
+        assert r.returncode == 0, r.stderr
+        assert system.partition("p1")["stream"] == "RESUMED"
+        assert system.pyhv("service", "start", active).returncode == 0
+    for p in readers:
+        rc, out, err = finish(p, timeout=120)
+        assert rc == 0, err
+    assert json.loads(system.pyhv("errors", "--json").stdout)["errors"] == []
+    _quiet_pool_is_consistent(system.status())

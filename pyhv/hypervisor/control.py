@@ -16,6 +16,7 @@ import collections
 import logging
 import os
 import selectors
+import signal
 import socket
 import struct
 import time
@@ -111,6 +112,21 @@ def prove_uffd(fd: int, pid: int, base: int, part: Partition) -> None:
                                  f"{base:#x}: {e.strerror}") from None  # fmt: skip
     if ioctls & uffd.RANGE_IOCTLS != uffd.RANGE_IOCTLS:
         raise wire.ProtocolError("its userfaultfd cannot resolve faults on the partition's memory")
+
+
+def maps_range(pid: int, base: int, size: int) -> bool:
+    """Does process pid map anything in [base, base+size)?  (False if it is gone.)"""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                lo, hi = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
+                if lo >= base + size:
+                    return False
+                if hi > base:
+                    return True
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 class ControlRoom:
@@ -374,24 +390,47 @@ class ControlRoom:
         except OSError as e:
             raise wire.ProtocolError(f"its userfaultfd failed at once: {e.strerror}") from None
         fds.pop()  # the engine's now: it closes it when the worker goes
+        w.base = base
         log.info("partition %s: worker %d (pid %d) attached", w.partition.name, w.id, w.pid)
         return {"ok": True}, ()
 
-    def _drop_worker(self, w: Worker, why: str = "gone") -> None:
+    def _drop_worker(self, w: Worker, why: str = "gone", kill: bool = False) -> None:
+        """The worker is done with (its connection closed, its uffd failed,
+        shutdown).  kill: its process lives on with a broken uffd; it is
+        killed, for it must not touch the memory unguarded.  The engine keeps
+        its uffd registered until the process is gone (its pidfd turns
+        readable): a fault of a process still running waits, never reads a
+        hole of the memfd or writes a page behind the hypervisor's back."""
         if not w.alive:
             return
         w.alive = False
         part = w.partition
         part.workers.pop(w.id, None)
         self.workers_by_id.pop(w.id, None)
+        if kill and w.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(w.pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+        self._close_conn(w.conn)
+        log.info("partition %s: worker %d (pid %d) detached: %s", part.name, w.id, w.pid, why)
+        if w.eng is not None and w.pidfd >= 0 and maps_range(w.pid, w.base, part.cfg.memory):
+            self.sel.register(w.pidfd, selectors.EVENT_READ, lambda m, w=w: self._worker_gone(w))
+        else:  # gone, or it unmapped the memory (a detach): nothing left to guard
+            self._worker_gone(w)
+
+    def _worker_gone(self, w: Worker) -> None:
+        """Its process has exited: the engine lets its uffd go."""
+        if w.pidfd >= 0:
+            try:
+                self.sel.unregister(w.pidfd)
+            except (KeyError, ValueError):
+                pass
+            os.close(w.pidfd)
+            w.pidfd = -1
         if w.eng is not None:
             self.engine.worker_remove(w.eng)  # (it closes the uffd)
             w.eng = None
-        if w.pidfd >= 0:
-            os.close(w.pidfd)
-            w.pidfd = -1
-        self._close_conn(w.conn)
-        log.info("partition %s: worker %d (pid %d) detached: %s", part.name, w.id, w.pid, why)
 
     def op_slots(self, conn, msg, fds):
         """Where a partition's pages are on its device (for fault injection)."""

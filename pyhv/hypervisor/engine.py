@@ -43,8 +43,9 @@ class EngineSide:
                     self._page_in_failed(part, page, err or errno.EIO)
             elif kind == uffd.Engine.WORKER_GONE:
                 w = self.workers_by_id.get(worker)
-                if w is not None:
-                    self._drop_worker(w, f"its memory is gone ({errno.errorcode.get(err, err)})")
+                if w is not None:  # ESRCH, ENOENT: it exits, or unmapped the memory
+                    self._drop_worker(w, f"its uffd failed ({errno.errorcode.get(err, err)})",
+                                      kill=err not in (errno.ESRCH, errno.ENOENT))  # fmt: skip
             elif kind == uffd.Engine.CHAN_CLOSED:
                 for svc in self.services.values():
                     if svc.chan is not None and svc.chan_id == worker:

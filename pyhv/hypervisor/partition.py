@@ -20,8 +20,8 @@ from pyhv.stream import Stream
 from pyhv.uffd import PAGE_SIZE
 
 # Page states, as the engine keeps them (csrc/engine.c says what each means).
-UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE = range(6)
-STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device")
+UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED = range(7)
+STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device", "poisoned")
 SLOT_FREE, SLOT_USED, SLOT_BAD = 0, 1, 2  # the engine's slot map
 
 
@@ -31,7 +31,7 @@ class Worker:
     a pidfd for signals, its control connection, and once it registered its
     userfaultfd, the engine's handle of it (the engine owns the uffd)."""
 
-    __slots__ = ("id", "pid", "pidfd", "partition", "conn", "eng", "alive")
+    __slots__ = ("id", "pid", "pidfd", "partition", "conn", "eng", "alive", "base")
 
     def __init__(self, wid: int, pid: int, partition: "Partition", conn):
         self.id = wid
@@ -41,6 +41,7 @@ class Worker:
         self.pidfd = -1
         self.eng = None
         self.alive = True
+        self.base = 0  # where it maps the memory
 
 
 def device_spec(dev) -> dict:

@@ -278,15 +278,27 @@ def service_switch(hv, conn, msg):
         raise Refused(f"paging service {other.name!r} is {other.state}")
 
     def moved():
-        if not other.running:  # it went away meanwhile: the stream goes where it can
-            hv.place(stream)
-            hv.reply(conn, {"ok": False, "refused": True, "error": f"paging service "
-                            f"{other.name!r} went away during the switch"})  # fmt: skip
-            return
-        hv.bind(stream, other)
-        hv.after(lambda: stream.state in ("RESUMED", "ABORTED"), lambda: hv.reply(conn, {
+        if stream.service is None:  # suspended on `current`: it goes to `other` now
+            if not other.running:  # it went away meanwhile: the stream goes where it can
+                hv.place(stream)
+                hv.reply(conn, {"ok": False, "refused": True, "error": f"paging service "
+                                f"{other.name!r} went away during the switch"})  # fmt: skip
+                return
+            hv.bind(stream, other)
+        # (else `current` failed during the switch, and the stream failed over
+        # already: it is bound, and opens, where the failover put it)
+
+        def settled() -> bool:  # open and flowing, or with nowhere to go
+            return stream.state == "RESUMED" or (stream.state == "ABORTED"
+                                                 and stream.service is None)  # fmt: skip
+
+        hv.after(settled, lambda: hv.reply(conn, {
             "ok": stream.state == "RESUMED", "partition": part.name, "from": current.name,
-            "to": other.name, "state": stream.state}))  # fmt: skip
+            "to": stream.service.name if stream.service else other.name,
+            "state": stream.state,
+            **({} if stream.state == "RESUMED" else
+               {"error": f"partition {part.name!r}: no paging service could take its stream"})}))
+
 
     hv.suspend(stream, "SUSPENDED", moved)
     return None
