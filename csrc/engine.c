@@ -74,6 +74,13 @@
 #define HDR 28u		   /* wire.HEADER.size */
 #define OP_READ 3	   /* wire.OP_READ */
 #define EPOCHS 4	   /* eviction epochs in a pool-full of evictions */
+/* Reference tracking by writes (a user-space pager sees no accessed bit):
+ * a page at the head of a queue the first time is armed (write-protected:
+ * its next write faults) and goes round once more; written meanwhile, it is
+ * in use (SEEN). */
+#define REF_TESTED 1 /* it has been armed once since it was installed */
+#define REF_SEEN 2   /* written since it was armed */
+#define REF_ARMED 4  /* write-protected for this: its next write is a WP fault */
 #define PREFETCH_MIN 8	   /* read-ahead window: first */
 #define PREFETCH_MAX 64	   /* ... and largest */
 #define GUESS_WRITTEN 0.5  /* past this share of page-ins written soon after, install writable */
@@ -160,6 +167,7 @@ struct pyhv_eng_part {
 	uint32_t *slot; /* slot + 1; 0: none (so that calloc'd memory stays untouched) */
 	uint32_t *crc;
 	uint8_t *stamp; /* 1 + eviction epoch % 255 at the page's last eviction; 0: never */
+	uint8_t *ref;	/* REF_*: whether a resident page was written since it was last looked at */
 	uint8_t *slot_map;
 	uint64_t slot_cursor;
 	int memfd;
@@ -495,6 +503,7 @@ static uint32_t install_clean(struct pyhv_eng_part *p, uint32_t n)
 static void enqueue(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page)
 {
 	uint8_t st = p->stamp[page];
+	p->ref[page] = 0;
 	if (st && (e->epoch + 255 - (st - 1)) % 255 < EPOCHS) {
 		p->c.refaults++;
 		if (ring_push(&p->active, (uint32_t)page) == 0)
@@ -776,6 +785,14 @@ static void page_in_run(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t fi
 	pump(e, p);
 }
 
+/* A window ahead must be used before eviction takes it back: at most a
+ * sixteenth of the pool. */
+static uint32_t ahead_window(struct pyhv_eng *e, uint32_t want)
+{
+	uint64_t most = e->pool_pages / 16 ? e->pool_pages / 16 : 1;
+	return want < most ? want : (uint32_t)most;
+}
+
 /* A sequential run of page-ins: read the next pages on the device too,
  * while the worker handles this one, in one READ per run of slots that
  * follow each other (several in flight when they are scattered).  The
@@ -785,7 +802,7 @@ static void prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first
 {
 	if (!p->chan || !p->flowing)
 		return;
-	uint64_t end = first + p->readahead;
+	uint64_t end = first + ahead_window(e, p->readahead);
 	if (end > p->pages)
 		end = p->pages;
 	p->readahead = p->readahead * 2 > PREFETCH_MAX ? PREFETCH_MAX : p->readahead * 2;
@@ -822,7 +839,7 @@ static void prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first
 static void zero_ahead(struct pyhv_eng *e, struct pyhv_eng_part *p, struct eng_worker *w,
 		       uint64_t first)
 {
-	uint64_t end = first + p->zero_ahead, n = 0;
+	uint64_t end = first + ahead_window(e, p->zero_ahead), n = 0;
 	if (end > p->pages)
 		end = p->pages;
 	p->zero_ahead = p->zero_ahead * 2 > PREFETCH_MAX ? PREFETCH_MAX : p->zero_ahead * 2;
@@ -966,6 +983,10 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 	p->c.faults++;
 	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
 		p->c.wp_faults++;
+		if ((st == CLEAN || st == DIRTY) && (p->ref[page] & REF_ARMED)) {
+			p->ref[page] = (p->ref[page] & ~REF_ARMED) | REF_SEEN; /* in use */
+			p->c.write_refs++;
+		}
 		if (st == CLEAN || st == DIRTY) {
 			if (st == CLEAN) { /* its copy on the device is stale from now on */
 				release_slot(p, page);
@@ -1385,12 +1406,14 @@ struct pyhv_eng_part *pyhv_eng_part_new(struct pyhv_eng *e, uint32_t stream, uin
 	p->slot = calloc(pages, sizeof(*p->slot));
 	p->crc = calloc(pages, sizeof(*p->crc));
 	p->stamp = calloc(pages, 1);
+	p->ref = calloc(pages, 1);
 	p->slot_map = calloc(slots ? slots : 1, 1);
-	if (!p->state || !p->slot || !p->crc || !p->stamp || !p->slot_map) {
+	if (!p->state || !p->slot || !p->crc || !p->stamp || !p->ref || !p->slot_map) {
 		free(p->state);
 		free(p->slot);
 		free(p->crc);
 		free(p->stamp);
+		free(p->ref);
 		free(p->slot_map);
 		free(p);
 		return NULL;
@@ -1462,6 +1485,7 @@ static void part_release(struct pyhv_eng *e, struct pyhv_eng_part *p)
 	free(p->slot);
 	free(p->crc);
 	free(p->stamp);
+	free(p->ref);
 	free(p->slot_map);
 	free(p);
 }
@@ -1487,7 +1511,7 @@ void pyhv_eng_part_stats(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyh
 	out->reads_queued = p->queued;
 	out->pending = p->pending;
 	out->written_share = p->written_share;
-	out->metadata_bytes = p->pages * (1 + 4 + 4 + 1) + p->slots;
+	out->metadata_bytes = p->pages * (1 + 4 + 4 + 1 + 1) + p->slots;
 	pthread_mutex_unlock(&e->mu);
 }
 
@@ -1656,6 +1680,39 @@ static int cmp_u32(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
+/* Look at a page for reference tracking: its next write will be seen.  A
+ * clean page is write-protected already; a dirty one is collected, and
+ * arm_pages write-protects them all. */
+static void arm_page(struct pyhv_eng_part *p, struct ring *arm, uint32_t page)
+{
+	int was_armed = p->ref[page] & REF_ARMED;
+	p->ref[page] = REF_TESTED | REF_ARMED;
+	if (p->state[page] == DIRTY && !was_armed)
+		ring_push(arm, page); /* (no memory: it just is not seen) */
+}
+
+static void arm_pages(struct pyhv_eng *e, struct pyhv_eng_part *p, struct ring *arm)
+{
+	if (arm->count) {
+		uint32_t *v = arm->v; /* (pushed into a fresh ring: head 0, in order) */
+		qsort(v, arm->count, sizeof(*v), cmp_u32);
+		for (int i = 0; i < p->nworkers;) {
+			struct eng_worker *w = p->workers[i];
+			for (uint64_t a = 0; a < arm->count && w->alive;) {
+				uint64_t b = a + 1;
+				while (b < arm->count && v[b] == v[b - 1] + 1)
+					b++;
+				op_wp(e, w, v[a], b - a, 1, 0);
+				a = b;
+			}
+			if (w->alive)
+				i++;
+		}
+		p->c.armed += arm->count;
+	}
+	ring_free(arm);
+}
+
 /* Up to n victims of the partition (2Q: the oldest inactive page; the
  * oldest active pages go back to the inactive queue, for a second round,
  * whenever they are more than 3/4 of what is resident), write-protected in
@@ -1673,16 +1730,50 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 		return -ENOMEM;
 	pthread_mutex_lock(&e->mu);
 	uint32_t k = 0;
-	uint64_t looks = p->inactive.count + p->active.count;
-	while (k < n && looks--) {
-		if (p->active.count && (p->active.count > p->resident * 3 / 4 || !p->inactive.count))
-			ring_push(&p->inactive, ring_pop(&p->active)); /* demoted: a second round */
-		if (!p->inactive.count)
+	uint64_t queued = p->inactive.count + p->active.count;
+	uint64_t looks = 3 * queued + n; /* a page is looked at up to three times */
+	/* Pages armed for the first time in one call: twice the victims wanted.
+	 * Past that, the pages at the head go as they come: a sweep of the whole
+	 * queue would arm pages not used yet at all (filled ahead of a
+	 * sequential run), whose first use would then look like a reuse. */
+	uint64_t first_looks = 2 * (uint64_t)n;
+	struct ring arm = {0}; /* dirty pages to write-protect for reference tracking */
+	while (k < n && looks) {
+		/* active pages go back to the inactive queue when more than 3/4 of
+		 * what is resident, but for those written since last looked at */
+		while (looks && p->active.count &&
+		       (p->active.count > p->resident * 3 / 4 || !p->inactive.count)) {
+			looks--;
+			uint32_t q = ring_pop(&p->active);
+			if ((p->ref[q] & REF_SEEN) || (!(p->ref[q] & REF_TESTED) && first_looks)) {
+				if (!(p->ref[q] & REF_TESTED))
+					first_looks--;
+				arm_page(p, &arm, q);
+				ring_push(&p->active, q);
+				continue;
+			}
+			ring_push(&p->inactive, q); /* demoted: a second round (it is armed) */
 			break;
+		}
+		if (!p->inactive.count || !looks)
+			break;
+		looks--;
 		uint32_t page = ring_pop(&p->inactive);
 		uint8_t st = p->state[page];
 		if (st != CLEAN && st != DIRTY)
 			continue; /* (cannot be: a resident page is in one queue) */
+		if (!(p->ref[page] & REF_TESTED) && first_looks) { /* armed, one more round */
+			first_looks--;
+			arm_page(p, &arm, page);
+			ring_push(&p->inactive, page);
+			continue;
+		}
+		if (p->ref[page] & REF_SEEN) { /* written since: in use, to the active queue */
+			arm_page(p, &arm, page);
+			ring_push(&p->active, page);
+			p->c.promoted++;
+			continue;
+		}
 		if (st == DIRTY && !allow_dirty) {
 			ring_push(&p->inactive, page);
 			continue;
@@ -1690,6 +1781,7 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 		p->resident--;
 		chosen[k++] = page;
 	}
+	arm_pages(e, p, &arm);
 	qsort(chosen, k, sizeof(*chosen), cmp_u32);
 	for (int i = 0; i < p->nworkers;) {
 		struct eng_worker *w = p->workers[i];
@@ -1816,6 +1908,7 @@ int64_t pyhv_eng_write_failed(struct pyhv_eng *e, struct pyhv_eng_part *p, uint3
 	}
 	p->state[page] = DIRTY;
 	p->resident++;
+	p->ref[page] = 0;
 	if (ring_push(&p->inactive, page))
 		e->g.enomem++;
 	wake_pending(e, pending_take(e, p, page));

@@ -103,6 +103,8 @@ struct pyhv_eng_counters { /* per partition, counted by the engine */
 	uint64_t faults, first_touches, page_ins, page_outs, prefetched, clean_drops, refaults;
 	uint64_t wp_faults, minor_faults, installed_writable, removed_by_worker, read_errors;
 	uint64_t zeroed_ahead; /* first touches filled ahead of a sequential run (no fault) */
+	uint64_t armed, write_refs, promoted; /* reference tracking: pages armed, seen written,
+						 and moved to the active queue for it */
 };
 struct pyhv_eng_stats {
 	struct pyhv_eng_counters c;

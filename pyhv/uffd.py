@@ -288,7 +288,8 @@ class Engine:
     CHAN_CLOSED = lib.PYHV_EV_CHAN_CLOSED
     COUNTERS = ("faults", "first_touches", "page_ins", "page_outs", "prefetched", "clean_drops",
                 "refaults", "wp_faults", "minor_faults", "installed_writable",
-                "removed_by_worker", "read_errors", "zeroed_ahead")  # fmt: skip
+                "removed_by_worker", "read_errors", "zeroed_ahead", "armed", "write_refs",
+                "promoted")  # fmt: skip
     GLOBAL = ("sleeps", "evict_requests", "enomem", "send_errors", "reads_sent", "reads_done",
               "reads_taken_back", "stray_replies", "stray_faults", "fault_reads", "read_rtt_ns",
               "page_in_waits", "page_in_wait_ns", "reads_refused")  # fmt: skip

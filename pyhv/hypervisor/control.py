@@ -237,6 +237,12 @@ class ControlRoom:
         finally:
             wire.close_fds(fds)
 
+    @staticmethod
+    def _close_fds(fds: list[int]) -> None:
+        """Close what a request brought and its handler did not take."""
+        wire.close_fds(fds)
+        fds.clear()
+
     def _refuse_conn(self, c: "Control", e: Exception) -> None:
         """A malformed message: a one-line error, and the connection goes."""
         log.warning("control: dropping a connection: %s", e)
@@ -253,15 +259,18 @@ class ControlRoom:
                 raise wire.ProtocolError(f"{op} carries no file descriptors")
             reply, reply_fds = handler(c, msg, fds)
         except Refused as e:
+            self._close_fds(fds)
             log.warning("control: %s refused: %s", op, e)
             self.reply(c, {"ok": False, "refused": True, "error": str(e)})
             return
         except (wire.ProtocolError, KeyError, TypeError, ValueError) as e:
+            self._close_fds(fds)  # (before the answer: the sender may count on it)
             log.warning("control: bad request %r: %s", op, e)
             self.reply(c, {"ok": False, "error": f"bad request: {e}"})
             self._drop_conn(c, f"bad request: {e}")
             return
         except Exception as e:  # a bug: answer, so that no client waits forever
+            self._close_fds(fds)
             log.exception("control: %s failed", op)
             self.reply(c, {"ok": False, "error": f"internal error in {op}: {e}"})
             return

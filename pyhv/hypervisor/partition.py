@@ -107,6 +107,9 @@ class Partition:
             "clean_drops": s["clean_drops"],
             "refaults": s["refaults"],
             "active_pages": s["active"],
+            "armed": s["armed"],  # pages write-protected to see whether they are in use
+            "write_refs": s["write_refs"],  # ... seen written so
+            "promoted": s["promoted"],  # ... and kept for it (to the active queue)
             "wp_faults": s["wp_faults"],
             "minor_faults": s["minor_faults"],
             "installed_writable": s["installed_writable"],
