@@ -188,7 +188,8 @@ def _record(benchmark, system, placement, before, after, rounds) -> dict:
 def test_pyhv_first_touch(benchmark, pyhv_system, attach_to, placement):
     system, a = _start(pyhv_system, attach_to, placement, pool="64MiB", memory="64MiB")
     view = a.view
-    pages = iter(range(a.pages))
+    # every other page: a run in order would be zero-filled ahead, with no fault to time
+    pages = iter(range(0, a.pages, 2))
     touched: list[int] = []
 
     def setup():

@@ -457,10 +457,21 @@ class KernelSwap:
                *_workload_cmd(name, "anon", p, samples)]  # fmt: skip
         usage = "memory.usage_in_bytes" if self.info["cgroup_version"] == "v1" else "memory.current"
         env = dict(os.environ, PYHV_BENCH_CGROUP_USAGE=os.path.join(self.cgroup, usage))
-        vm0 = _vmstat()
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        vm1 = _vmstat()
-        out = _parse_workload(r, f"kernel swap workload {name}")
+        oom_kills = 0
+        while True:
+            vm0 = _vmstat()
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            vm1 = _vmstat()
+            # The memory cgroup's OOM killer now and then ends a workload that
+            # swaps hard (reclaim not keeping up with the slow swap device):
+            # the kernel's failure, tried once more, and said.
+            if r.returncode != -signal.SIGKILL or oom_kills:
+                break
+            oom_kills += 1
+        out = _parse_workload(r, f"kernel swap workload {name}"
+                              + (" (OOM-killed in its memory cgroup, twice)" if oom_kills
+                                 and r.returncode == -signal.SIGKILL else ""))  # fmt: skip
+        out["oom_kills"] = oom_kills
         out["pswpin"] = vm1.get("pswpin", 0) - vm0.get("pswpin", 0)
         out["pswpout"] = vm1.get("pswpout", 0) - vm0.get("pswpout", 0)
         peak = "memory.max_usage_in_bytes" if self.info["cgroup_version"] == "v1" else "memory.peak"
