@@ -27,8 +27,8 @@
  * (cffi releases it), so neither waits for the other's lock while holding
  * its own.
  *
- * Who owns what (said once): the page table arrays (state, slot, crc,
- * stamp, slot_map) are written here only, under the lock; Python reads them
+ * Who owns what (said once): the page table arrays (state, slot, crc, age,
+ * slot_map) are written here only, under the lock; Python reads them
  * through pyhv_eng_* calls.  A worker's uffd belongs to the engine from
  * pyhv_eng_worker_add until it is removed (it closes it).  A fast channel's
  * socket stays Python's (it closes it after pyhv_eng_chan_remove).
@@ -81,6 +81,9 @@
 #define REF_TESTED 1 /* it has been armed once since it was installed */
 #define REF_SEEN 2   /* written since it was armed */
 #define REF_ARMED 4  /* write-protected for this: its next write is a WP fault */
+#define REF_MASK 7
+#define STAMP_SHIFT 3
+#define STAMPS 31 /* eviction epochs told apart (5 bits) */
 #define PREFETCH_MIN 8	   /* read-ahead window: first */
 #define PREFETCH_MAX 64	   /* ... and largest */
 #define GUESS_WRITTEN 0.5  /* past this share of page-ins written soon after, install writable */
@@ -166,8 +169,10 @@ struct pyhv_eng_part {
 	uint8_t *state;
 	uint32_t *slot; /* slot + 1; 0: none (so that calloc'd memory stays untouched) */
 	uint32_t *crc;
-	uint8_t *stamp; /* 1 + eviction epoch % 255 at the page's last eviction; 0: never */
-	uint8_t *ref;	/* REF_*: whether a resident page was written since it was last looked at */
+	/* A byte a page: its eviction stamp (high 5 bits: 1 + eviction epoch
+	 * % STAMPS at its last eviction; 0: never evicted) and, while it is
+	 * resident, its REF_* bits (low 3 bits). */
+	uint8_t *age;
 	uint8_t *slot_map;
 	uint64_t slot_cursor;
 	int memfd;
@@ -502,9 +507,9 @@ static uint32_t install_clean(struct pyhv_eng_part *p, uint32_t n)
  * more than a pool's worth of evictions ago (it is in use), else inactive. */
 static void enqueue(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page)
 {
-	uint8_t st = p->stamp[page];
-	p->ref[page] = 0;
-	if (st && (e->epoch + 255 - (st - 1)) % 255 < EPOCHS) {
+	uint8_t st = p->age[page] >> STAMP_SHIFT;
+	p->age[page] &= ~REF_MASK;
+	if (st && (e->epoch + STAMPS - (st - 1)) % STAMPS < EPOCHS) {
 		p->c.refaults++;
 		if (ring_push(&p->active, (uint32_t)page) == 0)
 			return;
@@ -983,8 +988,8 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 	p->c.faults++;
 	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
 		p->c.wp_faults++;
-		if ((st == CLEAN || st == DIRTY) && (p->ref[page] & REF_ARMED)) {
-			p->ref[page] = (p->ref[page] & ~REF_ARMED) | REF_SEEN; /* in use */
+		if ((st == CLEAN || st == DIRTY) && (p->age[page] & REF_ARMED)) {
+			p->age[page] = (p->age[page] & ~REF_ARMED) | REF_SEEN; /* in use */
 			p->c.write_refs++;
 		}
 		if (st == CLEAN || st == DIRTY) {
@@ -1405,15 +1410,13 @@ struct pyhv_eng_part *pyhv_eng_part_new(struct pyhv_eng *e, uint32_t stream, uin
 	p->state = calloc(pages, 1);
 	p->slot = calloc(pages, sizeof(*p->slot));
 	p->crc = calloc(pages, sizeof(*p->crc));
-	p->stamp = calloc(pages, 1);
-	p->ref = calloc(pages, 1);
+	p->age = calloc(pages, 1);
 	p->slot_map = calloc(slots ? slots : 1, 1);
-	if (!p->state || !p->slot || !p->crc || !p->stamp || !p->ref || !p->slot_map) {
+	if (!p->state || !p->slot || !p->crc || !p->age || !p->slot_map) {
 		free(p->state);
 		free(p->slot);
 		free(p->crc);
-		free(p->stamp);
-		free(p->ref);
+		free(p->age);
 		free(p->slot_map);
 		free(p);
 		return NULL;
@@ -1484,8 +1487,7 @@ static void part_release(struct pyhv_eng *e, struct pyhv_eng_part *p)
 	free(p->state);
 	free(p->slot);
 	free(p->crc);
-	free(p->stamp);
-	free(p->ref);
+	free(p->age);
 	free(p->slot_map);
 	free(p);
 }
@@ -1511,7 +1513,7 @@ void pyhv_eng_part_stats(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyh
 	out->reads_queued = p->queued;
 	out->pending = p->pending;
 	out->written_share = p->written_share;
-	out->metadata_bytes = p->pages * (1 + 4 + 4 + 1 + 1) + p->slots;
+	out->metadata_bytes = p->pages * (1 + 4 + 4 + 1) + p->slots;
 	pthread_mutex_unlock(&e->mu);
 }
 
@@ -1685,8 +1687,8 @@ static int cmp_u32(const void *a, const void *b)
  * arm_pages write-protects them all. */
 static void arm_page(struct pyhv_eng_part *p, struct ring *arm, uint32_t page)
 {
-	int was_armed = p->ref[page] & REF_ARMED;
-	p->ref[page] = REF_TESTED | REF_ARMED;
+	int was_armed = p->age[page] & REF_ARMED;
+	p->age[page] = (p->age[page] & ~REF_MASK) | REF_TESTED | REF_ARMED;
 	if (p->state[page] == DIRTY && !was_armed)
 		ring_push(arm, page); /* (no memory: it just is not seen) */
 }
@@ -1745,8 +1747,8 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 		       (p->active.count > p->resident * 3 / 4 || !p->inactive.count)) {
 			looks--;
 			uint32_t q = ring_pop(&p->active);
-			if ((p->ref[q] & REF_SEEN) || (!(p->ref[q] & REF_TESTED) && first_looks)) {
-				if (!(p->ref[q] & REF_TESTED))
+			if ((p->age[q] & REF_SEEN) || (!(p->age[q] & REF_TESTED) && first_looks)) {
+				if (!(p->age[q] & REF_TESTED))
 					first_looks--;
 				arm_page(p, &arm, q);
 				ring_push(&p->active, q);
@@ -1762,13 +1764,13 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 		uint8_t st = p->state[page];
 		if (st != CLEAN && st != DIRTY)
 			continue; /* (cannot be: a resident page is in one queue) */
-		if (!(p->ref[page] & REF_TESTED) && first_looks) { /* armed, one more round */
+		if (!(p->age[page] & REF_TESTED) && first_looks) { /* armed, one more round */
 			first_looks--;
 			arm_page(p, &arm, page);
 			ring_push(&p->inactive, page);
 			continue;
 		}
-		if (p->ref[page] & REF_SEEN) { /* written since: in use, to the active queue */
+		if (p->age[page] & REF_SEEN) { /* written since: in use, to the active queue */
 			arm_page(p, &arm, page);
 			ring_push(&p->active, page);
 			p->c.promoted++;
@@ -1796,13 +1798,13 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 			i++;
 	}
 	uint64_t span = e->pool_pages / EPOCHS ? e->pool_pages / EPOCHS : 1;
-	e->epoch = (e->epoch + (e->evictions + k) / span - e->evictions / span) % 255;
+	e->epoch = (e->epoch + (e->evictions + k) / span - e->evictions / span) % STAMPS;
 	e->evictions += k;
-	uint8_t stamp = (uint8_t)(1 + e->epoch);
+	uint8_t stamp = (uint8_t)((1 + e->epoch) << STAMP_SHIFT);
 	uint32_t nd = 0, nc = 0;
 	for (uint32_t i = 0; i < k; i++) {
 		uint32_t page = chosen[i];
-		p->stamp[page] = stamp;
+		p->age[page] = stamp; /* (its REF_* bits mean nothing off the queues) */
 		if (p->state[page] == CLEAN) {
 			p->state[page] = ON_DEVICE;
 			chosen[nc++] = page; /* (in place: nc <= i) */
@@ -1908,7 +1910,7 @@ int64_t pyhv_eng_write_failed(struct pyhv_eng *e, struct pyhv_eng_part *p, uint3
 	}
 	p->state[page] = DIRTY;
 	p->resident++;
-	p->ref[page] = 0;
+	p->age[page] &= ~REF_MASK;
 	if (ring_push(&p->inactive, page))
 		e->g.enomem++;
 	wake_pending(e, pending_take(e, p, page));

@@ -34,9 +34,9 @@ TIMEOUT = (0.1, 3600.0)
 #: A config file larger than this is refused unread (``-c /dev/zero``).
 MAX_CONFIG_BYTES = 1 << 20
 #: What the hypervisor keeps for each page of a partition's memory (state 1,
-#: CRC32 4, slot 4, eviction stamp 1, reference bits 1) and for each slot of its device (the
+#: CRC32 4, slot 4, eviction stamp and reference bits 1) and for each slot of its device (the
 #: slot map, 1): checked against the machine's memory before anything starts.
-METADATA_PER_PAGE = 11
+METADATA_PER_PAGE = 10
 METADATA_PER_SLOT = 1
 #: Filesystems whose files are no paging device (statfs f_type): proc, sysfs,
 #: debugfs, tracefs, securityfs, cgroup, cgroup2, devpts, configfs, bpf,
