@@ -129,21 +129,13 @@ def _ctxt() -> int:
     return 0
 
 
-def _resident_of(buf) -> int | None:
-    """Bytes of buf's mapping resident now (/proc/self/smaps): how much of
-    the data the kernel holds in memory."""
-    import ctypes
+def _resident_of(buf) -> int:
+    """Bytes of buf resident now (mincore): how much of the data the kernel
+    holds in memory."""
+    from pyhv import uffd
 
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    head = f"{addr:x}-"
-    with open("/proc/self/smaps") as f:
-        found = False
-        for line in f:
-            if line.startswith(head):
-                found = True
-            elif found and line.startswith("Rss:"):
-                return int(line.split()[1]) * 1024
-    return None
+    addr = uffd.address_of(buf)
+    return sum(b & 1 for b in uffd.in_memory(addr, len(buf))) * PAGE
 
 
 def _pyhv_counters() -> dict:
