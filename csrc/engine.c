@@ -44,6 +44,8 @@
  *              poisoned; a fault (a worker attached later) fills it with
  *              zeros, but nothing fills or maps it ahead of a fault: a
  *              poison marker would be overwritten
+ *   LOANED     given back by the partition (pyhv.discard, MADV_REMOVE): no
+ *              frame, no slot; a fault fills it with zeros, as UNTOUCHED
  * Every page in FILLING or PAGING_OUT has a `pending` record with its
  * waiters; every resident page (DIRTY, CLEAN) is in exactly one of its
  * partition's victim queues, and holds one frame of the pool, as does every
@@ -91,10 +93,13 @@
 #define BUCKETS 16384u	   /* pending pages hash (pages in flight are bounded by the pool) */
 #define EVENTS 256	   /* room for events queued for Python, to begin with (it grows) */
 
-enum { UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED, NSTATES };
+enum { UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED, LOANED, NSTATES };
 enum { SLOT_FREE, SLOT_USED, SLOT_BAD };
 enum { SRC_UFFD = 1, SRC_CHAN, SRC_STOP };
-enum { IO_OK, IO_EXISTS, IO_GONE }; /* outcome of an ioctl on a worker's uffd */
+/* outcome of an ioctl on a worker's uffd; IO_AGAIN: its process is forking
+ * or removing memory (the kernel's mmap_changing) until the engine has read
+ * that event: nothing was done */
+enum { IO_OK, IO_EXISTS, IO_GONE, IO_AGAIN };
 
 struct frame_hdr { /* wire.HEADER, "<QHBBiIII" */
 	uint64_t req;
@@ -118,6 +123,10 @@ struct eng_worker {
 	int alive;
 	int refs; /* Python's, and waiter records that name it; buried when dead and 0 */
 	struct eng_worker *grave_next;
+	int pid;	     /* 0: a forked child not identified yet (its first fault tells) */
+	uint64_t ident;	     /* its identity page (private, wiped on fork), or 0 */
+	struct eng_worker *unclaimed_next; /* forked, Python has not taken it yet */
+	int unclaimed;
 };
 
 struct waiter {
@@ -220,6 +229,8 @@ struct pyhv_eng {
 	 * its current batch: an event it took from epoll before the worker's
 	 * uffd was removed may still name it. */
 	struct eng_worker *grave;
+	struct eng_worker *unclaimed; /* forked children Python has not claimed yet */
+	uint64_t forks;
 	struct pyhv_eng_stats_global g;
 };
 
@@ -419,8 +430,10 @@ static int uffd_op(struct pyhv_eng *e, struct eng_worker *w, unsigned long req, 
 		err = (int)-*result;
 	if (!err)
 		return IO_OK;
-	if (err == EEXIST || err == EAGAIN)
+	if (err == EEXIST)
 		return IO_EXISTS;
+	if (err == EAGAIN)
+		return IO_AGAIN;
 	drop_worker(e, w, err);
 	return IO_GONE;
 }
@@ -437,7 +450,10 @@ static int op_wp(struct pyhv_eng *e, struct eng_worker *w, uint64_t page, uint64
 	struct uffdio_writeprotect wp = {{w->base + page * PG, n * PG},
 					 on ? UFFDIO_WRITEPROTECT_MODE_WP
 					    : (wake ? 0 : UFFDIO_WRITEPROTECT_MODE_DONTWAKE)};
-	return uffd_op(e, w, UFFDIO_WRITEPROTECT, &wp, NULL);
+	int r = uffd_op(e, w, UFFDIO_WRITEPROTECT, &wp, NULL);
+	if (r == IO_AGAIN && !on && wake) /* not now: it faults again */
+		r = op_wake(e, w, page, n) == IO_OK ? IO_AGAIN : IO_GONE;
+	return r;
 }
 
 /* Map a zero page into w; present already: woken (IO_EXISTS). */
@@ -445,7 +461,7 @@ static int op_zero(struct pyhv_eng *e, struct eng_worker *w, uint64_t page)
 {
 	struct uffdio_zeropage z = {{w->base + page * PG, PG}, 0, 0};
 	int r = uffd_op(e, w, UFFDIO_ZEROPAGE, &z, &z.zeropage);
-	if (r == IO_EXISTS)
+	if (r == IO_EXISTS || r == IO_AGAIN) /* (again: it faults again, and is filled then) */
 		r = op_wake(e, w, page, 1) == IO_OK ? IO_EXISTS : IO_GONE;
 	return r;
 }
@@ -457,7 +473,7 @@ static int op_map(struct pyhv_eng *e, struct eng_worker *w, uint64_t page, uint6
 	struct uffdio_continue c = {{w->base + page * PG, n * PG},
 				    clean ? UFFDIO_CONTINUE_MODE_WP : 0, 0};
 	int r = uffd_op(e, w, UFFDIO_CONTINUE, &c, &c.mapped);
-	if (r == IO_EXISTS)
+	if (r == IO_EXISTS || r == IO_AGAIN) /* (again: its fault finds it resident) */
 		r = op_wake(e, w, page, n) == IO_OK ? IO_EXISTS : IO_GONE;
 	return r;
 }
@@ -848,7 +864,8 @@ static void zero_ahead(struct pyhv_eng *e, struct pyhv_eng_part *p, struct eng_w
 	if (end > p->pages)
 		end = p->pages;
 	p->zero_ahead = p->zero_ahead * 2 > PREFETCH_MAX ? PREFETCH_MAX : p->zero_ahead * 2;
-	while (first + n < end && p->state[first + n] == UNTOUCHED && try_take(e))
+	while (first + n < end && (p->state[first + n] == UNTOUCHED || p->state[first + n] == LOANED) &&
+	       try_take(e))
 		n++;
 	p->zero_ahead_end = (int64_t)(first + n);
 	if (!n)
@@ -976,9 +993,29 @@ static void chan_readable(struct pyhv_eng *e, struct pyhv_eng_chan *ch)
 
 /* --- the fault path ------------------------------------------------------------------- */
 
-static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint64_t flags)
+/* The kernel names the thread of each fault: a forked child's first fault
+ * tells which process it is (Python then watches it with a pidfd). */
+static void identify(struct pyhv_eng *e, struct eng_worker *w, uint32_t tid)
+{
+	if (w->pid || !tid)
+		return;
+	w->pid = (int)tid;
+	post(e, PYHV_EV_WORKER_PID, 0, w->part, tid, w->id);
+}
+
+static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint64_t flags,
+		  uint32_t tid)
 {
 	struct pyhv_eng_part *p = w->part;
+	identify(e, w, tid);
+	if (w->ident && addr == w->ident) { /* its identity page: zeros, private to it */
+		struct uffdio_zeropage z = {{w->ident, PG}, 0, 0};
+		struct uffdio_range r = {w->ident, PG};
+		int io = uffd_op(e, w, UFFDIO_ZEROPAGE, &z, &z.zeropage);
+		if (io == IO_EXISTS || io == IO_AGAIN) /* (filled already, or it faults again) */
+			uffd_op(e, w, UFFDIO_WAKE, &r, NULL);
+		return;
+	}
 	if (addr < w->base || (addr - w->base) / PG >= p->pages) {
 		e->g.stray_faults++;
 		return;
@@ -1009,7 +1046,7 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 		return;
 	}
 	int write = (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
-	if (st == UNTOUCHED || st == ON_DEVICE || st == POISONED) {
+	if (st == UNTOUCHED || st == LOANED || st == ON_DEVICE || st == POISONED) {
 		struct pending *x = pending_new(e, p, page);
 		if (!x || add_waiter(x, w, write)) {
 			pending_free(e, x ? pending_take(e, p, page) : NULL);
@@ -1029,7 +1066,7 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 					prefetch(e, p, page + 1);
 				else
 					p->readahead = PREFETCH_MIN;
-			} else if (w->alive && st == UNTOUCHED) {
+			} else if (w->alive && (st == UNTOUCHED || st == LOANED)) {
 				if ((int64_t)page == p->last_first_touch + 1 ||
 				    (int64_t)page == p->zero_ahead_end)
 					zero_ahead(e, p, w, page + 1);
@@ -1069,6 +1106,25 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 	}
 }
 
+static void forked(struct pyhv_eng *e, struct eng_worker *parent, int fd);
+
+/* A worker madvised part of the memory away (MADV_REMOVE, or MADV_DONTNEED,
+ * which the kernel does not tell apart here; it does the removal after
+ * this event is read).  Python looks at the range in a moment
+ * (pyhv_eng_removed): pages gone from the memory by then are given back. */
+static void removed_event(struct pyhv_eng *e, struct eng_worker *w, uint64_t start, uint64_t end)
+{
+	struct pyhv_eng_part *p = w->part;
+	if (end <= w->base || start >= w->base + p->pages * PG)
+		return;
+	uint64_t first = start > w->base ? (start - w->base) / PG : 0;
+	uint64_t last = (end - w->base + PG - 1) / PG;
+	if (last > p->pages)
+		last = p->pages;
+	if (last > first)
+		post(e, PYHV_EV_REMOVED, 0, p, first, last - first);
+}
+
 static void uffd_readable(struct pyhv_eng *e, struct eng_worker *w)
 {
 	struct uffd_msg msgs[64];
@@ -1082,9 +1138,16 @@ static void uffd_readable(struct pyhv_eng *e, struct eng_worker *w)
 			return;
 		}
 		int k = (int)(got / (ssize_t)sizeof(msgs[0]));
-		for (int i = 0; i < k && w->alive; i++)
-			if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
-				fault(e, w, msgs[i].arg.pagefault.address, msgs[i].arg.pagefault.flags);
+		for (int i = 0; i < k && w->alive; i++) {
+			struct uffd_msg *m = &msgs[i];
+			if (m->event == UFFD_EVENT_PAGEFAULT)
+				fault(e, w, m->arg.pagefault.address, m->arg.pagefault.flags,
+				      m->arg.pagefault.feat.ptid);
+			else if (m->event == UFFD_EVENT_FORK)
+				forked(e, w, (int)m->arg.fork.ufd);
+			else if (m->event == UFFD_EVENT_REMOVE)
+				removed_event(e, w, m->arg.remove.start, m->arg.remove.end);
+		}
 		e->g.fault_reads++;
 		if (k < 64)
 			return;
@@ -1118,11 +1181,125 @@ static void drop_worker(struct pyhv_eng *e, struct eng_worker *w, int err)
 	post(e, PYHV_EV_WORKER_GONE, err, w->part, 0, w->id);
 }
 
+/* Clean pages must fault on a new worker's first write too, and pages
+ * being paged out must not be written behind the page-out's back.  Returns
+ * 0 or an errno. */
+static int protect_all(struct pyhv_eng_part *p, int uffd, uint64_t base)
+{
+	for (uint64_t page = 0; page < p->pages; page++) {
+		uint8_t st = p->state[page];
+		if (st != CLEAN && st != PAGING_OUT)
+			continue;
+		uint64_t n = 1;
+		while (page + n < p->pages &&
+		       (p->state[page + n] == CLEAN || p->state[page + n] == PAGING_OUT))
+			n++;
+		struct uffdio_writeprotect wp = {{base + page * PG, n * PG}, UFFDIO_WRITEPROTECT_MODE_WP};
+		if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
+			return errno;
+		page += n - 1;
+	}
+	return 0;
+}
+
+static int add_to_part(struct pyhv_eng_part *p, struct eng_worker *w)
+{
+	if (p->nworkers == p->capworkers) {
+		int cap = p->capworkers ? 2 * p->capworkers : 4;
+		struct eng_worker **ws = realloc(p->workers, (size_t)cap * sizeof(*ws));
+		if (!ws)
+			return ENOMEM;
+		p->workers = ws;
+		p->capworkers = cap;
+	}
+	p->workers[p->nworkers++] = w;
+	return 0;
+}
+
+/* A worker forked: the kernel made its child a userfaultfd of its own
+ * (UFFD_FEATURE_EVENT_FORK), registered as the parent's, and put it into
+ * this process as fd.  The child is a worker of the same partition at the
+ * same address from now on; Python is told and claims it
+ * (pyhv_eng_worker_claim), and learns its pid from its first fault.  With
+ * no memory to serve it, the fd is kept open all the same (closing it would
+ * unregister the child's memory, whose holes would then read as zeros): the
+ * child's faults wait for ever, and Python logs the failure. */
+static void forked(struct pyhv_eng *e, struct eng_worker *parent, int fd)
+{
+	struct pyhv_eng_part *p = parent->part;
+	struct eng_worker *w = calloc(1, sizeof(*w));
+	int err = w ? 0 : ENOMEM;
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+	if (!err) {
+		w->kind = SRC_UFFD;
+		w->uffd = fd;
+		w->base = parent->base;
+		w->ident = parent->ident;
+		w->id = (1ull << 40) + ++e->forks;
+		w->part = p;
+		w->alive = 1;
+		w->refs = 1; /* Python's, once it claims it */
+		/* (pages protected in the parent are in the child's copy of its
+		 * page table already; this is for what changed since the copy) */
+		err = protect_all(p, fd, w->base);
+	}
+	struct epoll_event ev = {EPOLLIN, {.ptr = w}};
+	if (!err && epoll_ctl(e->ep, EPOLL_CTL_ADD, fd, &ev) < 0)
+		err = errno;
+	if (!err && (err = add_to_part(p, w)) != 0)
+		epoll_ctl(e->ep, EPOLL_CTL_DEL, fd, NULL);
+	if (err) {
+		e->g.forks_lost++;
+		free(w);
+		post(e, PYHV_EV_WORKER_FORKED, err, p, parent->id, 0);
+		return;
+	}
+	w->unclaimed = 1;
+	w->unclaimed_next = e->unclaimed;
+	e->unclaimed = w;
+	e->g.forks++;
+	post(e, PYHV_EV_WORKER_FORKED, 0, p, parent->id, w->id);
+}
+
+struct pyhv_eng_worker *pyhv_eng_worker_claim(struct pyhv_eng *e, uint64_t id)
+{
+	pthread_mutex_lock(&e->mu);
+	struct eng_worker *w = NULL;
+	for (struct eng_worker **at = &e->unclaimed; *at; at = &(*at)->unclaimed_next)
+		if ((*at)->id == id) {
+			w = *at;
+			*at = w->unclaimed_next;
+			w->unclaimed = 0;
+			break;
+		}
+	pthread_mutex_unlock(&e->mu);
+	return (struct pyhv_eng_worker *)w;
+}
+
+/* Is the worker's process still there?  0 yes, ESRCH no (its memory is
+ * gone: a forked child that exited, or exec'd, before its first fault). */
+int pyhv_eng_worker_probe(struct pyhv_eng *e, struct pyhv_eng_worker *handle)
+{
+	struct eng_worker *w = (struct eng_worker *)handle;
+	pthread_mutex_lock(&e->mu);
+	int r = 0;
+	if (w->uffd >= 0) {
+		/* changes nothing: the identity page is not registered for WP
+		 * (ENOENT); with the process gone, the kernel says ESRCH first */
+		struct uffdio_writeprotect wp = {{w->ident ? w->ident : w->base, PG},
+						 UFFDIO_WRITEPROTECT_MODE_DONTWAKE};
+		if (w->ident && ioctl(w->uffd, UFFDIO_WRITEPROTECT, &wp) < 0 && errno == ESRCH)
+			r = ESRCH;
+	}
+	pthread_mutex_unlock(&e->mu);
+	return r;
+}
+
 struct pyhv_eng_worker *pyhv_eng_worker_add(struct pyhv_eng *e, struct pyhv_eng_part *p, int uffd,
-					    uint64_t base, uint64_t id, int *err)
+					    uint64_t base, uint64_t id, int pid, uint64_t ident,
+					    int *err)
 {
 	struct eng_worker *w = calloc(1, sizeof(*w));
-	struct eng_worker **ws = NULL;
 	*err = 0;
 	if (!w) {
 		*err = ENOMEM;
@@ -1134,41 +1311,21 @@ struct pyhv_eng_worker *pyhv_eng_worker_add(struct pyhv_eng *e, struct pyhv_eng_
 	w->id = id;
 	w->part = p;
 	w->alive = 1;
+	w->pid = pid;
+	w->ident = ident;
 	w->refs = 1; /* Python's, until pyhv_eng_worker_remove */
 	pthread_mutex_lock(&e->mu);
-	if (p->nworkers == p->capworkers) {
-		int cap = p->capworkers ? 2 * p->capworkers : 4;
-		ws = realloc(p->workers, (size_t)cap * sizeof(*ws));
-		if (!ws) {
-			*err = ENOMEM;
-			goto fail;
-		}
-		p->workers = ws;
-		p->capworkers = cap;
-	}
-	/* Clean pages must fault on this worker's first write too, and pages
-	 * being paged out must not be written behind the page-out's back. */
-	for (uint64_t page = 0; page < p->pages; page++) {
-		uint8_t st = p->state[page];
-		if (st != CLEAN && st != PAGING_OUT)
-			continue;
-		uint64_t n = 1;
-		while (page + n < p->pages &&
-		       (p->state[page + n] == CLEAN || p->state[page + n] == PAGING_OUT))
-			n++;
-		struct uffdio_writeprotect wp = {{base + page * PG, n * PG}, UFFDIO_WRITEPROTECT_MODE_WP};
-		if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0) {
-			*err = errno;
-			goto fail;
-		}
-		page += n - 1;
-	}
+	if ((*err = protect_all(p, uffd, base)) != 0)
+		goto fail;
 	struct epoll_event ev = {EPOLLIN, {.ptr = w}};
 	if (epoll_ctl(e->ep, EPOLL_CTL_ADD, uffd, &ev) < 0) {
 		*err = errno;
 		goto fail;
 	}
-	p->workers[p->nworkers++] = w;
+	if ((*err = add_to_part(p, w)) != 0) {
+		epoll_ctl(e->ep, EPOLL_CTL_DEL, uffd, NULL);
+		goto fail;
+	}
 	pthread_mutex_unlock(&e->mu);
 	return (struct pyhv_eng_worker *)w;
 fail:
@@ -1785,17 +1942,32 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 	}
 	arm_pages(e, p, &arm);
 	qsort(chosen, k, sizeof(*chosen), cmp_u32);
-	for (int i = 0; i < p->nworkers;) {
+	int again = 0;
+	for (int i = 0; i < p->nworkers && !again;) {
 		struct eng_worker *w = p->workers[i];
-		for (uint32_t a = 0; a < k && w->alive;) {
+		for (uint32_t a = 0; a < k && w->alive && !again;) {
 			uint32_t b = a + 1;
 			while (b < k && chosen[b] == chosen[b - 1] + 1)
 				b++;
-			op_wp(e, w, chosen[a], b - a, 1, 0);
+			again = op_wp(e, w, chosen[a], b - a, 1, 0) == IO_AGAIN;
 			a = b;
 		}
 		if (w->alive)
 			i++;
+	}
+	if (again) {
+		/* A worker forks (or removes memory): until the engine has read
+		 * that event its pages cannot be write-protected, and a page-out
+		 * behind a writable mapping (the child's copy of it included)
+		 * would lose writes.  None goes now; Python asks again. */
+		for (uint32_t i = 0; i < k; i++) {
+			p->resident++;
+			if (ring_push(&p->inactive, chosen[i]))
+				e->g.enomem++;
+		}
+		e->g.evict_again++;
+		k = 0;
+		want_frames(e);
 	}
 	uint64_t span = e->pool_pages / EPOCHS ? e->pool_pages / EPOCHS : 1;
 	e->epoch = (e->epoch + (e->evictions + k) / span - e->evictions / span) % STAMPS;
@@ -1832,6 +2004,153 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 	free(chosen);
 	*clean_out = nc;
 	return (int)nd;
+}
+
+/* --- loans and advice ---------------------------------------------------------------- */
+
+/* Only resident pages are in the victim queues: after pages left them other
+ * than through eviction, the queues are swept. */
+static void queues_sweep(struct pyhv_eng_part *p)
+{
+	struct ring *rings[2] = {&p->inactive, &p->active};
+	for (int r = 0; r < 2; r++)
+		for (uint64_t i = 0, n = rings[r]->count; i < n; i++) {
+			uint32_t q = ring_pop(rings[r]);
+			if (p->state[q] == CLEAN || p->state[q] == DIRTY)
+				ring_push(rings[r], q); /* (no growth: never fails) */
+		}
+}
+
+/* A page given back: its frame and its slot are free, it reads as zeros. */
+static int loan(struct pyhv_eng_part *p, uint64_t page, uint64_t *out)
+{
+	uint8_t st = p->state[page];
+	if (st == FILLING || st == PAGING_OUT || st == POISONED)
+		return 0;
+	if (st == DIRTY || st == CLEAN) {
+		p->resident--;
+		out[0]++;
+	}
+	if (p->slot[page])
+		out[1]++;
+	release_slot(p, page);
+	p->age[page] &= ~REF_MASK;
+	p->state[page] = LOANED;
+	return 1;
+}
+
+/* The partition gives pages [first, first+n) back (pyhv.discard): their
+ * frames return to the pool and their slots to the device at once; they
+ * read as zeros from now on.  Pages in flight (being read or written) are
+ * left as they are: out[2] counts them, and Python asks again for them in
+ * a moment; poisoned pages stay poisoned.  out[0]: frames freed, out[1]:
+ * slots freed. */
+int pyhv_eng_discard(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n,
+		     uint64_t *out)
+{
+	out[0] = out[1] = out[2] = 0;
+	if (first > p->pages || n > p->pages - first)
+		return -EINVAL;
+	pthread_mutex_lock(&e->mu);
+	uint64_t run = first, k = 0;
+	for (uint64_t page = first; page <= first + n; page++) {
+		int done = page < first + n;
+		if (done) {
+			uint8_t st = p->state[page];
+			done = loan(p, page, out);
+			out[2] += st == FILLING || st == PAGING_OUT;
+		}
+		if (done) {
+			if (!k)
+				run = page;
+			k++;
+			continue;
+		}
+		if (k) /* the memory of a run given back: every mapping of it zapped */
+			fallocate(p->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+				  (off_t)(run * PG), (off_t)(k * PG));
+		k = 0;
+	}
+	p->c.loaned += out[0];
+	if (out[0]) {
+		queues_sweep(p);
+		release_frames(e, out[0]);
+	}
+	pthread_mutex_unlock(&e->mu);
+	return 0;
+}
+
+/* After a worker's MADV_REMOVE (PYHV_EV_REMOVED): resident pages of
+ * [first, first+n) that are gone from the memory are given back.  (Pages
+ * on the device are not: the event does not tell MADV_REMOVE from
+ * MADV_DONTNEED, which keeps them.)  Returns the frames freed. */
+int64_t pyhv_eng_removed(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n)
+{
+	if (first > p->pages || n > p->pages - first)
+		return -EINVAL;
+	uint64_t out[2] = {0, 0};
+	pthread_mutex_lock(&e->mu);
+	for (uint64_t page = first; page < first + n; page++) {
+		uint8_t st = p->state[page];
+		if ((st == DIRTY || st == CLEAN) && !in_memory(p, page))
+			loan(p, page, out);
+	}
+	p->c.loaned += out[0];
+	if (out[0]) {
+		queues_sweep(p);
+		release_frames(e, out[0]);
+	}
+	pthread_mutex_unlock(&e->mu);
+	return (int64_t)out[0];
+}
+
+/* Advice (pyhv.prefetch): read pages [first, first+n) that are on the
+ * device, one READ a run of neighbouring slots, with free frames only
+ * (never ahead of a waiting fault).  Returns how many READs of pages it
+ * started; *next_out is where it stopped (first + n: all of it), -EAGAIN
+ * if the stream does not flow now. */
+int64_t pyhv_eng_prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n,
+			  uint64_t *next_out)
+{
+	*next_out = first;
+	if (first > p->pages || n > p->pages - first)
+		return -EINVAL;
+	pthread_mutex_lock(&e->mu);
+	if (!p->chan || !p->flowing) {
+		pthread_mutex_unlock(&e->mu);
+		return -EAGAIN;
+	}
+	int64_t started = 0;
+	uint64_t run = 0, k = 0, page;
+	for (page = first; page < first + n; page++) {
+		if (p->state[page] != ON_DEVICE) {
+			if (k)
+				page_in_run(e, p, run, (uint32_t)k);
+			k = 0;
+			continue;
+		}
+		if (!try_take(e))
+			break;
+		if (k && (p->slot[page] != p->slot[run + k - 1] + 1 || k == PYHV_SVC_MAX_PAGES)) {
+			page_in_run(e, p, run, (uint32_t)k);
+			k = 0;
+		}
+		if (!pending_new(e, p, page)) {
+			release_frames(e, 1);
+			break;
+		}
+		p->state[page] = FILLING;
+		p->c.advised++;
+		started++;
+		if (!k)
+			run = page;
+		k++;
+	}
+	if (k)
+		page_in_run(e, p, run, (uint32_t)k);
+	*next_out = page;
+	pthread_mutex_unlock(&e->mu);
+	return started;
 }
 
 /* New slots for the next of `pages` (PAGING_OUT, n of them) to be written:
@@ -1932,6 +2251,19 @@ int64_t pyhv_eng_poison(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t pa
 	if (page >= p->pages)
 		return -1;
 	pthread_mutex_lock(&e->mu);
+	for (int i = 0; i < p->nworkers;) {
+		struct eng_worker *w = p->workers[i];
+		/* no WP marker in the way of the poison */
+		int r = op_wp(e, w, page, 1, 0, 0);
+		if (r != IO_GONE)
+			r = op_poison(e, w, page);
+		if (r == IO_AGAIN) { /* a worker forks: all again later (poisoned twice: EEXIST) */
+			pthread_mutex_unlock(&e->mu);
+			return -2;
+		}
+		if (w->alive)
+			i++;
+	}
 	struct pending *x = pending_take(e, p, page);
 	for (struct waiter *q = x ? x->head : NULL; q; q = q->next) {
 		int seen = 0;
@@ -1939,14 +2271,6 @@ int64_t pyhv_eng_poison(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t pa
 			seen |= touched[i] == q->w->id;
 		if (q->w->alive && !seen && *ntouched < max)
 			touched[(*ntouched)++] = q->w->id;
-	}
-	for (int i = 0; i < p->nworkers;) {
-		struct eng_worker *w = p->workers[i];
-		/* no WP marker in the way of the poison */
-		if (op_wp(e, w, page, 1, 0, 0) != IO_GONE)
-			op_poison(e, w, page);
-		if (w->alive)
-			i++;
 	}
 	pending_free(e, x);
 	p->state[page] = POISONED;

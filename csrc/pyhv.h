@@ -90,7 +90,10 @@ struct pyhv_eng_chan;
 #define PYHV_EV_READ_FAILED 1 /* page of stream could not be read (err): a machine check */
 #define PYHV_EV_WORKER_GONE 2 /* worker's uffd failed (err) or its process is gone */
 #define PYHV_EV_CHAN_CLOSED 3 /* a fast channel reached end-of-file (worker: its id) */
-#define PYHV_ENG_STATES 7 /* page states (csrc/engine.c), pyhv_eng_state_counts' out[] */
+#define PYHV_EV_WORKER_FORKED 4 /* worker page forked: its child is worker (0: lost, err) */
+#define PYHV_EV_WORKER_PID 5 /* forked worker's first fault came from thread page */
+#define PYHV_EV_REMOVED 6 /* a worker madvised pages [page, page + worker) away */
+#define PYHV_ENG_STATES 8 /* page states (csrc/engine.c), pyhv_eng_state_counts' out[] */
 struct pyhv_eng_event {
 	uint32_t type;
 	int32_t err;
@@ -105,6 +108,8 @@ struct pyhv_eng_counters { /* per partition, counted by the engine */
 	uint64_t zeroed_ahead; /* first touches filled ahead of a sequential run (no fault) */
 	uint64_t armed, write_refs, promoted; /* reference tracking: pages armed, seen written,
 						 and moved to the active queue for it */
+	uint64_t loaned;  /* frames given back (pyhv.discard, MADV_REMOVE) */
+	uint64_t advised; /* pages read on advice (pyhv.prefetch) */
 };
 struct pyhv_eng_stats {
 	struct pyhv_eng_counters c;
@@ -118,6 +123,8 @@ struct pyhv_eng_stats_global {
 	uint64_t read_rtt_ns;		       /* READs sent to answered, summed (reads_done of them) */
 	uint64_t page_in_waits, page_in_wait_ns; /* faults that waited for a page-in, and how long */
 	uint64_t reads_refused; /* READs a service refused (EINVAL...): failed over, not lost */
+	uint64_t forks, forks_lost; /* workers' children adopted, and not (no memory) */
+	uint64_t evict_again;	    /* evictions put off: a worker was forking */
 };
 struct pyhv_eng_pool {
 	uint64_t pages, used, high_water, waiting, reserve, pending, events_lost;
@@ -142,7 +149,15 @@ int64_t pyhv_eng_slot_of(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t p
 void pyhv_eng_slot_set(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t slot, int state);
 uint64_t pyhv_eng_slot_count(struct pyhv_eng *e, struct pyhv_eng_part *p, int state);
 struct pyhv_eng_worker *pyhv_eng_worker_add(struct pyhv_eng *e, struct pyhv_eng_part *p, int uffd,
-					    uint64_t base, uint64_t id, int *err);
+					    uint64_t base, uint64_t id, int pid, uint64_t ident,
+					    int *err);
+struct pyhv_eng_worker *pyhv_eng_worker_claim(struct pyhv_eng *e, uint64_t id);
+int pyhv_eng_worker_probe(struct pyhv_eng *e, struct pyhv_eng_worker *w);
+int pyhv_eng_discard(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n,
+		     uint64_t *out);
+int64_t pyhv_eng_removed(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n);
+int64_t pyhv_eng_prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n,
+			  uint64_t *next_out);
 void pyhv_eng_worker_remove(struct pyhv_eng *e, struct pyhv_eng_worker *w);
 struct pyhv_eng_chan *pyhv_eng_chan_add(struct pyhv_eng *e, int sock, uint64_t id, int *err);
 uint64_t pyhv_eng_chan_remove(struct pyhv_eng *e, struct pyhv_eng_chan *ch);

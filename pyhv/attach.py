@@ -7,8 +7,20 @@ the mapping for MISSING and WP faults, send the uffd over, and wait for the
 acknowledgement before touching anything.  Then a C watchdog thread watches
 the connection: if the hypervisor dies, this process exits with
 :data:`EXIT_HYPERVISOR_LOST` instead of hanging in a fault or reading zeros.
-The mapping is not inherited by fork() (MADV_DONTFORK): a child could not
-fault through the hypervisor, so it must not see the memory at all.
+
+fork() keeps working: the kernel gives the child a userfaultfd of its own
+(UFFD_FEATURE_EVENT_FORK), which the hypervisor takes, so the child shares
+the memory and faults through the hypervisor like its parent.  The fork
+hook here (in the child) touches the child's identity page (a private page
+wiped on fork and registered MISSING: its fault tells the hypervisor which
+process the new userfaultfd serves), then opens the child's own
+connection, watchdog and machine-check reporting.
+
+Beyond faults, a worker can give memory back (:func:`discard`, or
+``madvise(MADV_REMOVE)`` on the memory), ask for a range to be read ahead
+(:func:`prefetch`), and offer to loan pages under pool pressure
+(:func:`on_pressure`).  These travel on a second connection (the first is
+the watchdog's).
 
 A page the system cannot deliver is a machine check: the access raises
 SIGBUS at the page, and the C handler installed here reads the partition's
@@ -20,6 +32,9 @@ from __future__ import annotations
 import atexit
 import mmap
 import os
+import socket
+import sys
+import threading
 
 from pyhv import uffd, wire
 
@@ -46,9 +61,24 @@ class AttachError(RuntimeError):
     """The partition's memory cannot be attached."""
 
 
+class Memory(mmap.mmap):
+    """The partition's memory, as :func:`attach` returns it: an mmap whose
+    ``madvise(MADV_REMOVE, ...)`` gives the range back through the
+    hypervisor (:func:`discard`)."""
+
+    def madvise(self, option, start=0, length=None):
+        if option == getattr(mmap, "MADV_REMOVE", None):
+            discard(start, len(self) - start if length is None else length, mem=self)
+            return None
+        return super().madvise(option, start, *(() if length is None else (length,)))
+
+
 class _Session:
     mcelog: mmap.mmap
     base: int
+    ident: mmap.mmap  # the identity page (see the module's docstring)
+    isolation: str
+    path: str  # the control socket
 
     def __init__(self, sock, mem, uffd_fd, watchdog, worker, partition):
         self.sock = sock
@@ -57,6 +87,72 @@ class _Session:
         self.watchdog = watchdog
         self.worker = worker
         self.partition = partition
+        self.requests: "socket.socket | None" = None  # discard, prefetch (opened when needed)
+        self.lock = threading.Lock()  # ... one request at a time on it
+
+    def request(self, msg: dict, answer: bool = True) -> dict | None:
+        """Send a request on the second connection; its answer, if it has one."""
+        with self.lock:
+            try:
+                if self.requests is None:
+                    self.requests = wire.connect(self.path, timeout=None)
+                wire.send_control(self.requests, msg)
+                if not answer:
+                    return None
+                reply, fds = wire.recv_control(self.requests)
+            except OSError as e:
+                self._close_requests()
+                raise AttachError(f"{msg['op']}: the hypervisor cannot be reached: {e}") from None
+            wire.close_fds(fds)
+            if reply is None:
+                self._close_requests()
+                raise AttachError(f"{msg['op']}: the hypervisor closed the connection")
+            return reply
+
+    def _close_requests(self) -> None:
+        if self.requests is not None:
+            self.requests.close()
+            self.requests = None
+
+    def adopt(self) -> None:
+        """In a forked child: become a worker of the partition of its own."""
+        self.ident[0]  # (its fault names this process to the hypervisor)
+        os.close(self.uffd)  # the parent's: the child's own is the hypervisor's
+        self.uffd = -1
+        if self.watchdog is not None:
+            self.watchdog.abandon()  # its thread stayed in the parent
+        self.lock = threading.Lock()
+        if self.requests is not None:
+            self.requests.close()  # (the parent's connection: its copy here only)
+            self.requests = None
+        sock = wire.connect(self.path, timeout=30)
+        wire.send_control(sock, {"op": "adopt", "partition": self.partition})
+        reply, fds = wire.recv_control(sock)
+        wire.close_fds(fds)
+        if not reply or not reply.get("ok"):
+            raise AttachError((reply or {}).get("error", "the hypervisor refused the child"))
+        sock.setblocking(True)
+        self.sock.close()  # the parent's connection: its copy here only
+        self.sock = sock
+        self.worker = reply.get("worker")
+        uffd.mce_remove(self.base)
+        uffd.mce_add(self.base, len(self.mem), sock.fileno(), self.mcelog, self.partition,
+                     isolation_partition=self.isolation == "partition")  # fmt: skip
+        self.watchdog = uffd.Watchdog(sock.fileno(), EXIT_HYPERVISOR_LOST)
+
+
+def _after_fork_in_child() -> None:
+    for s in list(_sessions.values()):
+        try:
+            s.adopt()
+        except Exception as e:  # it cannot be guarded: it must not run on
+            print(f"pyhv: a child of a worker of partition {s.partition} cannot join it: {e}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            os._exit(EXIT_HYPERVISOR_LOST)
+    _pressure.clear()  # (their threads stayed in the parent)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _run_dir(run_dir: str | None) -> str:
@@ -82,7 +178,7 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
         raise AttachError(f"no hypervisor at {path}: {e.strerror or e}") from None
     ok = False
     uffd_fd = -1
-    mem = None
+    mem = ident = None
     try:
         wire.send_control(sock, {"op": "attach", "partition": partition})
         reply, fds = wire.recv_control(sock)
@@ -90,14 +186,16 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
             wire.close_fds(fds)
             raise AttachError((reply or {}).get("error", "the hypervisor refused to attach"))
         memfd, logfd = fds
+        granted = reply
         try:
-            mem = mmap.mmap(memfd, reply["size"], mmap.MAP_SHARED,
-                            mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+            mem = Memory(memfd, reply["size"], mmap.MAP_SHARED,
+                         mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
             mcelog = mmap.mmap(logfd, reply["mcelog_size"], mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             wire.close_fds(fds)
-        mem.madvise(mmap.MADV_DONTFORK)
         base = uffd.address_of(mem)
+        ident = mmap.mmap(-1, uffd.PAGE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        ident.madvise(getattr(mmap, "MADV_WIPEONFORK", 18))  # (Linux: 18)
         uffd_fd = uffd.open_uffd(nonblock=True)
         features = reply["features"]
         offered, _ = uffd.api(uffd_fd, features)
@@ -105,7 +203,9 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
         if missing:
             raise AttachError(f"this kernel's userfaultfd lacks {', '.join(missing)}")
         uffd.register(uffd_fd, base, len(mem), uffd.MODE_MISSING | uffd.MODE_MINOR | uffd.MODE_WP)
-        wire.send_control(sock, {"op": "register", "base": base}, [uffd_fd])
+        ident_at = uffd.address_of(ident)
+        uffd.register(uffd_fd, ident_at, uffd.PAGE_SIZE, uffd.MODE_MISSING)
+        wire.send_control(sock, {"op": "register", "base": base, "ident": ident_at}, [uffd_fd])
         reply, fds = wire.recv_control(sock)
         wire.close_fds(fds)
         if not reply or not reply.get("ok"):
@@ -113,12 +213,16 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
         sock.setblocking(True)
         # the machine-check handler: a poisoned page stops this worker with SIGBUS
         uffd.mce_install()
+        isolation = granted.get("isolation", "process")
         uffd.mce_add(base, len(mem), sock.fileno(), mcelog, partition,
-                     isolation_partition=reply.get("isolation") == "partition")  # fmt: skip
+                     isolation_partition=isolation == "partition")  # fmt: skip
         watchdog = uffd.Watchdog(sock.fileno(), EXIT_HYPERVISOR_LOST)
-        session = _Session(sock, mem, uffd_fd, watchdog, reply.get("worker"), partition)
+        session = _Session(sock, mem, uffd_fd, watchdog, granted.get("worker"), partition)
         session.mcelog = mcelog
         session.base = base
+        session.ident = ident
+        session.isolation = isolation
+        session.path = path
         _sessions[id(mem)] = session
         ok = True
         return mem
@@ -131,6 +235,8 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
                 os.close(uffd_fd)
             if mem is not None:
                 mem.close()
+            if ident is not None:
+                ident.close()
 
 
 def detach(mem: mmap.mmap) -> None:
@@ -154,5 +260,109 @@ def detach(mem: mmap.mmap) -> None:
     del _sessions[id(mem)]
     uffd.mce_remove(s.base)
     s.mcelog.close()
-    os.close(s.uffd)
+    s.ident.close()
+    if s.uffd >= 0:
+        os.close(s.uffd)
+    s._close_requests()
     s.sock.close()
+
+
+# --- beyond faults: loans, advice, numpy views ------------------------------------------
+
+
+def memory(partition: str | None = None, run_dir: str | None = None) -> Memory:
+    """The partition's memory in this process: attached already, or now."""
+    partition = partition or os.environ.get("PYHV_PARTITION")
+    for s in _sessions.values():
+        if partition is None or s.partition == partition:
+            return s.mem
+    return attach(partition, run_dir)
+
+
+def _range(mem: Memory | None, offset, length, what: str) -> tuple["_Session", int, int]:
+    """The session and the whole pages [offset, offset+length) cover;
+    ValueError (nothing done) if they are not within the memory."""
+    s = _sessions.get(id(mem if mem is not None else memory()))
+    if s is None:
+        raise ValueError(f"{what}: not an attached partition memory")
+    size = len(s.mem)
+    for name, v in (("offset", offset), ("length", length)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{what}: {name} must be an int, not {type(v).__name__}")
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ValueError(f"{what}: range {offset}+{length} is outside the partition's memory "
+                         f"({size} bytes)")  # fmt: skip
+    first = offset // uffd.PAGE_SIZE * uffd.PAGE_SIZE
+    end = -(-(offset + length) // uffd.PAGE_SIZE) * uffd.PAGE_SIZE
+    return s, first, end - first
+
+
+def discard(offset: int, length: int, *, mem: Memory | None = None) -> int:
+    """Give [offset, offset+length) back to the pool (AMS's loaning): the
+    frames and device slots of the pages it covers are freed at once, and
+    they read as zeros afterwards.  Both ends must be page-aligned (as for
+    MADV_REMOVE).  Returns the frames freed."""
+    s, first, n = _range(mem, offset, length, "discard")
+    if offset % uffd.PAGE_SIZE or length % uffd.PAGE_SIZE:
+        raise ValueError(f"discard: offset {offset} and length {length} must be multiples "
+                         f"of the page size ({uffd.PAGE_SIZE})")  # fmt: skip
+    if not n:
+        return 0
+    reply = s.request({"op": "discard", "partition": s.partition, "offset": first, "length": n})
+    if not reply.get("ok"):
+        raise AttachError(f"discard: {reply.get('error', 'refused')}")
+    return reply["frames"]
+
+
+def prefetch(offset: int, length: int, *, mem: Memory | None = None) -> None:
+    """Ask for the pages covering [offset, offset+length) to be read ahead;
+    returns at once (like madvise(MADV_WILLNEED)).  At most half the pool
+    is read for one call."""
+    s, first, n = _range(mem, offset, length, "prefetch")
+    if n:
+        s.request({"op": "prefetch", "partition": s.partition, "offset": first, "length": n},
+                  answer=False)  # fmt: skip
+
+
+_pressure: list[threading.Thread] = []
+
+
+def on_pressure(fn, *, mem: Memory | None = None) -> None:
+    """Offer to loan pages: when the pool runs low, the hypervisor calls
+    ``fn(pages)`` (on a thread of this process) before it evicts; fn gives
+    back what it can spare with :func:`discard`.  Exceptions it raises are
+    printed and otherwise ignored."""
+    s = _sessions.get(id(mem if mem is not None else memory()))
+    if s is None:
+        raise ValueError("on_pressure: not an attached partition memory")
+    sock = wire.connect(s.path, timeout=30)
+    try:
+        wire.send_control(sock, {"op": "pressure", "partition": s.partition})
+        reply, fds = wire.recv_control(sock)
+        wire.close_fds(fds)
+    except OSError as e:
+        sock.close()
+        raise AttachError(f"on_pressure: the hypervisor cannot be reached: {e}") from None
+    if not reply or not reply.get("ok"):
+        sock.close()
+        raise AttachError(f"on_pressure: {(reply or {}).get('error', 'refused')}")
+    sock.settimeout(None)
+
+    def listen() -> None:
+        while True:
+            try:
+                msg, fds = wire.recv_control(sock)
+            except (OSError, wire.ProtocolError):
+                return
+            wire.close_fds(fds)
+            if msg is None:
+                return
+            if msg.get("op") == "pressure":
+                try:
+                    fn(int(msg["pages"]))
+                except Exception as e:  # a callback's bug must not end the listening
+                    print(f"pyhv: on_pressure callback failed: {e!r}", file=sys.stderr)
+
+    t = threading.Thread(target=listen, name="pyhv-pressure", daemon=True)
+    t.start()
+    _pressure.append(t)

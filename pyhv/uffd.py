@@ -63,8 +63,10 @@ FEATURES = {
 
 #: What a worker's uffd needs for pyhv: faults on shmem holes, and
 #: write-protection of shmem pages (eviction and dirty tracking).
+# (EVENT_FORK: a worker's children fault through the hypervisor too;
+# EVENT_REMOVE: its MADV_REMOVE gives frames back at once)
 WORKER_FEATURES = ("MISSING_SHMEM", "MINOR_SHMEM", "WP_HUGETLBFS_SHMEM", "PAGEFAULT_FLAG_WP",
-                   "THREAD_ID")  # fmt: skip
+                   "THREAD_ID", "EVENT_FORK", "EVENT_REMOVE")  # fmt: skip
 
 # Outcomes of an ioctl that resolves or wakes a range.
 OK = 0
@@ -235,6 +237,10 @@ class Watchdog:
             w, self._w = self._w, None
             _check(lib.pyhv_watchdog_stop(w), "watchdog stop")
 
+    def abandon(self) -> None:
+        """In a forked child: the thread stayed in the parent; forget it."""
+        self._w = None
+
 
 class ServiceEngine:
     """The paging service's C I/O engine (csrc/service.c): READ and WRITE
@@ -286,13 +292,17 @@ class Engine:
     READ_FAILED = lib.PYHV_EV_READ_FAILED
     WORKER_GONE = lib.PYHV_EV_WORKER_GONE
     CHAN_CLOSED = lib.PYHV_EV_CHAN_CLOSED
+    WORKER_FORKED = lib.PYHV_EV_WORKER_FORKED
+    WORKER_PID = lib.PYHV_EV_WORKER_PID
+    REMOVED = lib.PYHV_EV_REMOVED
     COUNTERS = ("faults", "first_touches", "page_ins", "page_outs", "prefetched", "clean_drops",
                 "refaults", "wp_faults", "minor_faults", "installed_writable",
                 "removed_by_worker", "read_errors", "zeroed_ahead", "armed", "write_refs",
-                "promoted")  # fmt: skip
+                "promoted", "loaned", "advised")  # fmt: skip
     GLOBAL = ("sleeps", "evict_requests", "enomem", "send_errors", "reads_sent", "reads_done",
               "reads_taken_back", "stray_replies", "stray_faults", "fault_reads", "read_rtt_ns",
-              "page_in_waits", "page_in_wait_ns", "reads_refused")  # fmt: skip
+              "page_in_waits", "page_in_wait_ns", "reads_refused", "forks", "forks_lost",
+              "evict_again")  # fmt: skip
 
     def __init__(self, pool_pages: int, reserve: int, spin_us: int):
         err = ffi.new("int *")
@@ -390,12 +400,39 @@ class Engine:
 
     # --- workers and channels -------------------------------------------------------
 
-    def worker_add(self, h, uffd: int, base: int, wid: int):
-        """The engine takes the uffd (and closes it at worker_remove)."""
-        w = lib.pyhv_eng_worker_add(self._e, h, uffd, base, wid, self._err)
+    def worker_add(self, h, uffd: int, base: int, wid: int, pid: int, ident: int = 0):
+        """The engine takes the uffd (and closes it at worker_remove).
+        ident: the worker's identity page (see pyhv.attach), or 0."""
+        w = lib.pyhv_eng_worker_add(self._e, h, uffd, base, wid, pid, ident, self._err)
         if w == ffi.NULL:
             raise OSError(self._err[0], os.strerror(self._err[0]), "worker")
         return w
+
+    def worker_claim(self, wid: int):
+        """The handle of a forked worker (WORKER_FORKED), or None."""
+        w = lib.pyhv_eng_worker_claim(self._e, wid)
+        return None if w == ffi.NULL else w
+
+    def worker_alive(self, w) -> bool:
+        """False once the worker's memory is gone (a child that exited)."""
+        return lib.pyhv_eng_worker_probe(self._e, w) == 0
+
+    def discard(self, h, first: int, n: int) -> tuple[int, int, int]:
+        """Give pages back: (frames freed, slots freed, pages in flight left alone)."""
+        out = ffi.new("uint64_t[3]")
+        _check(lib.pyhv_eng_discard(self._e, h, first, n, out), "discard")
+        return out[0], out[1], out[2]
+
+    def removed(self, h, first: int, n: int) -> int:
+        """After a worker's MADV_REMOVE: frames of pages gone from the memory, freed."""
+        return _check(lib.pyhv_eng_removed(self._e, h, first, n), "removed")
+
+    def prefetch(self, h, first: int, n: int) -> tuple[int, int]:
+        """Read pages ahead on advice: (pages started, where it stopped);
+        raises BlockingIOError while the stream does not flow."""
+        nxt = ffi.new("uint64_t *")
+        started = _check(lib.pyhv_eng_prefetch(self._e, h, first, n, nxt), "prefetch")
+        return started, nxt[0]
 
     def worker_remove(self, w) -> None:
         lib.pyhv_eng_worker_remove(self._e, w)

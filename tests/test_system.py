@@ -140,26 +140,6 @@ def test_a_write_through_another_mapping_dirties_a_clean_page(system):
     assert system.partition("p1")["wp_faults"] > 0
 
 
-WORKER_FORKS = textwrap.dedent("""
-    import os, sys, pyhv
-    mem = pyhv.attach()
-    mem[0] = 1
-    pid = os.fork()
-    if pid == 0:
-        mem[4096]  # not inherited: this must crash, not read zeros
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    print("child", os.waitstatus_to_exitcode(status))
-""")
-
-
-def test_a_forked_child_cannot_touch_partition_memory(system):
-    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]))
-    rc, out, err = finish(system.run("p1", PY, "-c", WORKER_FORKS))
-    assert rc == 0, err
-    assert f"child {-signal.SIGSEGV}" in out
-
-
 WORKER_READS_FOREVER = textwrap.dedent("""
     import random, sys, pyhv
     from pyhv.pattern import page_pattern

@@ -18,7 +18,6 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import time
 
 from pyhv import uffd, wire
@@ -26,6 +25,7 @@ from pyhv.hypervisor import vcp
 from pyhv.hypervisor.partition import Partition, Worker
 from pyhv.uffd import PAGE_SIZE
 from pyhv.hypervisor.vcp import Refused
+from pyhv.hypervisor.workers import peer_pid
 
 log = logging.getLogger("pyhv.hypervisor")
 
@@ -143,6 +143,7 @@ class ControlRoom:
             "errors": self.op_errors,
             "slots": self.op_slots,
             **vcp.handlers(self),
+            **self.worker_handlers(),
         }
 
     def on_accept(self, mask: int) -> None:
@@ -354,9 +355,7 @@ class ControlRoom:
 
     def op_attach(self, conn, msg, fds):
         name = msg["partition"]
-        # who it is comes from the kernel (SO_PEERCRED), never from the message
-        pid, _, _ = struct.unpack("3i", conn.sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))  # fmt: skip
+        pid = peer_pid(conn.sock)  # from the kernel, never from the message
         part = self.by_name.get(name)
         if part is None:
             return {"ok": False, "error": f"unknown partition {name!r}"}, ()
@@ -394,8 +393,12 @@ class ControlRoom:
             log.warning("partition %s: worker pid %d: registration refused: %s",
                         w.partition.name, w.pid, e)  # fmt: skip
             raise
+        ident = msg.get("ident", 0)
+        if isinstance(ident, bool) or not isinstance(ident, int) or ident % PAGE_SIZE or not (
+                0 <= ident < 1 << 64) or base <= ident < base + w.partition.cfg.memory:  # fmt: skip
+            raise wire.ProtocolError(f"ident {ident!r} is no page of its own")
         try:
-            w.eng = self.engine.worker_add(w.partition.eng, fds[0], base, w.id)
+            w.eng = self.engine.worker_add(w.partition.eng, fds[0], base, w.id, w.pid, ident)
         except OSError as e:
             raise wire.ProtocolError(f"its userfaultfd failed at once: {e.strerror}") from None
         fds.pop()  # the engine's now: it closes it when the worker goes
@@ -416,15 +419,21 @@ class ControlRoom:
         part = w.partition
         part.workers.pop(w.id, None)
         self.workers_by_id.pop(w.id, None)
+        self.unidentified.discard(w)
         if kill and w.pidfd >= 0:
             try:
                 signal.pidfd_send_signal(w.pidfd, signal.SIGKILL)
             except OSError:
                 pass
-        self._close_conn(w.conn)
+        if w.conn is not None:
+            self._close_conn(w.conn)
         log.info("partition %s: worker %d (pid %d) detached: %s", part.name, w.id, w.pid, why)
         if w.eng is not None and w.pidfd >= 0 and maps_range(w.pid, w.base, part.cfg.memory):
-            self.sel.register(w.pidfd, selectors.EVENT_READ, lambda m, w=w: self._worker_gone(w))
+            handler = lambda m, w=w: self._worker_gone(w)  # noqa: E731
+            try:
+                self.sel.register(w.pidfd, selectors.EVENT_READ, handler)
+            except KeyError:  # (a forked child's pidfd is watched already)
+                self.sel.modify(w.pidfd, selectors.EVENT_READ, handler)
         else:  # gone, or it unmapped the memory (a detach): nothing left to guard
             self._worker_gone(w)
 

@@ -43,6 +43,7 @@ from pyhv.hypervisor.engine import EngineSide
 from pyhv.hypervisor.machine_check import MachineChecks
 from pyhv.hypervisor.partition import Partition, Worker
 from pyhv.hypervisor.streams import PagingServices
+from pyhv.hypervisor.workers import PROBE_EVERY, WorkerRoom
 from pyhv.stream import ABORTED, COMPLETED, FLOWING, Request, ServiceLink, Stream
 from pyhv.uffd import PAGE_SIZE
 from pyhv.hypervisor.vcp import Refused
@@ -54,7 +55,7 @@ PID_FILE = "hypervisor.pid"
 LOG_FILE = "hypervisor.log"
 
 
-class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks):
+class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerRoom):
     def __init__(self, run_dir: str, config: Config):
         self.run_dir = run_dir
         self.config = config
@@ -84,6 +85,10 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks):
         self.partial: set = set()  # connections in the middle of a long request
         self.reply_bytes = 0  # queued in every Control.out together
         self.pending_ops: list = []  # (predicate, action) of operations still under way
+        self.timers: list = []  # (when, action): run once time.monotonic() passes when
+        self.unidentified: set[Worker] = set()  # forked children whose pid is not known yet
+        self.next_probe = 0.0
+        self.pressure_until = 0.0  # eviction waits for loans asked until then
         self.errors: list[dict] = []  # machine-check records, oldest first
         self.control_handlers = self.control_handlers()
 
@@ -178,7 +183,17 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks):
         else:
             self.pending_ops.append((predicate, action))
 
+    def later(self, seconds: float, action) -> None:
+        """Run action once, `seconds` from now (at the loop's next turn after)."""
+        self.timers.append((time.monotonic() + seconds, action))
+
     def _run_pending(self) -> None:
+        now = time.monotonic()
+        due = [t for t in self.timers if t[0] <= now]
+        if due:
+            self.timers = [t for t in self.timers if t[0] > now]
+            for _, action in due:
+                action()
         while True:
             ready = [op for op in self.pending_ops if op[0]()]
             if not ready:
@@ -191,7 +206,8 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks):
         """The loop: no fault passes through it (the engine's thread resolves
         them), so it sleeps until something needs Python."""
         while not self.done:
-            events = self.sel.select(1.0)
+            wait = min((t[0] for t in self.timers), default=math.inf) - time.monotonic()
+            events = self.sel.select(max(0.0, min(1.0, wait)))
             for key, mask in events:
                 try:
                     key.data(mask)
@@ -212,6 +228,9 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks):
                 part.slots.retry(now)
             self.next_slot_retry = min((p.slots.next_retry for p in self.partitions),
                                        default=math.inf)  # fmt: skip
+        if self.unidentified and now >= self.next_probe:
+            self.next_probe = now + PROBE_EVERY
+            self.probe_children()
         if now >= self.next_pool_check:  # faults waiting for a frame: a full device may have room
             self.next_pool_check = now + 0.1
             self.replenish()

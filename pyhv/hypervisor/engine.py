@@ -50,6 +50,12 @@ class EngineSide:
                 for svc in self.services.values():
                     if svc.chan is not None and svc.chan_id == worker:
                         self.service_failed(svc, "its fast channel closed")
+            elif kind == uffd.Engine.WORKER_FORKED:
+                self.on_forked(self.by_index.get(stream), page, worker, err)
+            elif kind == uffd.Engine.WORKER_PID:
+                self.on_worker_pid(worker, page)
+            elif kind == uffd.Engine.REMOVED:
+                self.on_removed(self.by_index.get(stream), page, worker)
         self.replenish()
 
     # --- eviction -----------------------------------------------------------------------
@@ -62,6 +68,9 @@ class EngineSide:
         want = self.engine.shortfall(coming)
         if want <= 0:
             return
+        if (self.ask_loans(want) or time.monotonic() < self.pressure_until) and not (
+                self.engine.pool()["waiting"]):  # fmt: skip
+            return  # a moment for the loans first (then this runs again)
         want += victims.batch(self.pool_pages)
         now = time.monotonic()
         candidates = {}

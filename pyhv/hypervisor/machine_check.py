@@ -45,7 +45,15 @@ class MachineChecks:
         self.errors.append(record)
         log.error("partition %s: page %d (device %s slot %d): page-in failed: %s; machine check",
                   part.name, page, part.device.id, slot, error)  # fmt: skip
+        self._poison(part, page, record)
+
+    def _poison(self, part: Partition, page: int, record: dict) -> None:
+        if part.eng is None:  # removed meanwhile
+            return
         slot, touched = self.engine.poison(part.eng, page)
+        if slot == -2:  # a worker of the partition forks right now: in a moment
+            self.later(0.005, lambda: self._poison(part, page, record))
+            return
         for wid in touched:
             w = part.workers.get(wid)
             if w is not None and w.pid not in record["workers"]:

@@ -21,7 +21,8 @@ from pyhv.uffd import PAGE_SIZE
 
 # Page states, as the engine keeps them (csrc/engine.c says what each means).
 UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED = range(7)
-STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device", "poisoned")
+STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device", "poisoned",
+               "loaned")  # fmt: skip
 SLOT_FREE, SLOT_USED, SLOT_BAD = 0, 1, 2  # the engine's slot map
 
 
@@ -72,6 +73,8 @@ class Partition:
         self.counters = collections.Counter()  # what Python counts: errors
         self.slots = SlotHealth(self._slot_free)  # slots that failed a write
         self.full_until = 0.0  # no new dirty page-outs until then (full, or failing)
+        self.pressure: set = set()  # connections of workers that loan pages when asked
+        self.last_ask = 0.0  # when they were last asked
 
     def in_memory(self, page: int) -> bool:
         """Is the page in the memfd's page cache (mincore: no fault, no fill)?"""
@@ -115,6 +118,12 @@ class Partition:
             "installed_writable": s["installed_writable"],
             "written_share": round(s["written_share"], 3),
             "removed_by_worker": s["removed_by_worker"],
+            "loaned_pages": counts[7],  # given back (discard, MADV_REMOVE), not touched since
+            "frames_loaned": s["loaned"],  # frames given back so, in all
+            "loans_asked": c["loans_asked"],  # pages asked for under pool pressure
+            "discards": c["discards"],
+            "advised": s["advised"],  # pages read ahead on advice (pyhv.prefetch)
+            "forks": c["forks"],  # workers' children adopted
             "io_errors": c["io_errors"],
             "page_out_errors": c["page_out_errors"],
             "machine_checks": c["machine_checks"],
@@ -130,6 +139,6 @@ class Partition:
             "stream_in_flight": len(self.stream.inflight) + s["reads_inflight"],
             "stream_queued": len(self.stream.queued) + s["reads_queued"],
             "service": self.stream.service.name if self.stream.service else None,
-            "workers": sorted(w.pid for w in self.workers.values()),
+            "workers": sorted(w.pid for w in self.workers.values() if w.pid),
             "pages_by_state": {STATE_NAMES[i]: n for i, n in enumerate(counts) if n},
         }
