@@ -159,6 +159,21 @@ def _page_list(value: str) -> list[int]:
     return pages
 
 
+def _above_zero(kind, what: str, most: float = float("inf")):
+    """An argument type: a number of this kind (int, float) above 0, at most `most`."""
+
+    def parse(value: str):
+        try:
+            x = kind(value)
+        except ValueError:
+            x = 0
+        if not 0 < x <= most:  # (nor nan)
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
+        return x
+
+    return parse
+
+
 def _names(value: str | None) -> list[str] | None:
     return None if value is None else [v for v in value.split(",") if v]
 
@@ -341,6 +356,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_stat(args) -> int:
+    """One line of figures an interval (see pyhv.top)."""
+    from pyhv import top
+
+    return top.stat(_run_dir(args), args.interval, args.count, args.json)
+
+
+def cmd_top(args) -> int:
+    """The full-screen view (see pyhv.top)."""
+    from pyhv import top
+
+    return top.top(_run_dir(args), args.interval)
+
+
 def cmd_demo(args) -> int:
     from pyhv import demo
 
@@ -374,6 +403,23 @@ def build_parser() -> Parser:
     run_dir_opt(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    def interval_opt(p):
+        run_dir_opt(p)
+        p.add_argument("-i", "--interval", default=1.0, metavar="SECONDS",
+                       type=_above_zero(float, "a number of seconds above 0, at most 86400", 86400),
+                       help="seconds between samples (default 1)")  # fmt: skip
+
+    p = sub.add_parser("stat", help="pool and paging figures, one line an interval (like vmstat)")
+    interval_opt(p)
+    p.add_argument("-n", "--count", type=_above_zero(int, "a count of 1 or more"), metavar="COUNT",
+                   help="lines to print (default: until interrupted)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+    p.set_defaults(func=cmd_stat)
+
+    p = sub.add_parser("top", help="full-screen live view: pool, partitions, services, processes")
+    interval_opt(p)
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("shutdown", help="stop everything in order")
     run_dir_opt(p)

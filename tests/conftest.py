@@ -26,6 +26,17 @@ def pyhv(*args, check=False, timeout=120, **kw) -> subprocess.CompletedProcess:
     return p
 
 
+def assert_one_line_error(p: subprocess.CompletedProcess, *words: str, code: int = 2) -> None:
+    """One line on stderr, "pyhv: error: ..." with these words, no traceback; exit code."""
+    assert p.returncode == code, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    assert lines[0].startswith("pyhv: error: ")
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
 def config_text(pool="16MiB", partitions=(("p1", "64MiB"),), services=("vios1",),
                 device_size=None, extra="", paging=None, service_extra="") -> str:  # fmt: skip
     out = [f'[pool]\nsize = "{pool}"\n']

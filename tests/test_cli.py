@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import PY, config_text, pyhv
+from conftest import PY, assert_one_line_error, config_text, pyhv
 
 GOOD = config_text(pool="1MiB", partitions=[("p1", "4MiB")])
 
@@ -26,16 +26,6 @@ def bad_config(tmp_path, text: str) -> subprocess.CompletedProcess:
     assert not started, "a bad config started a system"
     assert not (run_dir / "hypervisor.pid").exists()
     return p
-
-
-def assert_one_line_error(p: subprocess.CompletedProcess, *words: str) -> None:
-    assert p.returncode == 2, (p.returncode, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
-    assert "Traceback" not in p.stderr
-    assert lines[0].startswith("pyhv: error: ")
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 BAD_CONFIGS = {
