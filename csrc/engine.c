@@ -126,7 +126,6 @@ struct eng_worker {
 	int pid;	     /* 0: a forked child not identified yet (its first fault tells) */
 	uint64_t ident;	     /* its identity page (private, wiped on fork), or 0 */
 	struct eng_worker *unclaimed_next; /* forked, Python has not taken it yet */
-	int unclaimed;
 };
 
 struct waiter {
@@ -1254,14 +1253,15 @@ static void forked(struct pyhv_eng *e, struct eng_worker *parent, int fd)
 		post(e, PYHV_EV_WORKER_FORKED, err, p, parent->id, 0);
 		return;
 	}
-	w->unclaimed = 1;
 	w->unclaimed_next = e->unclaimed;
 	e->unclaimed = w;
 	e->g.forks++;
 	post(e, PYHV_EV_WORKER_FORKED, 0, p, parent->id, w->id);
 }
 
-struct pyhv_eng_worker *pyhv_eng_worker_claim(struct pyhv_eng *e, uint64_t id)
+/* Python takes a forked worker: its handle (NULL: no such one), and where
+ * it maps the memory (*base_out). */
+struct pyhv_eng_worker *pyhv_eng_worker_claim(struct pyhv_eng *e, uint64_t id, uint64_t *base_out)
 {
 	pthread_mutex_lock(&e->mu);
 	struct eng_worker *w = NULL;
@@ -1269,7 +1269,7 @@ struct pyhv_eng_worker *pyhv_eng_worker_claim(struct pyhv_eng *e, uint64_t id)
 		if ((*at)->id == id) {
 			w = *at;
 			*at = w->unclaimed_next;
-			w->unclaimed = 0;
+			*base_out = w->base;
 			break;
 		}
 	pthread_mutex_unlock(&e->mu);

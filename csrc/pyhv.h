@@ -151,7 +151,7 @@ uint64_t pyhv_eng_slot_count(struct pyhv_eng *e, struct pyhv_eng_part *p, int st
 struct pyhv_eng_worker *pyhv_eng_worker_add(struct pyhv_eng *e, struct pyhv_eng_part *p, int uffd,
 					    uint64_t base, uint64_t id, int pid, uint64_t ident,
 					    int *err);
-struct pyhv_eng_worker *pyhv_eng_worker_claim(struct pyhv_eng *e, uint64_t id);
+struct pyhv_eng_worker *pyhv_eng_worker_claim(struct pyhv_eng *e, uint64_t id, uint64_t *base_out);
 int pyhv_eng_worker_probe(struct pyhv_eng *e, struct pyhv_eng_worker *w);
 int pyhv_eng_discard(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n,
 		     uint64_t *out);

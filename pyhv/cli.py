@@ -84,13 +84,13 @@ def format_status(st: dict) -> str:
         "waiting for a frame",
         "",
         f"{'PARTITION':<12}{'MEMORY':>9}{'RESIDENT':>10}{'FAULTS':>10}{'PAGE-INS':>10}"
-        f"{'PAGE-OUTS':>11}{'DROPS':>8}{'WORKERS':>9}  DEVICE",
+        f"{'PAGE-OUTS':>11}{'DROPS':>8}{'LOANED':>8}{'WORKERS':>9}  DEVICE",
     ]
     for p in st["partitions"]:
         lines.append(
             f"{p['name']:<12}{human_size(p['memory_bytes']):>9}{p['resident_pages']:>10}"
             f"{p['faults']:>10}{p['page_ins']:>10}{p['page_outs']:>11}{p['clean_drops']:>8}"
-            f"{len(p['workers']):>9}  {p['device']}"
+            f"{p['loaned_pages']:>8}{len(p['workers']):>9}  {p['device']}"
         )
     lines.append("")
     lines += format_services(st["paging_services"]).splitlines()

@@ -409,9 +409,10 @@ class Engine:
         return w
 
     def worker_claim(self, wid: int):
-        """The handle of a forked worker (WORKER_FORKED), or None."""
-        w = lib.pyhv_eng_worker_claim(self._e, wid)
-        return None if w == ffi.NULL else w
+        """(handle, base) of a forked worker (WORKER_FORKED), or (None, 0)."""
+        base = ffi.new("uint64_t *")
+        w = lib.pyhv_eng_worker_claim(self._e, wid, base)
+        return (None, 0) if w == ffi.NULL else (w, base[0])
 
     def worker_alive(self, w) -> bool:
         """False once the worker's memory is gone (a child that exited)."""

@@ -89,13 +89,12 @@ class WorkerRoom:
             log.error("partition %s: a child of worker %d cannot be served (%s): its faults "
                       "will wait", part.name, parent_id, os.strerror(err))  # fmt: skip
             return
-        handle = self.engine.worker_claim(child_id)
+        handle, base = self.engine.worker_claim(child_id)
         if handle is None:
             return
-        parent = self.workers_by_id.get(parent_id)
         w = Worker(child_id, 0, part, None)
         w.eng = handle
-        w.base = parent.base if parent is not None else 0
+        w.base = base
         part.workers[w.id] = w
         self.workers_by_id[w.id] = w
         part.counters["forks"] += 1
