@@ -49,6 +49,19 @@ directory (removed at the end):
    zeropage median): what the same faults would cost with no policy, no
    paging-service hop and no write-back.
 
+5. **Dataset** (``pyhv.bench_dataset``): a seeded ragged dataset built with
+   mmap-ninja's ``RaggedMmap`` (float32 samples of 4-64 KiB, 48 MiB in all;
+   quick: 24 MiB), then two epochs of shuffled batches of 32 samples with a
+   small computation a sample, checked against the files: under pyhv
+   (``pyhv.array``), under pyhv with ``pyhv.prefetch`` of the next batch,
+   on anonymous memory in the kernel swap's cgroup, and read straight from
+   the files in that cgroup (as they are, and after ``MADV_RANDOM``).  The
+   ``dataset`` row is pyhv against kernel swap; the other modes are in
+   lines of their own below the table.  It runs last (after ``--scale``):
+   its files modes read the most, and disturb what follows.
+
+``only``: the workloads named (of ``NAMES``), the C floor always.
+
 Every touch is timed on its own as well (``perf_counter_ns`` around it, on
 both sides alike; the workload's time is the whole loop, these included).
 The CDF plots these per-touch latencies of the random workload.  "Page-in
@@ -82,7 +95,9 @@ POOL = 16 * MiB  # pyhv's pool, and the kernel cgroup's share for data
 INTERPRETER = 8 * MiB  # the cgroup's allowance for the Python interpreter
 DEVICE = 2 * MEMORY  # the paging device, the same size for both: kernel swap and pyhv
 WORKLOADS = ("random", "sequential", "scattered", "zipf")
-ROWS = ("fill", *WORKLOADS)  # fill: the random workload's first write of every page
+DATASET = 48 * MiB  # the dataset workload's samples in all (quick: half), pyhv.bench_dataset
+NAMES = (*WORKLOADS, "dataset")  # what --only may name
+ROWS = ("fill", *NAMES)  # fill: the random workload's first write of every page
 SEED = 5
 CGROUP_PREFIX = "pyhv-bench-"
 ZIPF_S = 1.0
@@ -91,7 +106,8 @@ ZIPF_S = 1.0
 def params(quick: bool) -> dict:
     """The workload sizes of a run."""
     return {"touches": 5000 if quick else 20000, "passes": 1 if quick else 2,
-            "memory": MEMORY, "seed": SEED}  # fmt: skip
+            "memory": MEMORY, "seed": SEED, "dataset_bytes": DATASET // 2 if quick else DATASET,
+            "epochs": 2, "batch": 32}  # fmt: skip
 
 
 # =====================================================================================
@@ -145,21 +161,42 @@ def _pyhv_counters() -> dict:
     st = wire.request(path, {"op": "status"})
     part = next(p for p in st["partitions"] if p["name"] == os.environ["PYHV_PARTITION"])
     keys = ("faults", "first_touches", "page_ins", "page_outs", "clean_drops", "wp_faults",
-            "io_errors", "machine_checks", "resident_pages")  # fmt: skip
+            "minor_faults", "prefetched", "advised", "io_errors", "machine_checks",
+            "resident_pages")  # fmt: skip
     return {k: part.get(k, 0) for k in keys}
+
+
+def _cgroup_charge() -> int | None:
+    """What this process's memory cgroup is charged now (KernelSwap.run names
+    the file in PYHV_BENCH_CGROUP_USAGE), or None outside one."""
+    with contextlib.suppress(KeyError, OSError, ValueError):
+        with open(os.environ["PYHV_BENCH_CGROUP_USAGE"]) as f:
+            return int(f.read())
+    return None
 
 
 def workload_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyhv.benchmark workload")
-    ap.add_argument("name", choices=WORKLOADS)
-    ap.add_argument("--mode", choices=["anon", "pyhv"], default="anon",
-                    help="anon: mmap(-1) (kernel swap); pyhv: pyhv.attach()")  # fmt: skip
+    ap.add_argument("name", choices=NAMES)
+    ap.add_argument("--mode", choices=["anon", "pyhv", "prefetch", "files", "files-random"],
+                    default="anon", help="anon: mmap(-1) (kernel swap); pyhv: pyhv.attach(); "
+                    "dataset only: prefetch (pyhv, and pyhv.prefetch a batch ahead), files, "
+                    "files-random (pyhv.bench_dataset)")  # fmt: skip
     ap.add_argument("--memory", type=int, default=MEMORY)
     ap.add_argument("--touches", type=int, default=20000)
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--samples", action="store_true", help="print every touch's latency (ns)")
+    ap.add_argument("--data", help="dataset: the directory pyhv.bench_dataset.make filled")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args(argv)
+    if args.name == "dataset":
+        from pyhv import bench_dataset
+
+        return bench_dataset.main(args)
+    if args.mode not in ("anon", "pyhv"):
+        ap.error(f"--mode {args.mode} is for the dataset workload")
 
     import mmap
     import resource
@@ -170,10 +207,7 @@ def workload_main(argv: list[str]) -> int:
         mem = pyhv.attach()
         size = len(mem)
     else:
-        charge = None  # what the interpreter is charged before the data exists
-        with contextlib.suppress(KeyError, OSError, ValueError):
-            with open(os.environ["PYHV_BENCH_CGROUP_USAGE"]) as f:
-                charge = int(f.read())
+        charge = _cgroup_charge()  # what the interpreter is charged before the data exists
         size = args.memory
         mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     npages = size // PAGE
@@ -308,9 +342,13 @@ def _raise_interrupt(signum, frame):
 
 
 def _workload_cmd(name: str, mode: str, p: dict, samples: bool) -> list[str]:
-    cmd = module_command("pyhv.benchmark", "workload", name, "--mode", mode,
-                         "--memory", str(p["memory"]), "--touches", str(p["touches"]),
-                         "--passes", str(p["passes"]), "--seed", str(p["seed"]))  # fmt: skip
+    if name == "dataset":
+        sizes = ["--data", p["data"], "--epochs", str(p["epochs"]), "--batch", str(p["batch"])]
+    else:
+        sizes = ["--memory", str(p["memory"]), "--touches", str(p["touches"]),
+                 "--passes", str(p["passes"])]  # fmt: skip
+    cmd = module_command("pyhv.benchmark", "workload", name, "--mode", mode, *sizes,
+                         "--seed", str(p["seed"]))  # fmt: skip
     if samples:
         cmd.append("--samples")
     return cmd
@@ -442,11 +480,12 @@ class KernelSwap:
         with open(os.path.join(self.cgroup, name), "w") as f:
             f.write(value)
 
-    def run(self, name: str, p: dict, samples: bool = False, timeout: float = 600) -> dict:
+    def run(self, name: str, p: dict, samples: bool = False, timeout: float = 600,
+            mode: str = "anon") -> dict:  # fmt: skip
         procs = os.path.join(self.cgroup, "cgroup.procs")
         # The shell joins the cgroup, then becomes Python: the interpreter is charged too.
         cmd = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs,
-               *_workload_cmd(name, "anon", p, samples)]  # fmt: skip
+               *_workload_cmd(name, mode, p, samples)]  # fmt: skip
         usage = "memory.usage_in_bytes" if self.info["cgroup_version"] == "v1" else "memory.current"
         env = dict(os.environ, PYHV_BENCH_CGROUP_USAGE=os.path.join(self.cgroup, usage))
         oom_kills = 0
@@ -619,9 +658,10 @@ class PyhvSystem:
             pass
         return None
 
-    def run(self, name: str, p: dict, samples: bool = False, timeout: float = 600) -> dict:
+    def run(self, name: str, p: dict, samples: bool = False, timeout: float = 600,
+            mode: str = "pyhv") -> dict:  # fmt: skip
         cmd = ["run", "--run-dir", self.run_dir, "--partition", "p1", "--",
-               *_workload_cmd(name, "pyhv", p, samples)]  # fmt: skip
+               *_workload_cmd(name, mode, p, samples)]  # fmt: skip
         r = _pyhv(*cmd, timeout=timeout)
         return _parse_workload(r, f"pyhv workload {name}")
 
@@ -634,12 +674,12 @@ class PyhvSystem:
 
 
 def run_pyhv_workload(device: str, run_dir: str, name: str, p: dict,
-                      samples: bool = False) -> dict:  # fmt: skip
+                      samples: bool = False, mode: str = "pyhv") -> dict:  # fmt: skip
     """One workload on a fresh pyhv system on device; always shut down."""
     system = PyhvSystem(run_dir, device)
     try:
         system.up()
-        out = system.run(name, p, samples)
+        out = system.run(name, p, samples, mode=mode)
     finally:
         with _no_interrupts():
             system.shutdown()
@@ -725,14 +765,25 @@ def _downsample(values_ns: list[int], points: int = 2000) -> list[float]:
 
 
 def run(quick: bool = False, json_file: str | None = None, plot_file: str | None = None,
-        progress: bool = True, scale: bool = False) -> dict:  # fmt: skip
-    """Run the whole comparison; returns the result dict (see format_table)."""
+        progress: bool = True, scale: bool = False,
+        only: list[str] | None = None) -> dict:  # fmt: skip
+    """Run the whole comparison (or the workloads `only` names, of NAMES);
+    returns the result dict (see format_table)."""
+    from pyhv import bench_dataset
     from pyhv.progress import Progress
 
     if plot_file:
         _need_matplotlib()  # fail before minutes of measuring, not after
+    names = [n for n in NAMES if not only or n in only]
+    if only and (set(only) - set(NAMES) or not names):
+        raise BenchError(f"--only: choose among {', '.join(NAMES)}")
+    no_dataset = bench_dataset.unavailable() if "dataset" in names else None
+    if no_dataset and only:
+        raise BenchError(f"the dataset workload {no_dataset}")
+    workloads = [n for n in names if n in WORKLOADS]
     p = params(quick)
-    steps = 2 + 2 * len(WORKLOADS) + 1 + (1 if plot_file else 0) + (1 if scale else 0)
+    steps = (2 + 2 * len(workloads) + 1 + (1 if plot_file else 0) + (1 if scale else 0)
+             + (1 + len(bench_dataset.MODES) if "dataset" in names else 0))  # fmt: skip
     bar = Progress("pyhv bench", steps, enabled=progress)
     started = time.time()
     result: dict = {
@@ -776,7 +827,7 @@ def run(quick: bool = False, json_file: str | None = None, plot_file: str | None
                                      "size_bytes": DEVICE}  # fmt: skip
             bar.advance(1)
 
-            for i, name in enumerate(WORKLOADS):
+            for i, name in enumerate(workloads):
                 row: dict = {"touches": None}
                 want = name == "random"  # per-touch samples for the CDF
                 if kswap:
@@ -806,8 +857,6 @@ def run(quick: bool = False, json_file: str | None = None, plot_file: str | None
                             if row.get(side)}  # fmt: skip
                     fill["touches"] = next((f["touches"] for f in fill.values()), None)
                     result["workloads"]["fill"] = _row(fill, result["c_floor"])
-            result["workloads"] = {k: result["workloads"][k] for k in ROWS
-                                   if k in result["workloads"]}  # fmt: skip
             if scale:
                 try:
                     sc = run_scale(tmpdir, p)
@@ -821,6 +870,19 @@ def run(quick: bool = False, json_file: str | None = None, plot_file: str | None
                 except (BenchError, subprocess.TimeoutExpired) as e:
                     result["errors"].append(f"pyhv scale: {e}")
                 bar.advance(1)
+            # the dataset last: its files modes read the most, and disturb what follows
+            if "dataset" in names and no_dataset:
+                result["dataset"] = {"skipped": no_dataset}
+            elif "dataset" in names:
+                result["dataset"] = run_dataset(tmpdir, p, kswap, loop.dev, result["errors"],
+                                                bar.advance)  # fmt: skip
+                modes = result["dataset"].get("modes", {})
+                result["workloads"]["dataset"] = _row(
+                    {"pyhv": modes.get("pyhv"), "kernel_swap": modes.get("anon"),
+                     "touches": next((m["touches"] for m in modes.values()), None)},
+                    result["c_floor"])  # fmt: skip
+            result["workloads"] = {k: result["workloads"][k] for k in ROWS
+                                   if k in result["workloads"]}  # fmt: skip
 
             result["fault_latency"] = {
                 label: _summary_us(v) for label, v in samples.items()
@@ -849,6 +911,51 @@ def run(quick: bool = False, json_file: str | None = None, plot_file: str | None
             json.dump(result, f, indent=1)
             f.write("\n")
     return result
+
+
+def run_dataset(tmpdir: str, p: dict, kswap: KernelSwap | None, device: str, errors: list,
+                advance) -> dict:  # fmt: skip
+    """The dataset workload (pyhv.bench_dataset): generate the dataset and
+    its reference results, then run it on kernel swap and on the files in
+    the memory cgroup, and on pyhv without and with prefetch; a mode that
+    fails, or whose results differ from the files', is an error."""
+    from pyhv import bench_dataset as ds
+
+    data = os.path.join(tmpdir, "dataset")
+    try:
+        info = ds.make(data, p["dataset_bytes"], p["seed"])
+    except (OSError, ValueError) as e:
+        errors.append(f"dataset: generating it: {e}")
+        advance(1 + len(ds.MODES))
+        return {"skipped": f"could not be generated: {e}"}
+    advance(1)
+    q = {**p, "data": data}
+    out = {"info": info, "epochs": p["epochs"], "batch": p["batch"],
+           "computation": ds.COMPUTATION, "modes": {}, "failed": {}}  # fmt: skip
+    for mode in ds.MODES:
+        what = f"dataset {ds.LABELS[mode]}"
+        try:
+            if mode in ("anon", *ds.FILES):
+                if kswap is None:  # (the reason is in result["kernel_swap"])
+                    continue
+                r = kswap.run("dataset", q, mode=mode)
+            else:
+                r = run_pyhv_workload(device, os.path.join(tmpdir, f"run-dataset-{mode}"),
+                                      "dataset", q, mode=mode)  # fmt: skip
+        except (BenchError, subprocess.TimeoutExpired) as e:
+            errors.append(f"{what}: {e}")
+            continue
+        finally:
+            advance(1)
+        try:
+            ds.check(r, info, p["epochs"])
+            out["modes"][mode] = r
+        except ValueError as e:  # an error row, shown with its mismatches
+            out["failed"][mode] = r
+            errors.append(f"{what}: {e}")
+    out.update(ds.summary(out["modes"]))
+    shutil.rmtree(data, ignore_errors=True)
+    return out
 
 
 def _row(row: dict, floor: dict) -> dict:
@@ -903,10 +1010,12 @@ def _fmt_s(v) -> str:
 def format_table(result: dict) -> str:
     """The table: workload, pyhv, kernel swap, ratio, C floor; then fault figures."""
     p = result["params"]
+    sizes = (f"{p['memory'] // MiB} MiB per workload" if set(result["workloads"]) - {"dataset"}
+             else "the dataset workload")  # fmt: skip
     lines = [
-        f"pyhv bench{' --quick' if result['quick'] else ''}: {p['memory'] // MiB} MiB per "
-        f"workload, pyhv pool {p['pool_bytes'] // MiB} MiB vs kernel swap in a "
-        f"{p['cgroup_limit_bytes'] // MiB} MiB memory cgroup; loop devices, direct I/O",
+        f"pyhv bench{' --quick' if result['quick'] else ''}: {sizes}, pyhv pool "
+        f"{p['pool_bytes'] // MiB} MiB vs kernel swap in a {p['cgroup_limit_bytes'] // MiB} MiB "
+        "memory cgroup; loop devices, direct I/O",
         "",
         f"{'workload':<12}{'touches':>9}{'pyhv':>11}{'kernel swap':>13}{'ratio':>8}"
         f"{'C floor*':>11}{'ctxt/miss**':>14}",
@@ -956,6 +1065,10 @@ def format_table(result: dict) -> str:
                      f"{sc['random_us_per_touch']} us a touch ({sc.get('random_vs_small', '-')}x);"
                      f" hypervisor RSS {sc['hypervisor_rss_bytes_per_page']} B a page, "
                      f"page tables {sc['metadata_bytes_per_page']} B a page")  # fmt: skip
+    if "dataset" in result:
+        from pyhv import bench_dataset
+
+        lines.extend(bench_dataset.format_block(result["dataset"], ks.get("limit_bytes")))
     if not ks.get("available"):
         lines.append(f"kernel swap skipped: {ks.get('skipped')}")
     for e in result.get("errors", []):
@@ -1043,9 +1156,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_file")
     ap.add_argument("--plot", dest="plot_file")
     ap.add_argument("--scale", action="store_true")
+    ap.add_argument("--only", type=lambda v: v.split(","), help=f"of {','.join(NAMES)}")
     args = ap.parse_args(argv)
     try:
-        r = run(args.quick, args.json_file, args.plot_file, progress=True, scale=args.scale)
+        r = run(args.quick, args.json_file, args.plot_file, progress=True, scale=args.scale,
+                only=args.only)  # fmt: skip
     except BenchError as e:
         print(f"pyhv bench: {e}", file=sys.stderr)
         return 1

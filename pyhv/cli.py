@@ -178,6 +178,16 @@ def _names(value: str | None) -> list[str] | None:
     return None if value is None else [v for v in value.split(",") if v]
 
 
+def _bench_names(value: str) -> list[str]:
+    """An argument type: workloads of pyhv bench, comma-separated."""
+    from pyhv.benchmark import NAMES
+
+    names = _names(value)
+    if not names or set(names) - set(NAMES):
+        raise argparse.ArgumentTypeError(f"{value!r}: choose among {','.join(NAMES)}")
+    return names
+
+
 def cmd_pool_resize(args) -> int:
     r = _op(args, {"op": "pool_resize", "size": args.size})
     return _emit(args, r, f"pool: {r['old_pages']} -> {r['pages']} pages "
@@ -345,7 +355,8 @@ def cmd_bench(args) -> int:
     from pyhv import benchmark
 
     try:
-        r = benchmark.run(args.quick, args.json, args.plot, progress=True, scale=args.scale)
+        r = benchmark.run(args.quick, args.json, args.plot, progress=True, scale=args.scale,
+                          only=args.only)  # fmt: skip
     except benchmark.BenchError as e:
         raise Fail(f"bench: {e}") from None
     print(benchmark.format_table(r))
@@ -516,6 +527,9 @@ def build_parser() -> Parser:
     p.add_argument("--plot", metavar="FILE.png", help="latency CDFs and workload times")
     p.add_argument("--scale", action="store_true", help="add the scale run: a 16 GiB partition "
                    "in a 1 GiB pool on a sparse device (minutes, ~16 GiB of disk)")  # fmt: skip
+    p.add_argument("--only", metavar="NAMES", type=_bench_names,
+                   help="these workloads alone, comma-separated: random, sequential, "
+                   "scattered, zipf, dataset")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="run a small system on an embedded config")

@@ -82,7 +82,9 @@ def test_the_installed_bench_quick_reports_every_workload_from_anywhere(installe
     assert "workload" in r.stdout and "kernel swap" in r.stdout and "Traceback" not in r.stderr
     result = json.loads(out.read_text())
     assert result["quick"] and result["errors"] == []
-    assert list(result["workloads"]) == ["fill", "random", "sequential", "scattered", "zipf"]
+    assert list(result["workloads"]) == ["fill", "random", "sequential", "scattered", "zipf",
+                                         "dataset"]  # fmt: skip
+    assert all(m["verified"] for m in result["dataset"]["modes"].values())
     for name, row in result["workloads"].items():
         y = row["pyhv"]
         assert y["seconds"] > 0 and y["touches"] == row["touches"], name
