@@ -88,8 +88,9 @@ def test_two_workers_faulting_the_same_pages_at_once_share_each_page_in(system):
     after = system.partition("p1")
     page_ins = after["page_ins"] - before["page_ins"]
     # each page read once for both (plus what eviction takes meanwhile), never
-    # twice for two faults that met: at most one page-in per page and worker
-    assert 0 < page_ins <= 2 * 4096
+    # twice for two faults that met: about one page-in per page and worker at
+    # most (a page read ahead and evicted before its touch is read again: 1%)
+    assert 0 < page_ins <= 2 * 4096 * 1.01
     assert after["minor_faults"] > before["minor_faults"]  # the other mapped what one read
     _quiet_pool_is_consistent(system.status())
 
