@@ -272,17 +272,18 @@ PRESSURE = """
     lock = threading.Lock()
 
     def spare(pages):
-        with lock:
+        with lock:  # (one ask at a time; the check below waits for it)
             asked.append(pages)
-            take = [cache.pop() for _ in range(min(pages, len(cache)))]
-        for i in take:
-            pyhv.discard(i * P, P)
-        given.extend(take)
+            for _ in range(min(pages, len(cache))):
+                i = cache.pop()
+                pyhv.discard(i * P, P)
+                given.append(i)
 
     pyhv.on_pressure(spare)
     print("ready", flush=True)
     while not os.path.exists(sys.argv[1]):
         time.sleep(0.05)
+    lock.acquire()  # no more loans while it checks
     bad = [i for i in range(1024) if mem[i * P:(i + 1) * P] !=
            (bytes(P) if i in given else page_pattern("p1", i, 1))]
     print(json.dumps({"asked": sum(asked), "given": len(given), "bad": bad[:10]}))
