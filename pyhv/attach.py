@@ -68,7 +68,10 @@ class Memory(mmap.mmap):
 
     def madvise(self, option, start=0, length=None):
         if option == getattr(mmap, "MADV_REMOVE", None):
-            discard(start, len(self) - start if length is None else length, mem=self)
+            length = len(self) - start if length is None else length
+            if length > 0:  # (the kernel rounds the length up to whole pages too)
+                length = min(-(-length // uffd.PAGE_SIZE) * uffd.PAGE_SIZE, len(self) - start)
+            discard(start, length, mem=self)
             return None
         return super().madvise(option, start, *(() if length is None else (length,)))
 
@@ -117,8 +120,9 @@ class _Session:
     def adopt(self) -> None:
         """In a forked child: become a worker of the partition of its own."""
         self.ident[0]  # (its fault names this process to the hypervisor)
-        os.close(self.uffd)  # the parent's: the child's own is the hypervisor's
-        self.uffd = -1
+        if self.uffd >= 0:  # the parent's: the child's own is the hypervisor's
+            os.close(self.uffd)
+            self.uffd = -1
         if self.watchdog is not None:
             self.watchdog.abandon()  # its thread stayed in the parent
         self.lock = threading.Lock()
@@ -149,7 +153,9 @@ def _after_fork_in_child() -> None:
             print(f"pyhv: a child of a worker of partition {s.partition} cannot join it: {e}",
                   file=sys.stderr, flush=True)  # fmt: skip
             os._exit(EXIT_HYPERVISOR_LOST)
-    _pressure.clear()  # (their threads stayed in the parent)
+    for sock in _pressure:  # (their threads stayed in the parent; the child
+        sock.close()  # must not hold the subscription open behind them)
+    _pressure.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -324,7 +330,7 @@ def prefetch(offset: int, length: int, *, mem: Memory | None = None) -> None:
                   answer=False)  # fmt: skip
 
 
-_pressure: list[threading.Thread] = []
+_pressure: list[socket.socket] = []  # this process's pressure subscriptions
 
 
 def on_pressure(fn, *, mem: Memory | None = None) -> None:
@@ -363,6 +369,5 @@ def on_pressure(fn, *, mem: Memory | None = None) -> None:
                 except Exception as e:  # a callback's bug must not end the listening
                     print(f"pyhv: on_pressure callback failed: {e!r}", file=sys.stderr)
 
-    t = threading.Thread(target=listen, name="pyhv-pressure", daemon=True)
-    t.start()
-    _pressure.append(t)
+    threading.Thread(target=listen, name="pyhv-pressure", daemon=True).start()
+    _pressure.append(sock)

@@ -63,10 +63,12 @@ FEATURES = {
 
 #: What a worker's uffd needs for pyhv: faults on shmem holes, and
 #: write-protection of shmem pages (eviction and dirty tracking).
-# (EVENT_FORK: a worker's children fault through the hypervisor too;
-# EVENT_REMOVE: its MADV_REMOVE gives frames back at once)
+# (EVENT_FORK: a worker's children fault through the hypervisor too.  Not
+# EVENT_REMOVE: it does not tell MADV_REMOVE from MADV_DONTNEED, and a worker
+# that madvises in a loop would hold its partition's writes-protects off and
+# flood the daemon; pyhv.discard and Memory.madvise say what they mean.)
 WORKER_FEATURES = ("MISSING_SHMEM", "MINOR_SHMEM", "WP_HUGETLBFS_SHMEM", "PAGEFAULT_FLAG_WP",
-                   "THREAD_ID", "EVENT_FORK", "EVENT_REMOVE")  # fmt: skip
+                   "THREAD_ID", "EVENT_FORK")  # fmt: skip
 
 # Outcomes of an ioctl that resolves or wakes a range.
 OK = 0
@@ -294,7 +296,6 @@ class Engine:
     CHAN_CLOSED = lib.PYHV_EV_CHAN_CLOSED
     WORKER_FORKED = lib.PYHV_EV_WORKER_FORKED
     WORKER_PID = lib.PYHV_EV_WORKER_PID
-    REMOVED = lib.PYHV_EV_REMOVED
     COUNTERS = ("faults", "first_touches", "page_ins", "page_outs", "prefetched", "clean_drops",
                 "refaults", "wp_faults", "minor_faults", "installed_writable",
                 "removed_by_worker", "read_errors", "zeroed_ahead", "armed", "write_refs",
@@ -423,10 +424,6 @@ class Engine:
         out = ffi.new("uint64_t[3]")
         _check(lib.pyhv_eng_discard(self._e, h, first, n, out), "discard")
         return out[0], out[1], out[2]
-
-    def removed(self, h, first: int, n: int) -> int:
-        """After a worker's MADV_REMOVE: frames of pages gone from the memory, freed."""
-        return _check(lib.pyhv_eng_removed(self._e, h, first, n), "removed")
 
     def prefetch(self, h, first: int, n: int) -> tuple[int, int]:
         """Read pages ahead on advice: (pages started, where it stopped);

@@ -22,7 +22,7 @@ import time
 
 from pyhv import uffd, wire
 from pyhv.hypervisor import vcp
-from pyhv.hypervisor.partition import Partition, Worker
+from pyhv.hypervisor.partition import Partition, Worker, maps_range
 from pyhv.uffd import PAGE_SIZE
 from pyhv.hypervisor.vcp import Refused
 from pyhv.hypervisor.workers import peer_pid
@@ -112,21 +112,6 @@ def prove_uffd(fd: int, pid: int, base: int, part: Partition) -> None:
                                  f"{base:#x}: {e.strerror}") from None  # fmt: skip
     if ioctls & uffd.RANGE_IOCTLS != uffd.RANGE_IOCTLS:
         raise wire.ProtocolError("its userfaultfd cannot resolve faults on the partition's memory")
-
-
-def maps_range(pid: int, base: int, size: int) -> bool:
-    """Does process pid map anything in [base, base+size)?  (False if it is gone.)"""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                lo, hi = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
-                if lo >= base + size:
-                    return False
-                if hi > base:
-                    return True
-    except (OSError, ValueError):
-        pass
-    return False
 
 
 class ControlRoom:
@@ -393,9 +378,9 @@ class ControlRoom:
             log.warning("partition %s: worker pid %d: registration refused: %s",
                         w.partition.name, w.pid, e)  # fmt: skip
             raise
-        ident = msg.get("ident", 0)
+        ident = msg.get("ident")  # (the probe of its forked children needs one)
         if isinstance(ident, bool) or not isinstance(ident, int) or ident % PAGE_SIZE or not (
-                0 <= ident < 1 << 64) or base <= ident < base + w.partition.cfg.memory:  # fmt: skip
+                0 < ident < 1 << 64) or base <= ident < base + w.partition.cfg.memory:  # fmt: skip
             raise wire.ProtocolError(f"ident {ident!r} is no page of its own")
         try:
             w.eng = self.engine.worker_add(w.partition.eng, fds[0], base, w.id, w.pid, ident)

@@ -193,7 +193,10 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         if due:
             self.timers = [t for t in self.timers if t[0] > now]
             for _, action in due:
-                action()
+                try:  # (one that fails must not lose the others: someone waits on each)
+                    action()
+                except Exception:
+                    log.exception("hypervisor: a timed operation failed")
         while True:
             ready = [op for op in self.pending_ops if op[0]()]
             if not ready:

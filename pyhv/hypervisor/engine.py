@@ -54,8 +54,7 @@ class EngineSide:
                 self.on_forked(self.by_index.get(stream), page, worker, err)
             elif kind == uffd.Engine.WORKER_PID:
                 self.on_worker_pid(worker, page)
-            elif kind == uffd.Engine.REMOVED:
-                self.on_removed(self.by_index.get(stream), page, worker)
+
         self.replenish()
 
     # --- eviction -----------------------------------------------------------------------

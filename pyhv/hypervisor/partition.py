@@ -27,12 +27,27 @@ SLOT_FREE, SLOT_USED, SLOT_BAD = 0, 1, 2  # the engine's slot map
 
 
 
+def maps_range(pid: int, base: int, size: int) -> bool:
+    """Does process pid map anything in [base, base+size)?  (False if it is gone.)"""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                lo, hi = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
+                if lo >= base + size:
+                    return False
+                if hi > base:
+                    return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 class Worker:
     """A worker process attached to a partition: its pid (from SO_PEERCRED),
     a pidfd for signals, its control connection, and once it registered its
     userfaultfd, the engine's handle of it (the engine owns the uffd)."""
 
-    __slots__ = ("id", "pid", "pidfd", "partition", "conn", "eng", "alive", "base")
+    __slots__ = ("id", "pid", "pidfd", "partition", "conn", "eng", "alive", "base", "tid")
 
     def __init__(self, wid: int, pid: int, partition: "Partition", conn):
         self.id = wid
@@ -43,6 +58,7 @@ class Worker:
         self.eng = None
         self.alive = True
         self.base = 0  # where it maps the memory
+        self.tid = 0  # a forked child's first faulting thread, in its own pid namespace
 
 
 def device_spec(dev) -> dict:
@@ -75,6 +91,7 @@ class Partition:
         self.full_until = 0.0  # no new dirty page-outs until then (full, or failing)
         self.pressure: set = set()  # connections of workers that loan pages when asked
         self.last_ask = 0.0  # when they were last asked
+        self.advising = 0  # prefetch advice being read
 
     def in_memory(self, page: int) -> bool:
         """Is the page in the memfd's page cache (mincore: no fault, no fill)?"""

@@ -5,19 +5,21 @@ Forked children.  A worker's userfaultfd has UFFD_FEATURE_EVENT_FORK: when
 it forks, the kernel gives the child a userfaultfd of its own, registered
 like the parent's, and the engine takes it at once (WORKER_FORKED): the
 child faults through the hypervisor from its first instruction.  Which
-process it is comes from the kernel too: the first fault names its thread
-(UFFD_FEATURE_THREAD_ID; pyhv.attach's fork hook touches the child's
-identity page to make sure there is one), and from then on a pidfd tells
-when it exits.  The child then opens a connection of its own ("adopt", its
-pid from SO_PEERCRED) for its watchdog and machine checks.  A child that
-exits or execs before any fault is found by probing its userfaultfd.
+process it is: its first fault names its thread (UFFD_FEATURE_THREAD_ID;
+pyhv.attach's fork hook touches the child's identity page to make sure
+there is one), a number in the child's own pid namespace, so it is taken
+only once /proc shows that process mapping the partition's memory where
+the child does; else the child's own connection ("adopt", its pid from
+SO_PEERCRED, matched through /proc/PID/status NSpid) names it.  From then
+on a pidfd tells when it exits.  A child that exits or execs before it is
+named is found by probing its userfaultfd (ESRCH); until then its
+userfaultfd is never let go (its memory would be unguarded).
 
 Loans (AMS's Collaborative Memory Manager).  "discard" gives a range of the
 partition's memory back: frames to the pool and slots to the device at once
-(the engine), zeros from then on.  A worker's own MADV_REMOVE is seen as an
-event (REMOVED): pages gone from the memory a moment later are given back
-too.  Workers that subscribed ("pressure") are asked to loan pages when the
-pool runs low, and eviction waits a moment for them when no fault waits.
+(the engine), zeros from then on.  Workers that subscribed ("pressure") are
+asked to loan pages when the pool runs low, and eviction waits a moment for
+them when no fault waits.
 
 Advice.  "prefetch" reads a range ahead (no reply: the worker does not
 wait); what does not fit in the free frames now is read as frames come.
@@ -36,7 +38,7 @@ import struct
 import time
 
 from pyhv import wire
-from pyhv.hypervisor.partition import Partition, Worker
+from pyhv.hypervisor.partition import Partition, Worker, maps_range
 from pyhv.uffd import PAGE_SIZE
 
 log = logging.getLogger("pyhv.hypervisor")
@@ -44,9 +46,9 @@ log = logging.getLogger("pyhv.hypervisor")
 PROBE_EVERY = 1.0  # seconds between probes of forked children not identified yet
 DISCARD_RETRY = 0.002  # pages in flight at a discard: looked at again after this...
 DISCARD_PATIENCE = 10.0  # ... for at most this long
-REMOVED_LOOKS = (0.002, 0.05, 0.5)  # after a worker's MADV_REMOVE, when to look for what went
 ADVICE_RETRY = 0.002  # advice waiting for free frames: tried again after this...
 ADVICE_PATIENCE = 5.0  # ... and dropped after this long
+ADVICE_CHAINS = 64  # advice being read for one partition at once; more is dropped
 PRESSURE_EVERY = 1.0  # a partition is asked to loan pages at most this often
 PRESSURE_GRACE = 0.05  # eviction waits this long for loans (when no fault waits)
 
@@ -57,16 +59,16 @@ def peer_pid(sock: socket.socket) -> int:
     return pid
 
 
-def tgid_of(tid: int) -> int:
-    """The process a thread belongs to (0: gone)."""
+def proc_status(pid: int, key: str) -> list[int]:
+    """The numbers of a /proc/PID/status line ([] if there is none)."""
     try:
-        with open(f"/proc/{tid}/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
+                if line.startswith(key + ":"):
+                    return [int(x) for x in line.split()[1:]]
     except (OSError, ValueError):
         pass
-    return 0
+    return []
 
 
 class WorkerRoom:
@@ -101,18 +103,22 @@ class WorkerRoom:
         self.unidentified.add(w)
 
     def on_worker_pid(self, child_id: int, tid: int) -> None:
+        """The child's first fault came from thread tid (in its namespace)."""
         w = self.workers_by_id.get(child_id)
         if w is None or w.pid:
             return
-        pid = tgid_of(tid)
+        w.tid = tid
+        pid = (proc_status(tid, "Tgid") or [0])[0]
+        if pid > 0 and maps_range(pid, w.base, w.partition.cfg.memory):
+            self._identified(w, pid)
+        # else: another pid namespace, or gone: its adopt, or the probe, tells
+
+    def _identified(self, w: Worker, pid: int) -> None:
         try:
-            w.pidfd = os.pidfd_open(pid) if pid else -1
+            w.pidfd = os.pidfd_open(pid)
         except OSError:
-            w.pidfd = -1
+            return  # (gone: the probe finds it)
         self.unidentified.discard(w)
-        if w.pidfd < 0:  # gone already
-            self._drop_worker(w, "exited")
-            return
         w.pid = pid
         log.info("partition %s: worker %d (pid %d), a child of a worker, attached",
                  w.partition.name, w.id, pid)  # fmt: skip
@@ -133,8 +139,14 @@ class WorkerRoom:
             raise wire.ProtocolError("this connection is a worker's already")
         self.on_engine(0)  # (its identifying fault may be in the queue still)
         w = next((w for w in self.workers_by_id.values()
-                  if w.pid == pid and w.conn is None and w.alive), None)  # fmt: skip
-        if w is None:
+                  if pid > 0 and w.pid == pid and w.conn is None and w.alive), None)  # fmt: skip
+        if w is None and pid > 0:  # named in its own pid namespace only
+            inner = (proc_status(pid, "NSpid") or [0])[-1]
+            w = next((w for w in self.unidentified if w.tid == inner and w.alive
+                      and maps_range(pid, w.base, w.partition.cfg.memory)), None)  # fmt: skip
+            if w is not None:
+                self._identified(w, pid)
+        if w is None or not w.pid:
             return {"ok": False, "error": f"process {pid} is no forked worker"}, ()
         w.conn = conn
         conn.worker = w
@@ -149,7 +161,7 @@ class WorkerRoom:
         if part is None:
             raise wire.ProtocolError(f"unknown partition {msg['partition']!r}")
         pid = peer_pid(conn.sock)
-        if not any(w.pid == pid for w in part.workers.values()):
+        if pid <= 0 or not any(w.pid == pid for w in part.workers.values()):
             raise wire.ProtocolError(f"process {pid} is no worker of partition {part.name}")
         return part
 
@@ -186,22 +198,17 @@ class WorkerRoom:
         self.reply(conn, {"ok": busy == 0, "frames": done[0], "slots": done[1],
                           **({"error": f"{busy} pages stayed in flight"} if busy else {})})
 
-    def on_removed(self, part: Partition | None, first: int, n: int) -> None:
-        """A worker's MADV_REMOVE (or MADV_DONTNEED): look a few times."""
-        if part is None:
-            return
-        for delay in REMOVED_LOOKS:
-            self.later(delay, lambda: part.eng is not None and
-                       self.engine.removed(part.eng, first, n))  # fmt: skip
-
     def op_prefetch(self, conn, msg, fds):
         part, first, n = self._requesting(conn, msg)
         n = min(n, max(1, self.pool_pages // 2))  # (more would evict what it read first)
-        self._advise(part, first, first + n, time.monotonic())
+        if part.advising < ADVICE_CHAINS:
+            part.advising += 1
+            self._advise(part, first, first + n, time.monotonic())
         return None, ()  # no answer: the worker goes on at once
 
     def _advise(self, part: Partition, first: int, end: int, began: float) -> None:
         if part.eng is None or time.monotonic() - began > ADVICE_PATIENCE:
+            part.advising -= 1
             return
         try:
             _, nxt = self.engine.prefetch(part.eng, first, end - first)
@@ -210,6 +217,8 @@ class WorkerRoom:
             return
         if nxt < end:  # out of free frames: more as eviction frees them
             self.later(ADVICE_RETRY, lambda: self._advise(part, nxt, end, began))
+        else:
+            part.advising -= 1
 
     # --- pressure: asking partitions to loan pages ---------------------------------------
 
