@@ -431,7 +431,9 @@ static int uffd_op(struct pyhv_eng *e, struct eng_worker *w, unsigned long req, 
 		return IO_OK;
 	if (err == EEXIST)
 		return IO_EXISTS;
-	if (err == EAGAIN)
+	/* EFAULT from UFFDIO_CONTINUE: the page is not in the memory (a
+	 * worker's own MADV_REMOVE took it): not mapped, its fault comes again */
+	if (err == EAGAIN || (err == EFAULT && req == UFFDIO_CONTINUE))
 		return IO_AGAIN;
 	drop_worker(e, w, err);
 	return IO_GONE;
@@ -460,8 +462,8 @@ static int op_zero(struct pyhv_eng *e, struct eng_worker *w, uint64_t page)
 {
 	struct uffdio_zeropage z = {{w->base + page * PG, PG}, 0, 0};
 	int r = uffd_op(e, w, UFFDIO_ZEROPAGE, &z, &z.zeropage);
-	if (r == IO_EXISTS || r == IO_AGAIN) /* (again: it faults again, and is filled then) */
-		r = op_wake(e, w, page, 1) == IO_OK ? IO_EXISTS : IO_GONE;
+	if (r == IO_EXISTS || r == IO_AGAIN) /* (again: nothing mapped; it faults again) */
+		r = op_wake(e, w, page, 1) == IO_OK ? r : IO_GONE;
 	return r;
 }
 
@@ -472,8 +474,8 @@ static int op_map(struct pyhv_eng *e, struct eng_worker *w, uint64_t page, uint6
 	struct uffdio_continue c = {{w->base + page * PG, n * PG},
 				    clean ? UFFDIO_CONTINUE_MODE_WP : 0, 0};
 	int r = uffd_op(e, w, UFFDIO_CONTINUE, &c, &c.mapped);
-	if (r == IO_EXISTS || r == IO_AGAIN) /* (again: its fault finds it resident) */
-		r = op_wake(e, w, page, n) == IO_OK ? IO_EXISTS : IO_GONE;
+	if (r == IO_EXISTS || r == IO_AGAIN) /* (again: nothing mapped; it faults again) */
+		r = op_wake(e, w, page, n) == IO_OK ? r : IO_GONE;
 	return r;
 }
 
@@ -615,10 +617,13 @@ static void install(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page, 
 		clean = 0;
 	else if (clean < 0)
 		clean = install_clean(p, 1) == 1;
+	/* The installer is a worker the page was really mapped into (or
+	 * found mapped, IO_EXISTS); a worker forking right now (IO_AGAIN) is
+	 * woken and faults again, and the next one is tried. */
 	struct eng_worker *installer = NULL;
 	for (struct waiter *q = x ? x->head : NULL; q && !installer; q = q->next) {
 		int r = read ? op_map(e, q->w, page, 1, clean) : op_zero(e, q->w, page);
-		if (r != IO_GONE)
+		if (r == IO_OK || r == IO_EXISTS)
 			installer = q->w;
 	}
 	/* any other worker (all of them attached after it was lost, or they
@@ -626,12 +631,13 @@ static void install(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page, 
 	for (int i = 0; i < p->nworkers && !installer && !(x && x->poisoned);) {
 		struct eng_worker *w = p->workers[i];
 		int r = read ? op_map(e, w, page, 1, clean) : op_zero(e, w, page);
-		if (r != IO_GONE)
+		if (r == IO_OK || r == IO_EXISTS)
 			installer = w;
-		else if (i < p->nworkers && p->workers[i] == w)
+		else if (r == IO_AGAIN || (i < p->nworkers && p->workers[i] == w))
 			i++; /* (a dropped worker's place is taken by the last) */
 	}
-	if (!installer) { /* nobody left to map it into: it stays where it was */
+	if (!installer) { /* nobody to map it into now: it stays where it was (its
+			   * waiters were woken: their faults come again) */
 		p->state[page] = read ? ON_DEVICE : x && x->poisoned ? POISONED : UNTOUCHED;
 		if (read)
 			fallocate(p->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -663,8 +669,8 @@ static void install_run(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t fi
 	for (int i = 0; i < p->nworkers && !installer;) {
 		struct eng_worker *w = p->workers[i];
 		int r = op_map(e, w, first, n, clean);
-		if (r == IO_GONE) {
-			if (i < p->nworkers && p->workers[i] == w)
+		if (r == IO_GONE || r == IO_AGAIN) {
+			if (r == IO_AGAIN || (i < p->nworkers && p->workers[i] == w))
 				i++;
 			continue;
 		}
@@ -1107,23 +1113,6 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 
 static void forked(struct pyhv_eng *e, struct eng_worker *parent, int fd);
 
-/* A worker madvised part of the memory away (MADV_REMOVE, or MADV_DONTNEED,
- * which the kernel does not tell apart here; it does the removal after
- * this event is read).  Python looks at the range in a moment
- * (pyhv_eng_removed): pages gone from the memory by then are given back. */
-static void removed_event(struct pyhv_eng *e, struct eng_worker *w, uint64_t start, uint64_t end)
-{
-	struct pyhv_eng_part *p = w->part;
-	if (end <= w->base || start >= w->base + p->pages * PG)
-		return;
-	uint64_t first = start > w->base ? (start - w->base) / PG : 0;
-	uint64_t last = (end - w->base + PG - 1) / PG;
-	if (last > p->pages)
-		last = p->pages;
-	if (last > first)
-		post(e, PYHV_EV_REMOVED, 0, p, first, last - first);
-}
-
 static void uffd_readable(struct pyhv_eng *e, struct eng_worker *w)
 {
 	struct uffd_msg msgs[64];
@@ -1137,15 +1126,15 @@ static void uffd_readable(struct pyhv_eng *e, struct eng_worker *w)
 			return;
 		}
 		int k = (int)(got / (ssize_t)sizeof(msgs[0]));
-		for (int i = 0; i < k && w->alive; i++) {
+		for (int i = 0; i < k; i++) {
 			struct uffd_msg *m = &msgs[i];
-			if (m->event == UFFD_EVENT_PAGEFAULT)
+			/* (a child's fd is in this process once read: it is
+			 * adopted even if its parent was dropped meanwhile) */
+			if (m->event == UFFD_EVENT_FORK)
+				forked(e, w, (int)m->arg.fork.ufd);
+			else if (m->event == UFFD_EVENT_PAGEFAULT && w->alive)
 				fault(e, w, m->arg.pagefault.address, m->arg.pagefault.flags,
 				      m->arg.pagefault.feat.ptid);
-			else if (m->event == UFFD_EVENT_FORK)
-				forked(e, w, (int)m->arg.fork.ufd);
-			else if (m->event == UFFD_EVENT_REMOVE)
-				removed_event(e, w, m->arg.remove.start, m->arg.remove.end);
 		}
 		e->g.fault_reads++;
 		if (k < 64)
@@ -1883,6 +1872,9 @@ static void arm_pages(struct pyhv_eng *e, struct pyhv_eng_part *p, struct ring *
 int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int allow_dirty,
 		   uint32_t *dirty_out, uint32_t *clean_out)
 {
+	/* allow_dirty == 2: every page goes as it comes, whatever its
+	 * references (a partition being suspended) */
+	int force = allow_dirty == 2;
 	*clean_out = 0;
 	uint32_t *chosen = malloc((size_t)(n ? n : 1) * sizeof(*chosen));
 	if (!chosen)
@@ -1897,6 +1889,12 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 	 * sequential run), whose first use would then look like a reuse. */
 	uint64_t first_looks = 2 * (uint64_t)n;
 	struct ring arm = {0}; /* dirty pages to write-protect for reference tracking */
+	if (force) {
+		while (p->active.count)
+			if (ring_push(&p->inactive, ring_pop(&p->active)))
+				break; /* (no memory: the rest goes next call) */
+		first_looks = 0;
+	}
 	while (k < n && looks) {
 		/* active pages go back to the inactive queue when more than 3/4 of
 		 * what is resident, but for those written since last looked at */
@@ -1927,7 +1925,7 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 			ring_push(&p->inactive, page);
 			continue;
 		}
-		if (p->age[page] & REF_SEEN) { /* written since: in use, to the active queue */
+		if ((p->age[page] & REF_SEEN) && !force) { /* written since: in use, to the active queue */
 			arm_page(p, &arm, page);
 			ring_push(&p->active, page);
 			p->c.promoted++;
@@ -1965,9 +1963,8 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 			if (ring_push(&p->inactive, chosen[i]))
 				e->g.enomem++;
 		}
-		e->g.evict_again++;
+		e->g.evict_again++; /* (Python's next look at the pool, within 0.1 s) */
 		k = 0;
-		want_frames(e);
 	}
 	uint64_t span = e->pool_pages / EPOCHS ? e->pool_pages / EPOCHS : 1;
 	e->epoch = (e->epoch + (e->evictions + k) / span - e->evictions / span) % STAMPS;
@@ -2034,7 +2031,7 @@ static int loan(struct pyhv_eng_part *p, uint64_t page, uint64_t *out)
 	if (p->slot[page])
 		out[1]++;
 	release_slot(p, page);
-	p->age[page] &= ~REF_MASK;
+	p->age[page] = 0; /* (no refault when it is touched again) */
 	p->state[page] = LOANED;
 	return 1;
 }
@@ -2080,28 +2077,62 @@ int pyhv_eng_discard(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first
 	return 0;
 }
 
-/* After a worker's MADV_REMOVE (PYHV_EV_REMOVED): resident pages of
- * [first, first+n) that are gone from the memory are given back.  (Pages
- * on the device are not: the event does not tell MADV_REMOVE from
- * MADV_DONTNEED, which keeps them.)  Returns the frames freed. */
-int64_t pyhv_eng_removed(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n)
+/* The resident pages in the order they would be evicted (the least
+ * recently installed or used first), up to max; returns how many. */
+uint32_t pyhv_eng_resident(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t *out, uint32_t max)
 {
-	if (first > p->pages || n > p->pages - first)
-		return -EINVAL;
-	uint64_t out[2] = {0, 0};
 	pthread_mutex_lock(&e->mu);
-	for (uint64_t page = first; page < first + n; page++) {
-		uint8_t st = p->state[page];
-		if ((st == DIRTY || st == CLEAN) && !in_memory(p, page))
-			loan(p, page, out);
-	}
-	p->c.loaned += out[0];
-	if (out[0]) {
-		queues_sweep(p);
-		release_frames(e, out[0]);
-	}
+	uint32_t k = 0;
+	struct ring *rings[2] = {&p->inactive, &p->active};
+	for (int r = 0; r < 2; r++)
+		for (uint64_t i = 0; i < rings[r]->count && k < max; i++) {
+			uint32_t q = rings[r]->v[(rings[r]->head + i) % rings[r]->cap];
+			if (p->state[q] == CLEAN || p->state[q] == DIRTY)
+				out[k++] = q;
+		}
 	pthread_mutex_unlock(&e->mu);
-	return (int64_t)out[0];
+	return k;
+}
+
+/* Read ahead the listed pages that are on the device (a suspended
+ * partition's working set, in device order): one READ a run of neighbours
+ * in both page and slot, with free frames only (never ahead of a waiting
+ * fault).  Returns how many of the list it went through (n: all), or
+ * -EAGAIN when the stream does not flow. */
+int64_t pyhv_eng_prefetch_pages(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *pages,
+				uint32_t n)
+{
+	pthread_mutex_lock(&e->mu);
+	if (!p->chan || !p->flowing) {
+		pthread_mutex_unlock(&e->mu);
+		return -EAGAIN;
+	}
+	uint32_t i, run = 0, k = 0;
+	for (i = 0; i < n; i++) {
+		uint32_t page = pages[i];
+		if (page >= p->pages || p->state[page] != ON_DEVICE)
+			continue;
+		if (!try_take(e))
+			break;
+		if (k && (page != run + k || p->slot[page] != p->slot[run + k - 1] + 1 ||
+			  k == PYHV_SVC_MAX_PAGES)) {
+			page_in_run(e, p, run, k);
+			k = 0;
+		}
+		if (!pending_new(e, p, page)) {
+			release_frames(e, 1);
+			break;
+		}
+		p->state[page] = FILLING;
+		p->c.advised++;
+		if (!k)
+			run = page;
+		k++;
+	}
+	if (k)
+		page_in_run(e, p, run, k);
+	pthread_mutex_unlock(&e->mu);
+	return i;
 }
 
 /* Advice (pyhv.prefetch): read pages [first, first+n) that are on the

@@ -92,7 +92,6 @@ struct pyhv_eng_chan;
 #define PYHV_EV_CHAN_CLOSED 3 /* a fast channel reached end-of-file (worker: its id) */
 #define PYHV_EV_WORKER_FORKED 4 /* worker page forked: its child is worker (0: lost, err) */
 #define PYHV_EV_WORKER_PID 5 /* forked worker's first fault came from thread page */
-#define PYHV_EV_REMOVED 6 /* a worker madvised pages [page, page + worker) away */
 #define PYHV_ENG_STATES 8 /* page states (csrc/engine.c), pyhv_eng_state_counts' out[] */
 struct pyhv_eng_event {
 	uint32_t type;
@@ -155,9 +154,11 @@ struct pyhv_eng_worker *pyhv_eng_worker_claim(struct pyhv_eng *e, uint64_t id, u
 int pyhv_eng_worker_probe(struct pyhv_eng *e, struct pyhv_eng_worker *w);
 int pyhv_eng_discard(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n,
 		     uint64_t *out);
-int64_t pyhv_eng_removed(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n);
 int64_t pyhv_eng_prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n,
 			  uint64_t *next_out);
+uint32_t pyhv_eng_resident(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t *out, uint32_t max);
+int64_t pyhv_eng_prefetch_pages(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *pages,
+				uint32_t n);
 void pyhv_eng_worker_remove(struct pyhv_eng *e, struct pyhv_eng_worker *w);
 struct pyhv_eng_chan *pyhv_eng_chan_add(struct pyhv_eng *e, int sock, uint64_t id, int *err);
 uint64_t pyhv_eng_chan_remove(struct pyhv_eng *e, struct pyhv_eng_chan *ch);
