@@ -195,12 +195,12 @@ def cmd_pool_resize(args) -> int:
 
 
 def format_partitions(parts: list[dict]) -> str:
-    lines = [f"{'PARTITION':<12}{'MEMORY':>9}{'RESIDENT':>10}  {'DEVICE':<10}{'PAGING':<14}"
-             f"{'SERVICE':<10}{'STREAM':<11}WORKERS"]  # fmt: skip
+    lines = [f"{'PARTITION':<12}{'STATE':<11}{'MEMORY':>9}{'RESIDENT':>10}  {'DEVICE':<10}"
+             f"{'PAGING':<14}{'SERVICE':<10}{'STREAM':<11}WORKERS"]  # fmt: skip
     for p in parts:
-        lines.append(f"{p['name']:<12}{human_size(p['memory_bytes']):>9}{p['resident_pages']:>10}  "
-                     f"{p['device']:<10}{','.join(p['paging']):<14}{p['service'] or '-':<10}"
-                     f"{p['stream']:<11}{len(p['workers'])}")
+        lines.append(f"{p['name']:<12}{p['state']:<11}{human_size(p['memory_bytes']):>9}"
+                     f"{p['resident_pages']:>10}  {p['device']:<10}{','.join(p['paging']):<14}"
+                     f"{p['service'] or '-':<10}{p['stream']:<11}{len(p['workers'])}")
     return "\n".join(lines)
 
 
@@ -212,6 +212,16 @@ def cmd_partition(args) -> int:
         r = _op(args, {"op": "partition_add", "name": args.name, "memory": args.memory,
                        "paging": _names(args.paging), "device": args.device})  # fmt: skip
         return _emit(args, r, format_partitions([r["partition"]]))
+    if args.action == "suspend":
+        r = _op(args, {"op": "partition_suspend", "name": args.name}, timeout=3600)
+        return _emit(args, r, f"partition {r['partition']}: suspended in {r['seconds']:.3f}s "
+                     f"({r['workers_stopped']} worker(s) stopped, {r['pages_written']} pages "
+                     f"written out, {r['clean_dropped']} clean pages dropped; working set "
+                     f"{r['working_set_pages']} pages)")  # fmt: skip
+    if args.action == "resume":
+        r = _op(args, {"op": "partition_resume", "name": args.name})
+        return _emit(args, r, f"partition {r['partition']}: resumed; {r['read_ahead_pages']} "
+                     "pages of its working set being read back")  # fmt: skip
     r = _op(args, {"op": "partition_remove", "name": args.name})
     return _emit(args, r, f"partition {r['removed']}: removed")
 
@@ -448,7 +458,7 @@ def build_parser() -> Parser:
     json_opt(q)
     q.set_defaults(func=cmd_pool_resize)
 
-    p = sub.add_parser("partition", help="add, remove and list partitions")
+    p = sub.add_parser("partition", help="add, remove, list, suspend and resume partitions")
     psub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
     q = psub.add_parser("add", help="define and activate a partition")
     q.add_argument("name")
@@ -457,6 +467,12 @@ def build_parser() -> Parser:
     q.add_argument("--device", help="device id (default: the best-fitting free one)")
     json_opt(q)
     q = psub.add_parser("remove", help="deactivate a partition with no live worker")
+    q.add_argument("name")
+    json_opt(q)
+    q = psub.add_parser("suspend", help="stop its workers, write its pages out, free its frames")
+    q.add_argument("name")
+    json_opt(q)
+    q = psub.add_parser("resume", help="let its workers go on; its working set is read back")
     q.add_argument("name")
     json_opt(q)
     q = psub.add_parser("list")

@@ -409,6 +409,20 @@ class Engine:
             raise OSError(self._err[0], os.strerror(self._err[0]), "worker")
         return w
 
+    def resident(self, h) -> list[int]:
+        """The resident pages, in the order eviction would take them."""
+        n = self.stats(h)["resident"] + 64
+        out = ffi.new("uint32_t[]", n)
+        k = lib.pyhv_eng_resident(self._e, h, out, n)
+        return list(out[0:k])
+
+    def prefetch_pages(self, h, pages: list[int]) -> int:
+        """Read ahead listed pages on the device (in the list's order, with
+        free frames only); how many of the list it went through.  Raises
+        BlockingIOError while the stream does not flow."""
+        arr = ffi.new("uint32_t[]", pages)
+        return _check(lib.pyhv_eng_prefetch_pages(self._e, h, arr, len(pages)), "prefetch")
+
     def worker_claim(self, wid: int):
         """(handle, base) of a forked worker (WORKER_FORKED), or (None, 0)."""
         base = ffi.new("uint64_t *")

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import textwrap
+import time
 
 import pytest
 
@@ -391,3 +392,74 @@ def test_prefetch_makes_pages_resident_before_they_are_touched(system, tmp_path)
     assert r["advised"] == 256  # every page was on the device, and was read on advice
     assert r["page_ins_while_touching"] == 0  # touched, they were resident already
     assert len(r["errors"]) == 2 and all(e.startswith("prefetch: ") for e in r["errors"])
+
+
+# --- suspend and resume (issue 12) ------------------------------------------------------
+
+MID_LOOP = """
+    import json, os, random, sys, pyhv
+    from pyhv.pattern import page_pattern
+    from pyhv.uffd import PAGE_SIZE as P
+    mem = pyhv.attach()
+    n = len(mem) // P
+    gen = [1] * n
+    for i in range(n):
+        mem[i * P:(i + 1) * P] = page_pattern("p1", i, 1)
+    print("ready", flush=True)
+    rng = random.Random(3)
+    bad = touches = 0
+    while not os.path.exists(sys.argv[1]):      # read, check, write anew: dirty pages
+        i = rng.randrange(n)
+        bad += mem[i * P:(i + 1) * P] != page_pattern("p1", i, gen[i])
+        gen[i] += 1
+        mem[i * P:(i + 1) * P] = page_pattern("p1", i, gen[i])
+        touches += 1
+    bad += sum(mem[i * P:(i + 1) * P] != page_pattern("p1", i, gen[i]) for i in range(n))
+    print(json.dumps({"touches": touches, "bad": bad}))
+"""
+
+
+def proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_suspended_partition_frees_its_frames_and_resumes_where_it_was(system, tmp_path):
+    system.up(config_text(pool="8MiB", partitions=[("p1", "16MiB"), ("p2", "32MiB")]))
+    stop = tmp_path / "stop"
+    w = system.run("p1", PY, program(tmp_path, "loop.py", MID_LOOP), str(stop))
+    assert w.stdout.readline().strip() == "ready"
+    time.sleep(0.5)  # mid-loop
+    r = system.pyhv("partition", "suspend", "p1", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["state"] == "suspended" and s["workers_stopped"] == 1 and s["working_set_pages"] > 0
+    assert s["pages_written"] > 0  # its dirty pages went to the device
+    p1 = system.partition("p1")
+    assert p1["state"] == "suspended" and p1["resident_pages"] == 0
+    assert p1["pages_by_state"].keys() <= {"on_device"}  # every page written out
+    (pid,) = p1["workers"]
+    assert proc_state(pid) == "T"  # stopped, alive
+    listed = json.loads(system.pyhv("partition", "list", "--json").stdout)["partitions"]
+    assert listed[0]["state"] == "suspended"
+    # bad input: one line, exit 2, nothing changed
+    for args in (["suspend", "p1"], ["suspend", "nosuch"], ["resume", "p2"], ["resume", "nosuch"]):
+        bad = system.pyhv("partition", *args)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, (args, bad.stderr)
+    attach = finish(system.run("p1", PY, "-c", "import pyhv; pyhv.attach()"))
+    assert attach[0] != 0 and "suspended" in attach[2]
+    # another partition uses the frames meanwhile
+    assert finish(system.workload("p2", "write", "--generation", "1"))[0] == 0
+    assert system.partition("p2")["resident_pages"] > 1024
+    assert system.partition("p1")["resident_pages"] == 0
+    r = system.pyhv("partition", "resume", "p1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["read_ahead_pages"] > 0
+    system.wait_for(lambda st: st["partitions"][0]["advised"] > 0, "the working set read back")
+    time.sleep(0.5)
+    stop.touch()
+    rc, out, err = finish(w)
+    assert rc == 0, err
+    r = last_json(out)
+    assert r["bad"] == 0 and r["touches"] > 0
+    assert finish(system.workload("p2", "verify", "--generation", "1"))[0] == 0

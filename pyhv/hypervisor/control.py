@@ -346,6 +346,8 @@ class ControlRoom:
             return {"ok": False, "error": f"unknown partition {name!r}"}, ()
         if self.stopping:
             return {"ok": False, "error": "the hypervisor is shutting down"}, ()
+        if part.state != "active":
+            return {"ok": False, "error": f"partition {name!r} is {part.state}"}, ()
         if conn.worker is not None:
             raise wire.ProtocolError("this connection is attached already")
         w = Worker(self.next_worker, pid, part, conn)

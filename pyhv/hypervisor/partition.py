@@ -92,6 +92,9 @@ class Partition:
         self.pressure: set = set()  # connections of workers that loan pages when asked
         self.last_ask = 0.0  # when they were last asked
         self.advising = 0  # prefetch advice being read
+        self.state = "active"  # or "suspending", "suspended" (pyhv.hypervisor.suspend)
+        self.working_set: list[int] | None = None  # its resident pages when it was suspended
+        self.warming = 0  # the working-set read-ahead under way (its generation)
 
     def in_memory(self, page: int) -> bool:
         """Is the page in the memfd's page cache (mincore: no fault, no fill)?"""
@@ -115,6 +118,7 @@ class Partition:
         counts = self.engine.state_counts(self.eng)
         return {
             "name": self.name,
+            "state": self.state,
             "memory_bytes": self.cfg.memory,
             "pages": self.pages,
             "resident_pages": s["resident"],

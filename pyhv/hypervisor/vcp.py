@@ -22,6 +22,7 @@ from pyhv.config import ConfigError, DeviceConfig, PartitionConfig, assign_devic
 from pyhv import wire
 from pyhv.hypervisor import victims
 from pyhv.hypervisor.partition import CLEAN, DIRTY
+from pyhv.stream import FLOWING
 from pyhv.uffd import PAGE_SIZE
 
 log = logging.getLogger("pyhv.hypervisor.vcp")
@@ -32,6 +33,8 @@ def handlers(hv) -> dict:
         "partition_add": partition_add,
         "partition_remove": partition_remove,
         "partition_list": partition_list,
+        "partition_suspend": partition_suspend,
+        "partition_resume": partition_resume,
         "device_add": device_add,
         "device_remove": device_remove,
         "device_list": device_list,
@@ -155,6 +158,31 @@ def partition_remove(hv, conn, msg):
              lambda: (hv.remove_partition(part),
                       hv.reply(conn, {"ok": True, "removed": part.name})))  # fmt: skip
     return None
+
+
+def partition_suspend(hv, conn, msg):
+    """Stop the workers, write every page out, free every frame; answers once done."""
+    _no_stop(hv)
+    part = _known(hv.by_name, _str(msg, "name"), "partition")
+    if part.state != "active":
+        raise Refused(f"partition {part.name!r} is {part.state} already")
+    if part.stream.service is None or part.stream.state not in FLOWING:
+        raise Refused(f"partition {part.name!r}: its stream is {part.stream.state}: its pages "
+                      "cannot be written out now")  # fmt: skip
+    unnamed = [w for w in part.workers.values() if not w.pid]
+    if unnamed:
+        raise Refused(f"partition {part.name!r}: {len(unnamed)} child(ren) of its workers not "
+                      "known by pid yet (they cannot be stopped); try again")  # fmt: skip
+    hv.suspend_partition(part, lambda reply: hv.reply(conn, reply))
+    return None
+
+
+def partition_resume(hv, conn, msg):
+    _no_stop(hv)
+    part = _known(hv.by_name, _str(msg, "name"), "partition")
+    if part.state != "suspended":
+        raise Refused(f"partition {part.name!r} is {part.state}, not suspended")
+    return hv.resume_partition(part)
 
 
 def partition_list(hv, conn, msg):

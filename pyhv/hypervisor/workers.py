@@ -207,7 +207,8 @@ class WorkerRoom:
         return None, ()  # no answer: the worker goes on at once
 
     def _advise(self, part: Partition, first: int, end: int, began: float) -> None:
-        if part.eng is None or time.monotonic() - began > ADVICE_PATIENCE:
+        if (part.eng is None or part.state != "active"
+                or time.monotonic() - began > ADVICE_PATIENCE):  # fmt: skip
             part.advising -= 1
             return
         try:
