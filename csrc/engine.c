@@ -2077,6 +2077,18 @@ int pyhv_eng_discard(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first
 	return 0;
 }
 
+/* A copy of the page table: each page's state, slot (-1: none) and CRC32. */
+void pyhv_eng_table(struct pyhv_eng *e, struct pyhv_eng_part *p, uint8_t *state, int64_t *slot,
+		    uint32_t *crc)
+{
+	pthread_mutex_lock(&e->mu);
+	memcpy(state, p->state, p->pages);
+	memcpy(crc, p->crc, 4 * p->pages);
+	for (uint64_t i = 0; i < p->pages; i++)
+		slot[i] = (int64_t)p->slot[i] - 1;
+	pthread_mutex_unlock(&e->mu);
+}
+
 /* The resident pages in the order they would be evicted (the least
  * recently installed or used first), up to max; returns how many. */
 uint32_t pyhv_eng_resident(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t *out, uint32_t max)

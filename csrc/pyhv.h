@@ -157,6 +157,8 @@ int pyhv_eng_discard(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first
 int64_t pyhv_eng_prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n,
 			  uint64_t *next_out);
 uint32_t pyhv_eng_resident(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t *out, uint32_t max);
+void pyhv_eng_table(struct pyhv_eng *e, struct pyhv_eng_part *p, uint8_t *state, int64_t *slot,
+		    uint32_t *crc);
 int64_t pyhv_eng_prefetch_pages(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *pages,
 				uint32_t n);
 void pyhv_eng_worker_remove(struct pyhv_eng *e, struct pyhv_eng_worker *w);

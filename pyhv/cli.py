@@ -226,6 +226,16 @@ def cmd_partition(args) -> int:
     return _emit(args, r, f"partition {r['removed']}: removed")
 
 
+def cmd_snapshot(args) -> int:
+    from pyhv import snapshot
+
+    r = snapshot.save(_run_dir(args), args.name, args.dir, progress=not args.json)
+    return _emit(args, r, f"partition {r['partition']}: {r['pages']} pages saved to {r['dir']} "
+                 f"in {r['seconds']:.2f}s (working set {r['working_set_pages']} pages"
+                 + (f", {len(r['poisoned'])} lost to machine checks" if r["poisoned"] else "")
+                 + ")")  # fmt: skip
+
+
 def format_devices(devs: list[dict]) -> str:
     lines = [f"{'DEVICE':<10}{'TYPE':<7}{'SIZE':>9}  {'PARTITION':<12}{'SERVICES':<14}"
              f"{'ACTIVE':<10}{'STREAM':<11}{'HEALTH':<10}PATH"]  # fmt: skip
@@ -536,6 +546,14 @@ def build_parser() -> Parser:
     q.add_argument("--remove", action="store_true")
     q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inject)
+
+    p = sub.add_parser("snapshot", help="save a partition's memory and metadata (mmap-ninja)")
+    psub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
+    q = psub.add_parser("save", help="a suspended partition, or one with no worker, into DIR")
+    q.add_argument("name")
+    q.add_argument("dir")
+    json_opt(q)
+    p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("bench", help="pyhv beside the kernel's swap and a C floor, one run")
     p.add_argument("--quick", action="store_true", help="smaller workloads (well under a minute)")

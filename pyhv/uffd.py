@@ -409,6 +409,15 @@ class Engine:
             raise OSError(self._err[0], os.strerror(self._err[0]), "worker")
         return w
 
+    def table(self, h, pages: int) -> tuple[bytes, bytes, bytes]:
+        """The page table's raw arrays: states (uint8), slots (int64, -1:
+        none), CRC32s (uint32), native byte order."""
+        state = ffi.new("uint8_t[]", pages)
+        slot = ffi.new("int64_t[]", pages)
+        crc = ffi.new("uint32_t[]", pages)
+        lib.pyhv_eng_table(self._e, h, state, slot, crc)
+        return bytes(ffi.buffer(state)), bytes(ffi.buffer(slot)), bytes(ffi.buffer(crc))
+
     def resident(self, h) -> list[int]:
         """The resident pages, in the order eviction would take them."""
         n = self.stats(h)["resident"] + 64

@@ -129,6 +129,7 @@ class ControlRoom:
             "slots": self.op_slots,
             **vcp.handlers(self),
             **self.worker_handlers(),
+            "snapshot": self.op_snapshot,
         }
 
     def on_accept(self, mask: int) -> None:
@@ -184,6 +185,7 @@ class ControlRoom:
         c.queued = 0
         c.pieces.reset()
         self.partial.discard(c)
+        self.snapshot_gone(c)
 
     def on_control(self, c: "Control") -> None:
         """One message from a connection: a request, or a piece of a long
@@ -346,8 +348,9 @@ class ControlRoom:
             return {"ok": False, "error": f"unknown partition {name!r}"}, ()
         if self.stopping:
             return {"ok": False, "error": "the hypervisor is shutting down"}, ()
-        if part.state != "active":
-            return {"ok": False, "error": f"partition {name!r} is {part.state}"}, ()
+        if part.state != "active" or part.saving is not None:
+            return {"ok": False, "error": f"partition {name!r} is "
+                    + (part.state if part.saving is None else "being saved")}, ()  # fmt: skip
         if conn.worker is not None:
             raise wire.ProtocolError("this connection is attached already")
         w = Worker(self.next_worker, pid, part, conn)

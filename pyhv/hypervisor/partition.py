@@ -95,6 +95,7 @@ class Partition:
         self.state = "active"  # or "suspending", "suspended" (pyhv.hypervisor.suspend)
         self.working_set: list[int] | None = None  # its resident pages when it was suspended
         self.warming = 0  # the working-set read-ahead under way (its generation)
+        self.saving = None  # the connection of a snapshot being saved (it holds the partition)
 
     def in_memory(self, page: int) -> bool:
         """Is the page in the memfd's page cache (mincore: no fault, no fill)?"""

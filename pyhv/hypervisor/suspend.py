@@ -16,9 +16,11 @@ always goes first.
 
 from __future__ import annotations
 
+import base64
 import logging
 import signal
 import time
+import zlib
 
 from pyhv.hypervisor.partition import Partition
 
@@ -40,7 +42,48 @@ def stopped(pid: int) -> bool:
 
 
 class SuspendRoom:
-    """Mixed into the Hypervisor: suspending and resuming partitions."""
+    """Mixed into the Hypervisor: suspending and resuming partitions, and
+    holding one still while a snapshot of it is saved (pyhv.snapshot)."""
+
+    def op_snapshot(self, conn, msg, fds):
+        """The page table and memfd of a partition that is suspended or has
+        no worker, for `pyhv snapshot save`; it stays as it is (no attach,
+        no resume, no suspend, no removal) until this connection closes."""
+        part = self.by_name.get(msg["partition"])
+        if part is None:
+            return {"ok": False, "error": f"unknown partition {msg['partition']!r}"}, ()
+        if part.saving is not None:
+            return {"ok": False, "error": f"partition {part.name!r}: a snapshot of it is being "
+                    "saved already"}, ()  # fmt: skip
+        if part.state != "suspended" and (part.state != "active" or part.workers):
+            return {"ok": False, "error": f"partition {part.name!r} is {part.state} with "
+                    f"{len(part.workers)} worker(s): suspend it first"}, ()  # fmt: skip
+        part.saving = conn
+
+        def quiet() -> bool:  # nothing in flight (a partition with no worker may still write back)
+            return part.eng is None or part.saving is not conn or not (
+                part.evicting or self.engine.stats(part.eng)["pending"])  # fmt: skip
+
+        def answer() -> None:
+            if part.eng is None or part.saving is not conn:
+                return
+            state, slot, crc = self.engine.table(part.eng, part.pages)
+            ws = part.working_set if part.working_set is not None else self.engine.resident(
+                part.eng)  # fmt: skip
+            self.reply(conn, {"ok": True, "partition": part.name, "pages": part.pages,
+                              "memory": part.cfg.memory, "state": part.state,
+                              "device": str(part.device.path), "working_set": ws,
+                              "table": base64.b64encode(zlib.compress(state + slot + crc, 1))
+                              .decode()}, (part.memfd,))  # fmt: skip
+
+        self.after(quiet, answer)
+        return None, ()
+
+    def snapshot_gone(self, conn) -> None:
+        """A snapshot's connection closed: its partition goes on."""
+        for part in self.partitions:
+            if part.saving is conn:
+                part.saving = None
 
     def _signal_workers(self, part: Partition, sig: int) -> None:
         for w in list(part.workers.values()):

@@ -72,6 +72,11 @@ def _config_errors(fn, *args):
         raise Refused(str(e)) from None
 
 
+def _not_saving(part) -> None:
+    if part.saving is not None:
+        raise Refused(f"partition {part.name!r}: a snapshot of it is being saved")
+
+
 def _no_stop(hv) -> None:
     if hv.stopping:
         raise Refused("the system is shutting down")
@@ -145,6 +150,7 @@ def partition_add(hv, conn, msg):
 def partition_remove(hv, conn, msg):
     _no_stop(hv)
     part = _known(hv.by_name, _str(msg, "name"), "partition")
+    _not_saving(part)
     if part.workers:
         raise Refused(f"partition {part.name!r} has {len(part.workers)} live worker(s)")
     def busy() -> bool:  # paging in flight or waiting: Python's requests, the engine's pages
@@ -164,6 +170,7 @@ def partition_suspend(hv, conn, msg):
     """Stop the workers, write every page out, free every frame; answers once done."""
     _no_stop(hv)
     part = _known(hv.by_name, _str(msg, "name"), "partition")
+    _not_saving(part)
     if part.state != "active":
         raise Refused(f"partition {part.name!r} is {part.state} already")
     if part.stream.service is None or part.stream.state not in FLOWING:
@@ -180,6 +187,7 @@ def partition_suspend(hv, conn, msg):
 def partition_resume(hv, conn, msg):
     _no_stop(hv)
     part = _known(hv.by_name, _str(msg, "name"), "partition")
+    _not_saving(part)
     if part.state != "suspended":
         raise Refused(f"partition {part.name!r} is {part.state}, not suspended")
     return hv.resume_partition(part)

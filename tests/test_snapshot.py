@@ -1,0 +1,132 @@
+"""Snapshots (issue 12, part 2): `pyhv snapshot save` writes a partition's
+memory as an mmap-ninja array a user opens offline, atomically: a SIGKILL
+or a full disk in the middle leaves the previous snapshot as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import zlib
+
+import pytest
+
+from conftest import PY, config_text, finish
+
+from pyhv.inject import remove_small_filesystem, small_filesystem
+from pyhv.pattern import page_pattern
+
+ninja = pytest.importorskip("mmap_ninja.numpy")
+
+
+def check_snapshot(path, partition: str, generation: int) -> dict:
+    """Every page of the snapshot is the oracle's, and its CRC32 is right."""
+    mem = ninja.open_existing(path / "memory")
+    crc = ninja.open_existing(path / "crc32")
+    pages = mem.shape[0]
+    assert mem.shape == (pages, 4096) and str(mem.dtype) == "uint8"
+    bad = [i for i in range(pages) if bytes(mem[i]) != page_pattern(partition, i, generation)]
+    assert bad == [], bad[:10]
+    assert all(zlib.crc32(bytes(mem[i])) == int(crc[i]) for i in range(pages))
+    return json.loads((path / "meta.json").read_text())
+
+
+def test_a_snapshot_opens_offline_with_every_page_and_its_crc(system, tmp_path):
+    system.up(config_text(pool="2MiB", partitions=[("p1", "8MiB")]))
+    assert finish(system.workload("p1", "write", "--generation", "4"))[0] == 0
+    r = system.pyhv("snapshot", "save", "p1", tmp_path / "snap", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    meta = check_snapshot(tmp_path / "snap", "p1", 4)  # (most pages came from the device)
+    assert meta["pages"] == out["pages"] == 2048 and meta["poisoned"] == []
+    ws = ninja.open_existing(tmp_path / "snap" / "working_set")
+    assert 0 < len(ws) <= 512  # the resident pages (the pool holds 512)
+    # the partition goes on: a worker attaches and verifies
+    assert finish(system.workload("p1", "verify", "--generation", "4"))[0] == 0
+
+
+def test_a_suspended_partition_is_saved_with_its_workers_alive(system, tmp_path):
+    system.up(config_text(pool="2MiB", partitions=[("p1", "4MiB")]))
+    stop = tmp_path / "stop"
+    prog = tmp_path / "w.py"
+    prog.write_text("import os, sys, time, pyhv\n"
+                    "from pyhv.pattern import page_pattern\n"
+                    "m = pyhv.attach()\n"
+                    "for i in range(len(m) // 4096):\n"
+                    "    m[i * 4096:(i + 1) * 4096] = page_pattern('p1', i, 2)\n"
+                    "print('ready', flush=True)\n"
+                    "while not os.path.exists(sys.argv[1]):\n"
+                    "    time.sleep(0.01)\n")  # fmt: skip
+    w = system.run("p1", PY, prog, str(stop))
+    assert w.stdout.readline().strip() == "ready"
+    refused = system.pyhv("snapshot", "save", "p1", tmp_path / "snap")
+    assert refused.returncode == 2 and "suspend it first" in refused.stderr
+    assert system.pyhv("partition", "suspend", "p1").returncode == 0
+    r = system.pyhv("snapshot", "save", "p1", tmp_path / "snap", "--json")
+    assert r.returncode == 0, r.stderr
+    meta = check_snapshot(tmp_path / "snap", "p1", 2)
+    assert meta["state"] == "suspended" and meta["working_set_pages"] > 0
+    assert system.pyhv("partition", "resume", "p1").returncode == 0
+    stop.touch()
+    assert finish(w)[0] == 0
+
+
+def test_an_interrupted_save_leaves_the_previous_snapshot(system, tmp_path):
+    system.up(config_text(pool="4MiB", partitions=[("p1", "64MiB")]))
+    assert finish(system.workload("p1", "write", "--generation", "1"))[0] == 0
+    snap = tmp_path / "snap"
+    assert system.pyhv("snapshot", "save", "p1", snap).returncode == 0
+    assert finish(system.workload("p1", "write", "--generation", "2"))[0] == 0
+    # SIGKILL of the CLI in the middle of the next save
+    p = subprocess.Popen([PY, "-m", "pyhv", "snapshot", "save", "p1", str(snap), "--run-dir",
+                          str(system.run_dir)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)  # fmt: skip
+    partial = tmp_path / f".snap.partial-{p.pid}"
+    deadline = time.monotonic() + 60
+    while not (partial / "memory").exists() and p.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    check_snapshot(snap, "p1", 1)  # the previous one, whole
+    # the partition was let go (the connection closed): a worker attaches;
+    # a new save replaces the old snapshot and clears what the killed one left
+    assert finish(system.workload("p1", "verify", "--generation", "2"))[0] == 0
+    assert system.pyhv("snapshot", "save", "p1", snap).returncode == 0
+    check_snapshot(snap, "p1", 2)
+    assert not partial.exists()
+
+
+def test_a_full_disk_leaves_the_previous_snapshot(system, tmp_path):
+    small = tmp_path / "small"
+    try:
+        small_filesystem(small, 12 << 20)
+    except Exception as e:  # noqa: BLE001 (no tmpfs mounts here)
+        pytest.skip(f"cannot mount a small tmpfs: {e}")
+    try:
+        system.up(config_text(pool="2MiB", partitions=[("p1", "8MiB")]))
+        assert finish(system.workload("p1", "write", "--generation", "1"))[0] == 0
+        snap = small / "snap"
+        assert system.pyhv("snapshot", "save", "p1", snap).returncode == 0
+        assert finish(system.workload("p1", "write", "--generation", "2"))[0] == 0
+        r = system.pyhv("snapshot", "save", "p1", snap, "--json")  # (--json: no progress lines)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no space left" in r.stderr
+        check_snapshot(snap, "p1", 1)
+        assert [x.name for x in small.iterdir()] == ["snap"]  # nothing half-written left
+    finally:
+        system.down()
+        remove_small_filesystem(small)
+
+
+def test_bad_snapshot_requests_are_one_line_and_exit_2(system, tmp_path):
+    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]))
+    (tmp_path / "notasnap").mkdir()
+    (tmp_path / "notasnap" / "precious").write_text("x")
+    for args, text in [(["nosuch", tmp_path / "s"], "unknown partition"),
+                       (["p1", tmp_path / "no" / "such" / "dir"], "is not a directory"),
+                       (["p1", tmp_path / "notasnap"], "is no snapshot")]:  # fmt: skip
+        r = system.pyhv("snapshot", "save", *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and text in r.stderr, r.stderr
+    assert (tmp_path / "notasnap" / "precious").read_text() == "x"
