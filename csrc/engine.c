@@ -46,6 +46,10 @@
  *              poison marker would be overwritten
  *   LOANED     given back by the partition (pyhv.discard, MADV_REMOVE): no
  *              frame, no slot; a fault fills it with zeros, as UNTOUCHED
+ *   SNAPSHOT   in the snapshot the partition was restored from (read-only,
+ *              at its page number), never written since: a fault reads it
+ *              from there (a READ flagged PYHV_SVC_SNAP); CLEAN with no slot
+ *              once read, and back to SNAPSHOT when evicted clean
  * Every page in FILLING or PAGING_OUT has a `pending` record with its
  * waiters; every resident page (DIRTY, CLEAN) is in exactly one of its
  * partition's victim queues, and holds one frame of the pool, as does every
@@ -93,7 +97,8 @@
 #define BUCKETS 16384u	   /* pending pages hash (pages in flight are bounded by the pool) */
 #define EVENTS 256	   /* room for events queued for Python, to begin with (it grows) */
 
-enum { UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED, LOANED, NSTATES };
+enum { UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED, LOANED, SNAPSHOT,
+       NSTATES };
 enum { SLOT_FREE, SLOT_USED, SLOT_BAD };
 enum { SRC_UFFD = 1, SRC_CHAN, SRC_STOP };
 /* outcome of an ioctl on a worker's uffd; IO_AGAIN: its process is forking
@@ -156,6 +161,7 @@ struct rreq { /* one READ of the engine */
 	uint64_t id;
 	struct pyhv_eng_part *part;
 	uint32_t first, n, slot;
+	int snap; /* from the snapshot (slot: the page there) */
 	uint64_t sent_ns;
 	struct pyhv_eng_chan *chan; /* NULL while queued on its partition */
 };
@@ -543,6 +549,19 @@ static int in_memory(struct pyhv_eng_part *p, uint64_t page)
 	return v & 1;
 }
 
+/* Where a page at rest is: its slot on the device, or the snapshot. */
+static uint8_t at_rest(struct pyhv_eng_part *p, uint64_t page)
+{
+	return p->slot[page] ? ON_DEVICE : SNAPSHOT;
+}
+
+/* Does page follow prev in one READ (both on the device in neighbouring
+ * slots, or both in the snapshot; pages next to each other)? */
+static int same_run(struct pyhv_eng_part *p, uint64_t prev, uint64_t page)
+{
+	return p->slot[page] ? p->slot[page] == p->slot[prev] + 1 : !p->slot[prev];
+}
+
 /* --- the pool ------------------------------------------------------------------------ */
 
 static int try_take(struct pyhv_eng *e)
@@ -638,7 +657,7 @@ static void install(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page, 
 	}
 	if (!installer) { /* nobody to map it into now: it stays where it was (its
 			   * waiters were woken: their faults come again) */
-		p->state[page] = read ? ON_DEVICE : x && x->poisoned ? POISONED : UNTOUCHED;
+		p->state[page] = read ? at_rest(p, page) : x && x->poisoned ? POISONED : UNTOUCHED;
 		if (read)
 			fallocate(p->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 				  (off_t)(page * PG), PG);
@@ -686,7 +705,7 @@ static void install_run(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t fi
 			  (off_t)n * PG);
 		for (uint32_t k = 0; k < n; k++) {
 			pending_free(e, pending_take(e, p, first + k));
-			p->state[first + k] = ON_DEVICE;
+			p->state[first + k] = at_rest(p, first + k);
 		}
 		release_frames(e, n);
 		return;
@@ -724,7 +743,8 @@ static void install_read(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t f
 
 static int send_read(struct pyhv_eng *e, struct pyhv_eng_chan *ch, struct rreq *r)
 {
-	struct frame_hdr h = {r->id, (uint16_t)r->part->stream, OP_READ, 0, 0, r->slot, r->n, 0};
+	struct frame_hdr h = {r->id, (uint16_t)r->part->stream, OP_READ,
+			      r->snap ? PYHV_SVC_SNAP : 0, 0, r->slot, r->n, 0};
 	uint8_t payload[4 * PYHV_SVC_MAX_PAGES + 4];
 	memcpy(payload, &r->part->crc[r->first], 4 * (size_t)r->n);
 	memcpy(payload + 4 * (size_t)r->n, &r->first, 4);
@@ -791,7 +811,7 @@ static void page_in_run(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t fi
 	if (!r) { /* no memory to ask for them: they stay on the device, their faults retry */
 		e->g.enomem++;
 		for (uint32_t k = 0; k < n; k++) {
-			p->state[first + k] = ON_DEVICE;
+			p->state[first + k] = at_rest(p, first + k);
 			wake_pending(e, pending_take(e, p, first + k));
 		}
 		release_frames(e, n);
@@ -801,7 +821,8 @@ static void page_in_run(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t fi
 	r->part = p;
 	r->first = (uint32_t)first;
 	r->n = n;
-	r->slot = p->slot[first] - 1;
+	r->snap = !p->slot[first]; /* (a page read with no slot of its own: the snapshot's) */
+	r->slot = r->snap ? (uint32_t)first : p->slot[first] - 1;
 	if (p->qtail)
 		p->qtail->next = r;
 	else
@@ -835,10 +856,10 @@ static void prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first
 	p->readahead_end = (int64_t)first;
 	uint64_t run = 0, n = 0;
 	for (uint64_t page = first; page < end; page++) {
-		if (p->state[page] != ON_DEVICE || !try_take(e))
+		if ((p->state[page] != ON_DEVICE && p->state[page] != SNAPSHOT) || !try_take(e))
 			break;
 		p->readahead_end = (int64_t)page + 1;
-		if (n && (p->slot[page] != p->slot[run + n - 1] + 1 || n == PYHV_SVC_MAX_PAGES)) {
+		if (n && (!same_run(p, run + n - 1, page) || n == PYHV_SVC_MAX_PAGES)) {
 			page_in_run(e, p, run, (uint32_t)n);
 			n = 0;
 		}
@@ -936,6 +957,8 @@ static void read_done(struct pyhv_eng *e, struct pyhv_eng_chan *ch, struct rreq 
 	}
 	if (status == 0) {
 		p->c.page_ins += r->n;
+		if (r->snap)
+			p->c.snapshot_reads += r->n;
 		install_read(e, p, r->first, r->n);
 	} else if (r->n > 1) { /* which page has the error: one by one */
 		for (uint32_t k = 0; k < r->n; k++)
@@ -1051,7 +1074,7 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 		return;
 	}
 	int write = (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
-	if (st == UNTOUCHED || st == LOANED || st == ON_DEVICE || st == POISONED) {
+	if (st == UNTOUCHED || st == LOANED || st == ON_DEVICE || st == SNAPSHOT || st == POISONED) {
 		struct pending *x = pending_new(e, p, page);
 		if (!x || add_waiter(x, w, write)) {
 			pending_free(e, x ? pending_take(e, p, page) : NULL);
@@ -1061,7 +1084,7 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 		}
 		x->poisoned = st == POISONED;
 		p->state[page] = FILLING;
-		int read = st == ON_DEVICE;
+		int read = st == ON_DEVICE || st == SNAPSHOT;
 		if (!read)
 			p->c.first_touches++;
 		if (try_take(e)) {
@@ -1975,7 +1998,7 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 		uint32_t page = chosen[i];
 		p->age[page] = stamp; /* (its REF_* bits mean nothing off the queues) */
 		if (p->state[page] == CLEAN) {
-			p->state[page] = ON_DEVICE;
+			p->state[page] = at_rest(p, page);
 			chosen[nc++] = page; /* (in place: nc <= i) */
 		} else {
 			p->state[page] = PAGING_OUT;
@@ -2077,6 +2100,56 @@ int pyhv_eng_discard(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first
 	return 0;
 }
 
+/* A partition restored from a snapshot: every page is there, with its
+ * CRC32 (a page read from it that does not match is a machine check). */
+void pyhv_eng_part_snapshot(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *crc)
+{
+	pthread_mutex_lock(&e->mu);
+	for (uint64_t i = 0; i < p->pages; i++)
+		if (p->state[i] == UNTOUCHED && !p->slot[i]) {
+			p->state[i] = SNAPSHOT;
+			p->crc[i] = crc[i];
+		}
+	pthread_mutex_unlock(&e->mu);
+}
+
+/* A partition imported from another system (pyhv partition import): each
+ * page ON_DEVICE in its slot (slot >= 0), in the snapshot it was restored
+ * from (state SNAPSHOT), or never written.  A fresh partition only; nothing
+ * changes (-EINVAL) if a slot is outside the device or given twice. */
+int pyhv_eng_part_import(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint8_t *state,
+			 const int64_t *slot, const uint32_t *crc)
+{
+	pthread_mutex_lock(&e->mu);
+	int r = 0;
+	for (uint64_t i = 0; i < p->pages && !r; i++) {
+		if (slot[i] < 0)
+			continue;
+		if ((uint64_t)slot[i] >= p->slots || p->slot_map[slot[i]] != SLOT_FREE)
+			r = -EINVAL;
+		else
+			p->slot_map[slot[i]] = SLOT_USED; /* (undone below on failure) */
+	}
+	for (uint64_t i = 0; i < p->pages; i++) {
+		if (slot[i] < 0 || (uint64_t)slot[i] >= p->slots)
+			continue;
+		if (r) {
+			p->slot_map[slot[i]] = SLOT_FREE;
+			continue;
+		}
+		p->slot[i] = (uint32_t)slot[i] + 1;
+		p->crc[i] = crc[i];
+		p->state[i] = ON_DEVICE;
+	}
+	for (uint64_t i = 0; i < p->pages && !r; i++)
+		if (slot[i] < 0 && state[i] == SNAPSHOT) {
+			p->state[i] = SNAPSHOT;
+			p->crc[i] = crc[i];
+		}
+	pthread_mutex_unlock(&e->mu);
+	return r;
+}
+
 /* A copy of the page table: each page's state, slot (-1: none) and CRC32. */
 void pyhv_eng_table(struct pyhv_eng *e, struct pyhv_eng_part *p, uint8_t *state, int64_t *slot,
 		    uint32_t *crc)
@@ -2122,11 +2195,11 @@ int64_t pyhv_eng_prefetch_pages(struct pyhv_eng *e, struct pyhv_eng_part *p, con
 	uint32_t i, run = 0, k = 0;
 	for (i = 0; i < n; i++) {
 		uint32_t page = pages[i];
-		if (page >= p->pages || p->state[page] != ON_DEVICE)
+		if (page >= p->pages || (p->state[page] != ON_DEVICE && p->state[page] != SNAPSHOT))
 			continue;
 		if (!try_take(e))
 			break;
-		if (k && (page != run + k || p->slot[page] != p->slot[run + k - 1] + 1 ||
+		if (k && (page != run + k || !same_run(p, run + k - 1, page) ||
 			  k == PYHV_SVC_MAX_PAGES)) {
 			page_in_run(e, p, run, k);
 			k = 0;
@@ -2166,7 +2239,7 @@ int64_t pyhv_eng_prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t 
 	int64_t started = 0;
 	uint64_t run = 0, k = 0, page;
 	for (page = first; page < first + n; page++) {
-		if (p->state[page] != ON_DEVICE) {
+		if (p->state[page] != ON_DEVICE && p->state[page] != SNAPSHOT) {
 			if (k)
 				page_in_run(e, p, run, (uint32_t)k);
 			k = 0;
@@ -2174,7 +2247,7 @@ int64_t pyhv_eng_prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t 
 		}
 		if (!try_take(e))
 			break;
-		if (k && (p->slot[page] != p->slot[run + k - 1] + 1 || k == PYHV_SVC_MAX_PAGES)) {
+		if (k && (!same_run(p, run + k - 1, page) || k == PYHV_SVC_MAX_PAGES)) {
 			page_in_run(e, p, run, (uint32_t)k);
 			k = 0;
 		}

@@ -71,10 +71,11 @@ int pyhv_mce_remove(uint64_t start);
 #define PYHV_SVC_MAX_STREAMS 65536
 #define PYHV_SVC_MAX_FRAME 65564 /* wire.MAX_FRAME: header + 64 KiB (no page data) */
 #define PYHV_SVC_RETRY 1 /* header flag: resent after the service holding it failed */
+#define PYHV_SVC_SNAP 2	 /* header flag: a READ of the stream's snapshot (slot: the page) */
 struct pyhv_svc;
 struct pyhv_svc *pyhv_svc_new(int sock, int threads, int spin_us);
 int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pages, int memfd,
-			uint64_t mem_size);
+			uint64_t mem_size, int snapfd, uint64_t snap_pages);
 void pyhv_svc_stream_clear(struct pyhv_svc *s, unsigned stream);
 uint64_t pyhv_svc_stream_errors(struct pyhv_svc *s, unsigned stream);
 int pyhv_svc_fast(struct pyhv_svc *s, int sock);
@@ -92,7 +93,7 @@ struct pyhv_eng_chan;
 #define PYHV_EV_CHAN_CLOSED 3 /* a fast channel reached end-of-file (worker: its id) */
 #define PYHV_EV_WORKER_FORKED 4 /* worker page forked: its child is worker (0: lost, err) */
 #define PYHV_EV_WORKER_PID 5 /* forked worker's first fault came from thread page */
-#define PYHV_ENG_STATES 8 /* page states (csrc/engine.c), pyhv_eng_state_counts' out[] */
+#define PYHV_ENG_STATES 9 /* page states (csrc/engine.c), pyhv_eng_state_counts' out[] */
 struct pyhv_eng_event {
 	uint32_t type;
 	int32_t err;
@@ -109,6 +110,7 @@ struct pyhv_eng_counters { /* per partition, counted by the engine */
 						 and moved to the active queue for it */
 	uint64_t loaned;  /* frames given back (pyhv.discard, MADV_REMOVE) */
 	uint64_t advised; /* pages read on advice (pyhv.prefetch) */
+	uint64_t snapshot_reads; /* pages read from the snapshot it was restored from */
 };
 struct pyhv_eng_stats {
 	struct pyhv_eng_counters c;
@@ -157,6 +159,9 @@ int pyhv_eng_discard(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first
 int64_t pyhv_eng_prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n,
 			  uint64_t *next_out);
 uint32_t pyhv_eng_resident(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t *out, uint32_t max);
+void pyhv_eng_part_snapshot(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *crc);
+int pyhv_eng_part_import(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint8_t *state,
+			 const int64_t *slot, const uint32_t *crc);
 void pyhv_eng_table(struct pyhv_eng *e, struct pyhv_eng_part *p, uint8_t *state, int64_t *slot,
 		    uint32_t *crc);
 int64_t pyhv_eng_prefetch_pages(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *pages,

@@ -61,6 +61,8 @@
 struct svc_stream {
 	int fd; /* the device (owned by Python), -1: not open */
 	uint64_t pages;
+	int snapfd; /* a snapshot its pages come from on first touch (Python's), -1: none */
+	uint64_t snap_pages;
 	int memfd; /* the partition's memory (owned here) */
 	uint8_t *mem;
 	uint64_t mem_pages;
@@ -166,9 +168,10 @@ static int read_in(struct svc_stream *st, const struct frame_hdr *h, struct job 
 		return -EINVAL;
 	uint8_t *dst = st->mem + (size_t)first * PG;
 	size_t n = (size_t)h->count * PG;
+	int fd = h->flags & PYHV_SVC_SNAP ? st->snapfd : st->fd; /* (slot: the page there) */
 	ssize_t got;
 	do
-		got = pread(st->fd, dst, n, (off_t)h->slot * PG);
+		got = pread(fd, dst, n, (off_t)h->slot * PG);
 	while (got < 0 && errno == EINTR);
 	int r = got < 0 ? -errno : (size_t)got != n ? -EIO : 0;
 	for (uint32_t i = 0; !r && i < h->count; i++) {
@@ -324,7 +327,7 @@ struct pyhv_svc *pyhv_svc_new(int sock, int threads, int spin_us)
 	if (!s->streams)
 		goto fail;
 	for (int i = 0; i < PYHV_SVC_MAX_STREAMS; i++)
-		s->streams[i].fd = s->streams[i].memfd = -1;
+		s->streams[i].fd = s->streams[i].memfd = s->streams[i].snapfd = -1;
 	for (int i = 0; i < JOBS; i++) {
 		struct job *j = &s->jobs[i];
 		j->payload = malloc(PYHV_SVC_MAX_FRAME);
@@ -352,7 +355,7 @@ fail:
 }
 
 int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pages, int memfd,
-			uint64_t mem_size)
+			uint64_t mem_size, int snapfd, uint64_t snap_pages)
 {
 	/* called between serve() calls: no job runs */
 	if (stream >= PYHV_SVC_MAX_STREAMS)
@@ -379,6 +382,8 @@ int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pa
 	st->mem_pages = mem_size / PG;
 	st->fd = fd;
 	st->pages = pages;
+	st->snapfd = snapfd;
+	st->snap_pages = snap_pages;
 	st->errors = 0;
 	pthread_rwlock_unlock(&s->fast_lock);
 	return 0;
@@ -395,8 +400,8 @@ void pyhv_svc_stream_clear(struct pyhv_svc *s, unsigned stream)
 	if (st->memfd >= 0)
 		close(st->memfd);
 	st->mem = NULL;
-	st->memfd = st->fd = -1;
-	st->pages = st->mem_pages = 0;
+	st->memfd = st->fd = st->snapfd = -1;
+	st->pages = st->mem_pages = st->snap_pages = 0;
 	pthread_rwlock_unlock(&s->fast_lock);
 }
 
@@ -414,8 +419,12 @@ static int hot(struct pyhv_svc *s, const struct frame_hdr *h, size_t payload)
 	struct svc_stream *st = &s->streams[h->stream];
 	if (st->fd < 0 || !st->mem || h->count < 1 || h->count > PYHV_SVC_MAX_PAGES)
 		return 0;
-	if ((uint64_t)h->slot + h->count > st->pages)
+	if (h->flags & PYHV_SVC_SNAP) {
+		if (h->op != OP_READ || st->snapfd < 0 || (uint64_t)h->slot + h->count > st->snap_pages)
+			return 0;
+	} else if ((uint64_t)h->slot + h->count > st->pages) {
 		return 0;
+	}
 	if (payload != 4 * (size_t)h->count + (h->op == OP_READ ? 4 : 0))
 		return 0;
 	return 1;

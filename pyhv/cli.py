@@ -209,8 +209,10 @@ def cmd_partition(args) -> int:
         r = _op(args, {"op": "partition_list"})
         return _emit(args, r, format_partitions(r["partitions"]))
     if args.action == "add":
+        snap = os.path.abspath(args.from_snapshot) if args.from_snapshot else None
         r = _op(args, {"op": "partition_add", "name": args.name, "memory": args.memory,
-                       "paging": _names(args.paging), "device": args.device})  # fmt: skip
+                       "paging": _names(args.paging), "device": args.device,
+                       "snapshot": snap, "prefetch": not args.no_prefetch})  # fmt: skip
         return _emit(args, r, format_partitions([r["partition"]]))
     if args.action == "suspend":
         r = _op(args, {"op": "partition_suspend", "name": args.name}, timeout=3600)
@@ -475,6 +477,10 @@ def build_parser() -> Parser:
     q.add_argument("--memory", required=True)
     q.add_argument("--paging", required=True, help="A[,B]: primary, then a redundant service")
     q.add_argument("--device", help="device id (default: the best-fitting free one)")
+    q.add_argument("--from-snapshot", metavar="DIR",
+                   help="its pages come from this snapshot (pyhv snapshot save) on first touch")
+    q.add_argument("--no-prefetch", action="store_true",
+                   help="with --from-snapshot: do not read its working set ahead")
     json_opt(q)
     q = psub.add_parser("remove", help="deactivate a partition with no live worker")
     q.add_argument("name")

@@ -167,6 +167,8 @@ class PartitionConfig:
     device: str
     isolation: str = "process"
     weight: int = 128
+    snapshot: str | None = None  # a snapshot directory its pages come from (read-only)
+    prefetch: bool = True  # ... with its working set read ahead
 
     @property
     def pages(self) -> int:
@@ -327,11 +329,35 @@ def _block_size(path: Path) -> int:
         os.close(fd)
 
 
-def parse_partition(entry: dict, service_names: list[str]) -> dict:
-    """One [[partition]] table, validated on its own; its device is not resolved yet."""
+def check_snapshot(path: Path, memory: int, where: str) -> str:
+    """A snapshot directory (pyhv.snapshot) of `memory` bytes; its absolute path."""
+    import json
+
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: {path} is no pyhv snapshot "
+                          f"({getattr(e, 'strerror', None) or e})") from None  # fmt: skip
+    if not isinstance(meta, dict) or meta.get("format") != "pyhv-snapshot":
+        raise ConfigError(f"{where}: {path} is no pyhv snapshot (meta.json)")
+    if meta.get("memory_bytes") != memory:
+        raise ConfigError(f"{where}: snapshot {path} holds {meta.get('memory_bytes')} bytes of "
+                          f"memory, the partition {memory}")  # fmt: skip
+    for part, size in (("memory", memory), ("crc32", memory // PAGE_SIZE * 4)):
+        data = path / part / "data.ninja"
+        if not data.is_file() or data.stat().st_size != size:
+            raise ConfigError(f"{where}: snapshot {path}: {part}/data.ninja is missing or not "
+                              f"{size} bytes")  # fmt: skip
+    return str(path.resolve())
+
+
+def parse_partition(entry: dict, service_names: list[str], base: Path | None = None) -> dict:
+    """One [[partition]] table, validated on its own; its device is not
+    resolved yet.  A relative snapshot path is taken from `base`."""
     name = _name(entry, "name", "[[partition]]")
     where = f"partition {name!r}"
-    _unknown_keys(entry, {"name", "memory", "paging", "device", "isolation", "weight"}, where)
+    _unknown_keys(entry, {"name", "memory", "paging", "device", "isolation", "weight", "snapshot",
+                          "prefetch"}, where)  # fmt: skip
     if "memory" not in entry:
         raise ConfigError(f"{where}: memory is required")
     memory = parse_pages(entry["memory"], f"{where}: memory")
@@ -354,8 +380,16 @@ def parse_partition(entry: dict, service_names: list[str]) -> dict:
     weight = entry.get("weight", 128)
     if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1024:
         raise ConfigError(f"{where}: weight must be an integer from 1 to 1024")
+    snapshot = entry.get("snapshot")
+    if snapshot is not None:
+        if not isinstance(snapshot, str) or not snapshot:
+            raise ConfigError(f"{where}: snapshot must be a directory")
+        snapshot = check_snapshot((base or Path.cwd()) / snapshot, memory, where)
+    prefetch = entry.get("prefetch", True)
+    if not isinstance(prefetch, bool):
+        raise ConfigError(f"{where}: prefetch must be true or false")
     return dict(name=name, memory=memory, paging=list(paging), device=device,
-                isolation=isolation, weight=weight)  # fmt: skip
+                isolation=isolation, weight=weight, snapshot=snapshot, prefetch=prefetch)
 
 
 def parse_config(doc: dict, run_dir: Path) -> Config:
@@ -405,7 +439,7 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
     raw_parts = _table_list(doc, "partition")
     if not raw_parts:
         raise ConfigError("at least one [[partition]] is required")
-    parts = [parse_partition(p, service_names) for p in raw_parts]
+    parts = [parse_partition(p, service_names, run_dir) for p in raw_parts]
     _unique([p["name"] for p in parts], "partition")
 
     by_id = {d.id: d for d in devices}

@@ -32,6 +32,8 @@ class PagingDevice:
         self.pages = size // PAGE_SIZE
         self.errors = 0
         self.fd = -1
+        self.snapfd = -1  # a snapshot the stream's first page-ins read (read-only), or -1
+        self.snap_pages = 0
 
     def open(self) -> None:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
@@ -45,10 +47,22 @@ class PagingDevice:
             if have < self.pages:
                 raise OSError(errno.ENOSPC, f"block device has {have} pages, {self.pages} needed")
 
+    def open_snapshot(self, path: str) -> None:
+        """The snapshot's memory file (pyhv.snapshot), O_DIRECT where the
+        filesystem allows it."""
+        try:
+            self.snapfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            self.snapfd = os.open(path, os.O_RDONLY)
+        self.snap_pages = os.fstat(self.snapfd).st_size // PAGE_SIZE
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.snapfd >= 0:
+            os.close(self.snapfd)
+            self.snapfd = -1
 
     def _check_range(self, slot: int, count: int) -> None:
         if count < 1 or slot + count > self.pages:

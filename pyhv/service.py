@@ -112,7 +112,10 @@ class PagingService:
         dev = PagingDevice(spec["id"], spec["path"], spec["kind"], spec["size"], spec["direct"])
         dev.open()
         try:  # (a stream opened again is replaced at once: a READ never finds it closed)
-            self.engine.stream_set(stream, dev.fd, dev.pages, fds[0], int(spec["memory"]))
+            if spec.get("snapshot"):
+                dev.open_snapshot(spec["snapshot"])
+            self.engine.stream_set(stream, dev.fd, dev.pages, fds[0], int(spec["memory"]),
+                                   dev.snapfd, dev.snap_pages)  # fmt: skip
         except OSError:
             dev.close()
             raise

@@ -270,10 +270,12 @@ class ServiceEngine:
             raise OSError(-n, os.strerror(-n), "recvmsg(stream)")
         return n, self._flags[0], fds
 
-    def stream_set(self, stream: int, fd: int, pages: int, memfd: int, mem_size: int) -> None:
-        """Serve a stream: device fd of `pages` slots, the partition's memory."""
-        _check(lib.pyhv_svc_stream_set(self._s, stream, fd, pages, memfd, mem_size),
-               "mmap(partition memory)")  # fmt: skip
+    def stream_set(self, stream: int, fd: int, pages: int, memfd: int, mem_size: int,
+                   snapfd: int = -1, snap_pages: int = 0) -> None:  # fmt: skip
+        """Serve a stream: device fd of `pages` slots, the partition's memory,
+        and the snapshot it was restored from (-1: none)."""
+        _check(lib.pyhv_svc_stream_set(self._s, stream, fd, pages, memfd, mem_size, snapfd,
+                                       snap_pages), "mmap(partition memory)")  # fmt: skip
 
     def stream_clear(self, stream: int) -> None:
         lib.pyhv_svc_stream_clear(self._s, stream)
@@ -299,7 +301,7 @@ class Engine:
     COUNTERS = ("faults", "first_touches", "page_ins", "page_outs", "prefetched", "clean_drops",
                 "refaults", "wp_faults", "minor_faults", "installed_writable",
                 "removed_by_worker", "read_errors", "zeroed_ahead", "armed", "write_refs",
-                "promoted", "loaned", "advised")  # fmt: skip
+                "promoted", "loaned", "advised", "snapshot_reads")  # fmt: skip
     GLOBAL = ("sleeps", "evict_requests", "enomem", "send_errors", "reads_sent", "reads_done",
               "reads_taken_back", "stray_replies", "stray_faults", "fault_reads", "read_rtt_ns",
               "page_in_waits", "page_in_wait_ns", "reads_refused", "forks", "forks_lost",
@@ -363,6 +365,10 @@ class Engine:
         if h == ffi.NULL:
             raise OSError(errno.ENOMEM, "cannot allocate the page table")
         return h
+
+    def part_snapshot(self, h, crcs) -> None:
+        """Every page of a fresh partition is in its snapshot, with these CRC32s."""
+        lib.pyhv_eng_part_snapshot(self._e, h, ffi.from_buffer("uint32_t[]", crcs))
 
     def part_free(self, h) -> None:
         lib.pyhv_eng_part_free(self._e, h)

@@ -130,3 +130,117 @@ def test_bad_snapshot_requests_are_one_line_and_exit_2(system, tmp_path):
         r = system.pyhv("snapshot", "save", *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and text in r.stderr, r.stderr
     assert (tmp_path / "notasnap" / "precious").read_text() == "x"
+
+
+# --- restore (issue 12, part 3) ---------------------------------------------------------
+
+RESTORED = """
+    import json, os, sys, pyhv
+    from pyhv.pattern import page_pattern
+    P = 4096
+    name = os.environ["PYHV_PARTITION"]
+    mem = pyhv.attach()
+    n = len(mem) // P
+    touched = range(int(sys.argv[1]), n, 10)          # a tenth of the pages
+    bad = [i for i in touched if mem[i * P:(i + 1) * P] != page_pattern("p1", i, 1)]
+    for i in touched[::2]:                           # and writes half of those anew
+        mem[i * P:(i + 1) * P] = page_pattern(name, i, 5)
+    again = [i for i in touched if mem[i * P:(i + 1) * P] != (
+        page_pattern(name, i, 5) if (i - touched[0]) % 20 == 0 else page_pattern("p1", i, 1))]
+    print(json.dumps({"bad": bad[:5], "again": again[:5], "touched": len(touched)}))
+"""
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A snapshot of a 16 MiB partition p1 written with generation 1."""
+    from conftest import System
+
+    run = tmp_path / "origin"
+    run.mkdir()
+    s = System(run)
+    try:
+        s.up(config_text(pool="2MiB", partitions=[("p1", "16MiB")]))
+        assert finish(s.workload("p1", "write", "--generation", "1"))[0] == 0
+        r = s.pyhv("snapshot", "save", "p1", tmp_path / "snap")
+        assert r.returncode == 0, r.stderr
+    finally:
+        s.down()
+    return tmp_path / "snap"
+
+
+def restored_config(snap, names, extra="", devices="") -> str:
+    text = config_text(pool="2MiB", partitions=[(n, "16MiB") for n in names], extra=devices)
+    out = []
+    for line in text.splitlines():
+        out.append(line)
+        if line.startswith("name = ") and line.strip('name = "') in names:
+            out.append(f'snapshot = "{snap}"')
+            out.append(extra)
+    return "\n".join(out)
+
+
+def test_two_partitions_restore_from_one_snapshot_and_pay_for_what_they_touch(
+        system, tmp_path, saved):  # fmt: skip
+    system.up(restored_config(saved, ["r1", "r2"], "prefetch = false"))
+    prog = tmp_path / "restored.py"
+    prog.write_text(__import__("textwrap").dedent(RESTORED))
+    procs = [system.run(n, PY, prog, str(k)) for k, n in enumerate(["r1", "r2"])]
+    for p in procs:
+        rc, out, err = finish(p)
+        assert rc == 0, err
+        r = json.loads(out.splitlines()[-1])
+        assert r["bad"] == [] and r["again"] == [] and r["touched"] > 400
+    st = system.status()
+    for part in st["partitions"]:
+        # each read about the tenth it touched from the snapshot, no more (read-ahead of a
+        # run can take a few neighbours): far from all 4096 pages
+        assert 400 <= part["snapshot_pages_read"] < 1200, part
+        assert part["advised"] == 0 and part["machine_checks"] == 0
+    # what one wrote went to its own device: the other, and the snapshot, never see it
+    mem = ninja.open_existing(saved / "memory")
+    assert bytes(mem[0]) == page_pattern("p1", 0, 1)
+    check = tmp_path / "check.py"
+    check.write_text("import pyhv\nfrom pyhv.pattern import page_pattern\nm = pyhv.attach()\n"
+                     "print(m[0:4096] == page_pattern('r1', 0, 5), "
+                     "m[8192:12288] == page_pattern('p1', 2, 1))\n")  # fmt: skip
+    rc, out, err = finish(system.run("r1", PY, check))
+    assert rc == 0 and out.split() == ["True", "True"], (out, err)
+    rc, out, err = finish(system.run("r2", PY, check))
+    assert rc == 0 and out.split() == ["False", "True"], (out, err)  # (r2 wrote 1, 21, ...)
+
+
+def test_restore_reads_the_working_set_ahead_unless_told_not_to(system, tmp_path, saved):
+    system.up(restored_config(saved, ["r1"], devices='[[device]]\nid = "spare"\n'
+                              'path = "spare.img"\nsize = "16MiB"\n'))  # fmt: skip
+    ws = len(ninja.open_existing(saved / "working_set"))
+    st = system.wait_for(lambda s: s["partitions"][0]["advised"] > 0, "the working set read")
+    assert 0 < ws and st["partitions"][0]["snapshot_pages_read"] > 0
+    r = system.pyhv("partition", "add", "r2", "--memory", "16MiB", "--paging", "vios1",
+                    "--from-snapshot", saved, "--no-prefetch", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    time.sleep(0.5)
+    assert system.partition("r2")["advised"] == 0
+
+
+def test_a_corrupted_snapshot_page_is_a_machine_check(system, tmp_path, saved):
+    with open(saved / "memory" / "data.ninja", "r+b") as f:
+        f.seek(100 * 4096 + 7)
+        f.write(b"\xff\x00\xff")
+    system.up(restored_config(saved, ["r1"], "prefetch = false"))
+    rc, out, err = finish(system.run("r1", PY, "-c", "import pyhv; m = pyhv.attach(); "
+                                     "print(m[99 * 4096]); m[100 * 4096]; print('read')"))
+    assert rc == 128 + signal.SIGBUS and "read" not in out.split(), (rc, out, err)
+    assert "machine check: partition r1 page 100" in err
+    rec = json.loads(system.pyhv("errors", "--json").stdout)["errors"]
+    assert rec[0]["page"] == 100 and rec[0]["error"] == "checksum"
+
+
+def test_bad_restores_are_one_line_and_exit_2(system, tmp_path, saved):
+    system.up(config_text(pool="2MiB", partitions=[("p1", "16MiB")], services=("vios1",)))
+    for args, text in [(["--memory", "8MiB", "--from-snapshot", saved], "holds 16777216 bytes"),
+                       (["--memory", "16MiB", "--from-snapshot", tmp_path / "none"],
+                        "is no pyhv snapshot")]:  # fmt: skip
+        r = system.pyhv("partition", "add", "x", "--paging", "vios1", *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and text in r.stderr, r.stderr
+    assert [p["name"] for p in system.status()["partitions"]] == ["p1"]

@@ -61,6 +61,7 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         self.run_dir = run_dir
         self.config = config
         self.sel = selectors.DefaultSelector()
+        self.timers: list = []  # (when, action): run once time.monotonic() passes when
         pool_pages = config.pool_size // PAGE_SIZE
         self.engine = uffd.Engine(pool_pages, victims.reserve(pool_pages), config.poll_us)
         self.devices = {d.id: d for d in config.devices}
@@ -86,7 +87,6 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         self.partial: set = set()  # connections in the middle of a long request
         self.reply_bytes = 0  # queued in every Control.out together
         self.pending_ops: list = []  # (predicate, action) of operations still under way
-        self.timers: list = []  # (when, action): run once time.monotonic() passes when
         self.unidentified: set[Worker] = set()  # forked children whose pid is not known yet
         self.next_probe = 0.0
         self.pressure_until = 0.0  # eviction waits for loans asked until then
@@ -254,8 +254,12 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
             self.listener.close()
             self.listener = None
         for part in self.partitions:
-            for w in list(part.workers.values()):
+            workers = list(part.workers.values())
+            for w in workers:
                 self._drop_worker(w, "the system is shutting down")
+            if part.state != "active":  # stopped workers go on, see the end, and exit 70
+                self._signal_workers(workers, signal.SIGCONT)
+                part.state = "active"
         deadline = time.monotonic() + 15
         for svc in self.services.values():
             if svc.running:
@@ -304,6 +308,8 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         self.by_name[part.name] = part
         self.by_index[part.index] = part
         part.stream.changed = self._stream_changed
+        if cfg.snapshot and cfg.prefetch:
+            self.warm_from_snapshot(part)
         return part
 
     def add_partition(self, cfg, dev) -> Partition:

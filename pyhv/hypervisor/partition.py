@@ -10,6 +10,7 @@ wait.
 
 from __future__ import annotations
 
+import array
 import collections
 import mmap
 import os
@@ -22,7 +23,7 @@ from pyhv.uffd import PAGE_SIZE
 # Page states, as the engine keeps them (csrc/engine.c says what each means).
 UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED = range(7)
 STATE_NAMES = ("untouched", "dirty", "clean", "filling", "paging_out", "on_device", "poisoned",
-               "loaned")  # fmt: skip
+               "loaned", "snapshot")  # fmt: skip
 SLOT_FREE, SLOT_USED, SLOT_BAD = 0, 1, 2  # the engine's slot map
 
 
@@ -40,6 +41,21 @@ def maps_range(pid: int, base: int, size: int) -> bool:
     except (OSError, ValueError):
         pass
     return False
+
+
+def snapshot_crcs(path: str, pages: int) -> array.array:
+    """A snapshot's CRC32s; a page lost to a machine check before it was
+    saved gets one no page can match (a machine check again when touched)."""
+    import json
+
+    crcs = array.array("I")
+    with open(os.path.join(path, "crc32", "data.ninja"), "rb") as f:
+        crcs.frombytes(f.read(4 * pages))
+    with open(os.path.join(path, "meta.json")) as f:
+        for page in json.load(f).get("poisoned", []):
+            if isinstance(page, int) and 0 <= page < pages:
+                crcs[page] ^= 1
+    return crcs
 
 
 class Worker:
@@ -81,10 +97,13 @@ class Partition:
         self.mem = mmap.mmap(self.memfd, cfg.memory, mmap.MAP_SHARED, mmap.PROT_READ)
         self.base = uffd.address_of(self.mem, writable=False)
         self.eng = engine.part_new(index, self.pages, device.pages, self.memfd, self.base)
+        spec = {**device_spec(device), "memory": cfg.memory}
+        if cfg.snapshot:
+            spec["snapshot"] = os.path.join(cfg.snapshot, "memory", "data.ninja")
+            engine.part_snapshot(self.eng, snapshot_crcs(cfg.snapshot, self.pages))
         self.mcelog = uffd.MceLog(cfg.name)
         self.workers: dict[int, Worker] = {}
-        self.stream = Stream(index, cfg.name, {**device_spec(device), "memory": cfg.memory},
-                             list(cfg.paging), self.memfd)  # fmt: skip
+        self.stream = Stream(index, cfg.name, spec, list(cfg.paging), self.memfd)
         self.evicting = 0  # page-outs of this partition in flight or queued
         self.counters = collections.Counter()  # what Python counts: errors
         self.slots = SlotHealth(self._slot_free)  # slots that failed a write
@@ -145,6 +164,8 @@ class Partition:
             "loans_asked": c["loans_asked"],  # pages asked for under pool pressure
             "discards": c["discards"],
             "advised": s["advised"],  # pages read ahead on advice (pyhv.prefetch)
+            "snapshot": self.cfg.snapshot,  # restored from (pages read from it on first touch)
+            "snapshot_pages_read": s["snapshot_reads"],
             "forks": c["forks"],  # workers' children adopted
             "io_errors": c["io_errors"],
             "page_out_errors": c["page_out_errors"],

@@ -16,8 +16,10 @@ always goes first.
 
 from __future__ import annotations
 
+import array
 import base64
 import logging
+import os
 import signal
 import time
 import zlib
@@ -27,6 +29,8 @@ from pyhv.hypervisor.partition import Partition
 log = logging.getLogger("pyhv.hypervisor")
 
 STOP_PATIENCE = 10.0  # seconds for every worker to be seen stopped
+SUSPEND_PATIENCE = 60.0  # seconds for its pages to be written out, else it is given up
+WARM_WINDOW = 32  # working-set pages read ahead at once
 WARM_RETRY = 0.002  # working-set read-ahead waiting for free frames: again after this
 WARM_PATIENCE = 60.0  # ... for at most this long
 
@@ -85,34 +89,54 @@ class SuspendRoom:
             if part.saving is conn:
                 part.saving = None
 
-    def _signal_workers(self, part: Partition, sig: int) -> None:
-        for w in list(part.workers.values()):
-            if w.pidfd >= 0:
-                try:
+    def _signal_workers(self, workers, sig: int) -> None:
+        for w in workers:
+            try:
+                if w.pidfd >= 0:
                     signal.pidfd_send_signal(w.pidfd, sig)
-                except OSError:
-                    pass
+                elif w.pid > 0:
+                    os.kill(w.pid, sig)
+            except OSError:
+                pass
 
     def suspend_partition(self, part: Partition, done) -> None:
-        """Stop its workers, write out its pages, free its frames; then done(reply)."""
+        """Stop its workers, write out its pages, free its frames; then
+        done(reply).  It gives up (the workers go on) when its pages cannot
+        be written within SUSPEND_PATIENCE, or it is resumed meanwhile."""
         began = time.monotonic()
         part.state = "suspending"
-        self._signal_workers(part, signal.SIGSTOP)
+        self._signal_workers(part.workers.values(), signal.SIGSTOP)
         before = self.engine.stats(part.eng)
 
-        def all_stopped() -> bool:
-            return all(stopped(w.pid) for w in part.workers.values() if w.pid)
+        def all_stopped() -> bool:  # (a child not named yet cannot be seen stopped)
+            return all(w.pid and stopped(w.pid) for w in part.workers.values())
+
+        def give_up(why: str) -> None:
+            if part.eng is not None and part.state == "suspending":
+                part.state = "active"
+                self._signal_workers(part.workers.values(), signal.SIGCONT)
+            log.warning("partition %s: not suspended: %s", part.name, why)
+            done({"ok": False, "error": f"partition {part.name!r} not suspended: {why}"})
 
         def evict_all() -> None:
+            now = time.monotonic()
             if part.eng is None:
-                return
-            if not all_stopped() and time.monotonic() - began < STOP_PATIENCE:
+                return give_up("it was removed")
+            if part.state != "suspending":
+                return give_up("it was resumed first")
+            if now - began > SUSPEND_PATIENCE:
+                return give_up(f"its pages could not be written out within "
+                               f"{SUSPEND_PATIENCE:g}s")  # fmt: skip
+            if part.stream.service is None:
+                return give_up("its stream lost its paging service")
+            if not all_stopped() and now - began < STOP_PATIENCE:
+                self._signal_workers(part.workers.values(), signal.SIGSTOP)  # (children too)
                 self.later(0.005, evict_all)
                 return
             if part.working_set is None:
                 part.working_set = self.engine.resident(part.eng)
             resident, _ = self.engine.load(part.eng)
-            if resident:
+            if resident and part.full_until <= now:  # (a device that failed: a moment first)
                 dirty, _ = self.engine.evict(part.eng, resident, 2)
                 if dirty:
                     part.evicting += len(dirty)
@@ -136,28 +160,55 @@ class SuspendRoom:
         evict_all()
 
     def resume_partition(self, part: Partition) -> dict:
-        """Let its workers go on; read its working set back in the background."""
+        """Let its workers go on; read its working set back in the background
+        (a suspend still under way is given up)."""
         part.state = "active"
-        self._signal_workers(part, signal.SIGCONT)
+        self._signal_workers(part.workers.values(), signal.SIGCONT)
         ws, part.working_set = part.working_set or [], None
-        slots = {p: self.engine.slot_of(part.eng, p) for p in ws}
-        pages = sorted((p for p in ws if slots[p] >= 0), key=slots.__getitem__)  # device order
-        part.warming += 1
-        self._warm(part, pages, time.monotonic(), part.warming)
+        pages = self._warm_set(part, ws, lambda p: self.engine.slot_of(part.eng, p))
         log.info("partition %s: resumed; reading %d pages of its working set back",
                  part.name, len(pages))  # fmt: skip
         return {"ok": True, "partition": part.name, "state": part.state,
                 "working_set_pages": len(ws), "read_ahead_pages": len(pages)}  # fmt: skip
 
+    def _warm_set(self, part: Partition, ws, where) -> list[int]:
+        """Read back the most recently used pages of a working set (least
+        recently used first) that fit in the pool beside its reserve, in
+        device order (`where`: a page's place on it, < 0: none)."""
+        pool = self.engine.pool()
+        room = max(0, pool["pages"] - pool["reserve"])
+        recent = [p for p in ws[len(ws) - room:] if 0 <= p < part.pages] if room else []
+        places = {p: where(p) for p in recent}
+        pages = sorted((p for p in recent if places[p] >= 0), key=places.__getitem__)
+        part.warming += 1
+        self._warm(part, pages, time.monotonic(), part.warming)
+        return pages
+
+    def warm_from_snapshot(self, part: Partition) -> None:
+        """A partition restored from a snapshot: its working set then is read
+        ahead, in the snapshot's order (its pages are there by number)."""
+        ws = array.array("I")
+        try:
+            with open(os.path.join(part.cfg.snapshot, "working_set", "data.ninja"), "rb") as f:
+                ws.frombytes(f.read())
+        except (OSError, ValueError) as e:
+            log.warning("partition %s: no working set to read ahead: %s", part.name, e)
+            return
+        self._warm_set(part, list(ws), lambda p: p)  # (the snapshot holds pages by number)
+
     def _warm(self, part: Partition, pages: list[int], began: float, generation: int) -> None:
+        """A few READs at a time (WARM_WINDOW pages in flight at most): a
+        demand fault's READ never waits behind more than those."""
         if (not pages or part.eng is None or part.state != "active"
                 or part.warming != generation or time.monotonic() - began > WARM_PATIENCE):
             return  # fmt: skip
-        try:
-            went = self.engine.prefetch_pages(part.eng, pages)
-        except BlockingIOError:  # its stream does not flow now
-            self.later(0.05, lambda: self._warm(part, pages, began, generation))
-            return
-        if went < len(pages):  # out of free frames (or a fault waits): more later
-            rest = pages[went:]
+        went = 0
+        if self.engine.stream_busy(part.eng) < WARM_WINDOW:
+            try:
+                went = self.engine.prefetch_pages(part.eng, pages[:WARM_WINDOW])
+            except BlockingIOError:  # its stream does not flow now
+                self.later(0.05, lambda: self._warm(part, pages, began, generation))
+                return
+        rest = pages[went:]
+        if rest:  # (in flight still, or out of free frames: a moment)
             self.later(WARM_RETRY, lambda: self._warm(part, rest, began, generation))

@@ -121,7 +121,8 @@ def pool_resize(hv, conn, msg):
 
 def partition_add(hv, conn, msg):
     _no_stop(hv)
-    entry = {k: msg[k] for k in ("name", "memory", "paging", "device") if msg.get(k) is not None}
+    entry = {k: msg[k] for k in ("name", "memory", "paging", "device", "snapshot", "prefetch")
+             if msg.get(k) is not None}  # fmt: skip
     p = _config_errors(parse_partition, entry, list(hv.services))
     if p["name"] in hv.by_name:
         raise Refused(f"partition {p['name']!r} exists already")
@@ -151,6 +152,8 @@ def partition_remove(hv, conn, msg):
     _no_stop(hv)
     part = _known(hv.by_name, _str(msg, "name"), "partition")
     _not_saving(part)
+    if part.state == "suspending":
+        raise Refused(f"partition {part.name!r} is being suspended")
     if part.workers:
         raise Refused(f"partition {part.name!r} has {len(part.workers)} live worker(s)")
     def busy() -> bool:  # paging in flight or waiting: Python's requests, the engine's pages
@@ -188,8 +191,8 @@ def partition_resume(hv, conn, msg):
     _no_stop(hv)
     part = _known(hv.by_name, _str(msg, "name"), "partition")
     _not_saving(part)
-    if part.state != "suspended":
-        raise Refused(f"partition {part.name!r} is {part.state}, not suspended")
+    if part.state == "active":
+        raise Refused(f"partition {part.name!r} is active, not suspended")
     return hv.resume_partition(part)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import signal
 import socket
 import struct
 import time
@@ -101,6 +102,7 @@ class WorkerRoom:
         self.workers_by_id[w.id] = w
         part.counters["forks"] += 1
         self.unidentified.add(w)
+        # (a child of a suspended partition's worker is stopped once it is named)
 
     def on_worker_pid(self, child_id: int, tid: int) -> None:
         """The child's first fault came from thread tid (in its namespace)."""
@@ -120,6 +122,11 @@ class WorkerRoom:
             return  # (gone: the probe finds it)
         self.unidentified.discard(w)
         w.pid = pid
+        if w.partition.state != "active":  # born while its partition is being suspended
+            try:
+                signal.pidfd_send_signal(w.pidfd, signal.SIGSTOP)
+            except OSError:
+                pass
         log.info("partition %s: worker %d (pid %d), a child of a worker, attached",
                  w.partition.name, w.id, pid)  # fmt: skip
         self.sel.register(w.pidfd, selectors.EVENT_READ,
@@ -234,7 +241,8 @@ class WorkerRoom:
         """Ask subscribed partitions for `want` pages in all (shared by
         weight); True if any was asked now (eviction may wait a moment)."""
         now = time.monotonic()
-        asked = [p for p in self.partitions if p.pressure and now - p.last_ask >= PRESSURE_EVERY]
+        asked = [p for p in self.partitions if p.pressure and p.state == "active"
+                 and now - p.last_ask >= PRESSURE_EVERY]  # fmt: skip
         total = sum(p.cfg.weight for p in asked)
         for part in asked:
             part.last_ask = now
