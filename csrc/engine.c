@@ -559,7 +559,7 @@ static uint8_t at_rest(struct pyhv_eng_part *p, uint64_t page)
  * slots, or both in the snapshot; pages next to each other)? */
 static int same_run(struct pyhv_eng_part *p, uint64_t prev, uint64_t page)
 {
-	return p->slot[page] ? p->slot[page] == p->slot[prev] + 1 : !p->slot[prev];
+	return p->slot[page] ? p->slot[prev] && p->slot[page] == p->slot[prev] + 1 : !p->slot[prev];
 }
 
 /* --- the pool ------------------------------------------------------------------------ */
@@ -2118,8 +2118,10 @@ void pyhv_eng_part_snapshot(struct pyhv_eng *e, struct pyhv_eng_part *p, const u
  * from (state SNAPSHOT), or never written.  A fresh partition only; nothing
  * changes (-EINVAL) if a slot is outside the device or given twice. */
 int pyhv_eng_part_import(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint8_t *state,
-			 const int64_t *slot, const uint32_t *crc)
+			 const int64_t *slot, const uint32_t *crc, uint64_t n)
 {
+	if (n != p->pages)
+		return -EINVAL;
 	pthread_mutex_lock(&e->mu);
 	int r = 0;
 	for (uint64_t i = 0; i < p->pages && !r; i++) {
@@ -2141,11 +2143,15 @@ int pyhv_eng_part_import(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint
 		p->crc[i] = crc[i];
 		p->state[i] = ON_DEVICE;
 	}
-	for (uint64_t i = 0; i < p->pages && !r; i++)
-		if (slot[i] < 0 && state[i] == SNAPSHOT) {
-			p->state[i] = SNAPSHOT;
-			p->crc[i] = crc[i];
-		}
+	for (uint64_t i = 0; i < p->pages && !r; i++) {
+		if (slot[i] >= 0)
+			continue;
+		/* in the snapshot (if it was restored from one), lost, given back,
+		 * or never written; nothing else is at rest without a slot */
+		uint8_t st = state[i];
+		p->state[i] = st == SNAPSHOT || st == POISONED || st == LOANED ? st : UNTOUCHED;
+		p->crc[i] = crc[i];
+	}
 	pthread_mutex_unlock(&e->mu);
 	return r;
 }

@@ -161,7 +161,7 @@ int64_t pyhv_eng_prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t 
 uint32_t pyhv_eng_resident(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t *out, uint32_t max);
 void pyhv_eng_part_snapshot(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *crc);
 int pyhv_eng_part_import(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint8_t *state,
-			 const int64_t *slot, const uint32_t *crc);
+			 const int64_t *slot, const uint32_t *crc, uint64_t n);
 void pyhv_eng_table(struct pyhv_eng *e, struct pyhv_eng_part *p, uint8_t *state, int64_t *slot,
 		    uint32_t *crc);
 int64_t pyhv_eng_prefetch_pages(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *pages,

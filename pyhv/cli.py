@@ -214,6 +214,15 @@ def cmd_partition(args) -> int:
                        "paging": _names(args.paging), "device": args.device,
                        "snapshot": snap, "prefetch": not args.no_prefetch})  # fmt: skip
         return _emit(args, r, format_partitions([r["partition"]]))
+    if args.action == "export":
+        r = _op(args, {"op": "partition_export", "name": args.name,
+                       "dir": os.path.abspath(args.dir)}, timeout=3600)  # fmt: skip
+        return _emit(args, r, f"partition {r['exported']}: exported to {r['dir']} "
+                     f"({r['pages']} pages; device {r['device']} let go)")  # fmt: skip
+    if args.action == "import":
+        r = _op(args, {"op": "partition_import", "dir": os.path.abspath(args.dir),
+                       "as": args.as_name})  # fmt: skip
+        return _emit(args, r, format_partitions([r["partition"]]))
     if args.action == "suspend":
         r = _op(args, {"op": "partition_suspend", "name": args.name}, timeout=3600)
         return _emit(args, r, f"partition {r['partition']}: suspended in {r['seconds']:.3f}s "
@@ -484,6 +493,16 @@ def build_parser() -> Parser:
     json_opt(q)
     q = psub.add_parser("remove", help="deactivate a partition with no live worker")
     q.add_argument("name")
+    json_opt(q)
+    q = psub.add_parser("export", help="move a partition with no worker out, into DIR (its "
+                        "pages stay on its device)")  # fmt: skip
+    q.add_argument("name")
+    q.add_argument("dir")
+    json_opt(q)
+    q = psub.add_parser("import", help="take a partition exported into DIR (its device must be "
+                        "reachable here)")  # fmt: skip
+    q.add_argument("dir")
+    q.add_argument("--as", dest="as_name", metavar="NAME", help="under another name")
     json_opt(q)
     q = psub.add_parser("suspend", help="stop its workers, write its pages out, free its frames")
     q.add_argument("name")

@@ -436,9 +436,7 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
         if p in paths[:i]:
             raise ConfigError(f"device {devices[i].id!r}: path {devices[i].path} is used twice")
 
-    raw_parts = _table_list(doc, "partition")
-    if not raw_parts:
-        raise ConfigError("at least one [[partition]] is required")
+    raw_parts = _table_list(doc, "partition")  # (none: a system that waits for partitions)
     parts = [parse_partition(p, service_names, run_dir) for p in raw_parts]
     _unique([p["name"] for p in parts], "partition")
 

@@ -40,7 +40,7 @@ from pyhv.uffd import PAGE_SIZE
 FORMAT = "pyhv-snapshot"
 VERSION = 1
 # the engine's page states (csrc/engine.c)
-UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED, LOANED = range(8)
+UNTOUCHED, DIRTY, CLEAN, FILLING, PAGING_OUT, ON_DEVICE, POISONED, LOANED, SNAPSHOT = range(9)
 RENAME_EXCHANGE = 2
 
 
@@ -94,7 +94,7 @@ def save(run_dir: str, partition: str, out_dir: str, progress: bool = True) -> d
     started = time.monotonic()
     try:
         sock = wire.connect(os.path.join(run_dir, CONTROL_SOCKET), timeout=None)
-        wire.send_control(sock, {"op": "snapshot", "partition": partition})
+        wire.send_control(sock, {"op": "snapshot", "partition": partition, "dir": str(out)})
         reply, fds = wire.recv_control(sock)
     except OSError as e:
         raise Fail(f"snapshot: no hypervisor in {run_dir}: {e.strerror or e}") from None
@@ -110,11 +110,13 @@ def save(run_dir: str, partition: str, out_dir: str, progress: bool = True) -> d
     crcs = np.frombuffer(raw, np.uint32, pages, pages * 9)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     _clear_partials(out.parent, out.name)
-    devfd = -1
+    devfd = srcfd = -1
     poisoned: list[int] = []
     bar = Progress(f"snapshot {partition}", pages, enabled=progress)
     try:
         devfd = os.open(reply["device"], os.O_RDONLY)
+        if reply.get("snapshot"):  # (restored from one: pages never touched are still there)
+            srcfd = os.open(os.path.join(reply["snapshot"], "memory", "data.ninja"), os.O_RDONLY)
         partial.mkdir()
         new_crc = np.zeros(pages, np.uint32)
         zeros = bytes(PAGE_SIZE)
@@ -130,6 +132,11 @@ def save(run_dir: str, partition: str, out_dir: str, progress: bool = True) -> d
                     if len(data) != PAGE_SIZE or zlib.crc32(data) != crcs[i]:
                         raise Fail(f"snapshot: page {i} of {partition} fails its CRC32 on the "
                                    f"device (slot {slots[i]}); nothing saved")  # fmt: skip
+                elif st == SNAPSHOT and srcfd >= 0:
+                    data = os.pread(srcfd, PAGE_SIZE, i * PAGE_SIZE)
+                    if len(data) != PAGE_SIZE or zlib.crc32(data) != crcs[i]:
+                        raise Fail(f"snapshot: page {i} of {partition} fails its CRC32 in the "
+                                   f"snapshot it was restored from; nothing saved")  # fmt: skip
                 elif st in (UNTOUCHED, LOANED, POISONED):
                     data = zeros
                     if st == POISONED:
@@ -168,8 +175,9 @@ def save(run_dir: str, partition: str, out_dir: str, progress: bool = True) -> d
         raise
     finally:
         bar.close()
-        if devfd >= 0:
-            os.close(devfd)
+        for fd in (devfd, srcfd):
+            if fd >= 0:
+                os.close(fd)
         os.close(memfd)
         sock.close()  # (the hypervisor lets the partition go)
     return {"ok": True, **meta, "dir": str(out), "seconds": round(time.monotonic() - started, 3)}

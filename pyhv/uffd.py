@@ -370,6 +370,16 @@ class Engine:
         """Every page of a fresh partition is in its snapshot, with these CRC32s."""
         lib.pyhv_eng_part_snapshot(self._e, h, ffi.from_buffer("uint32_t[]", crcs))
 
+    def part_import(self, h, state, slot, crc) -> int:
+        """A fresh partition's page table from an export; 0, or -EINVAL
+        (nothing changed) when a slot is off the device or given twice."""
+        n = len(state)
+        if len(slot) != n or len(crc) != n:
+            return -errno.EINVAL
+        return lib.pyhv_eng_part_import(self._e, h, ffi.from_buffer("uint8_t[]", state),
+                                        ffi.from_buffer("int64_t[]", slot),
+                                        ffi.from_buffer("uint32_t[]", crc), n)  # fmt: skip
+
     def part_free(self, h) -> None:
         lib.pyhv_eng_part_free(self._e, h)
 

@@ -55,7 +55,6 @@ BAD_CONFIGS = {
     "no_free_device": (GOOD + '[[partition]]\nname = "p2"\nmemory = "4MiB"\n', ["no free device"]),
     "not_toml": ("[pool\nsize=", ["not valid TOML"]),
     "unknown_key": (GOOD.replace("[pool]", "[pool]\ncolour = 3"), ["colour"]),
-    "no_partition": ('[pool]\nsize = "1MiB"\n[[paging_service]]\nname = "a"\n', ["partition"]),
     "no_pool": ('[[paging_service]]\nname = "a"\n', ["[pool]"]),
     "bad_name": (GOOD.replace('name = "p1"', 'name = "p 1"'), ["name"]),
     "unreachable_device": (

@@ -244,3 +244,97 @@ def test_bad_restores_are_one_line_and_exit_2(system, tmp_path, saved):
         r = system.pyhv("partition", "add", "x", "--paging", "vios1", *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and text in r.stderr, r.stderr
     assert [p["name"] for p in system.status()["partitions"]] == ["p1"]
+
+
+# --- migration (issue 12, part 4) -------------------------------------------------------
+
+
+def test_a_partition_moves_between_systems_through_its_shared_device(tmp_path):
+    from conftest import System
+
+    shared = tmp_path / "shared.img"
+    a, b = System(tmp_path / "a"), System(tmp_path / "b")
+    for s in (a, b):
+        s.run_dir.mkdir()
+    try:
+        a.up(f'[pool]\nsize = "2MiB"\n[[paging_service]]\nname = "vios1"\n'
+             f'[[device]]\nid = "shared"\npath = "{shared}"\nsize = "16MiB"\n'
+             f'[[partition]]\nname = "p1"\nmemory = "16MiB"\ndevice = "shared"\n')
+        b.up('[pool]\nsize = "2MiB"\n[[paging_service]]\nname = "vios1"\n')  # no partition
+        assert b.status()["partitions"] == []
+        assert finish(a.workload("p1", "write", "--generation", "7"))[0] == 0
+        out = tmp_path / "moving"
+        r = b.pyhv("partition", "import", out)
+        assert r.returncode == 2 and "no pyhv export" in r.stderr  # nothing exported yet
+        r = a.pyhv("partition", "export", "p1", out, "--json")
+        assert r.returncode == 0, r.stderr
+        assert a.status()["partitions"] == [] and (out / "meta.json").is_file()
+        copy = tmp_path / "copy"
+        __import__("shutil").copytree(out, copy)
+        r = b.pyhv("partition", "import", out, "--json")
+        assert r.returncode == 0, r.stderr
+        p = b.partition("p1")
+        assert p["resident_pages"] == 0 and p["pages_by_state"].get("on_device", 0) > 3000
+        rc, o, err = finish(b.workload("p1", "verify", "--generation", "7"))
+        assert rc == 0, err  # every page, paged in lazily on the importing side
+        # an export is taken once; and never live on both: a copy of it cannot take the
+        # partition back to the exporting system while b holds the device
+        r = a.pyhv("partition", "import", out, "--as", "again")
+        assert r.returncode == 2 and "no pyhv export" in r.stderr, r.stderr
+        r = a.pyhv("partition", "import", copy, "--as", "again")
+        assert r.returncode == 2 and "in use by another system" in r.stderr, r.stderr
+        assert a.status()["partitions"] == []
+    finally:
+        a.down()
+        b.down()
+
+
+def test_export_refuses_a_partition_with_workers_and_bad_directories(system, tmp_path):
+    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]))
+    w = system.run("p1", PY, "-c", "import pyhv, sys; m = pyhv.attach(); print('in', flush=True)"
+                   "; sys.stdin.read()", stdin=subprocess.PIPE)  # fmt: skip
+    assert w.stdout.readline().strip() == "in"
+    for args, text in [(["p1", tmp_path / "x"], "live worker"),
+                       (["nosuch", tmp_path / "x"], "unknown partition")]:  # fmt: skip
+        r = system.pyhv("partition", "export", *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and text in r.stderr, r.stderr
+    out, err = w.communicate(input="", timeout=60)  # (its stdin closes: it exits)
+    assert w.returncode == 0, err
+    r = system.pyhv("partition", "export", "p1", tmp_path / "no" / "dir")
+    assert r.returncode == 2 and "is not a directory" in r.stderr
+    assert [p["name"] for p in system.status()["partitions"]] == ["p1"]  # nothing changed
+
+
+@pytest.mark.parametrize("damage", ["short table", "pages and memory disagree", "bad weight",
+                                    "no device", "slot off the device"])  # fmt: skip
+def test_a_damaged_export_is_refused_and_the_daemon_lives(system, tmp_path, damage):
+    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]))
+    dev = tmp_path / "other.img"
+    dev.write_bytes(bytes(4 << 20))
+    pages = 1024
+    meta = {"format": "pyhv-export", "version": 1, "pages": pages,
+            "partition": {"name": "x", "memory": 4 << 20, "paging": ["vios1"], "weight": 128},
+            "device": {"id": "other", "path": str(dev), "size": 4 << 20, "direct": False}}
+    table = bytes(pages) + b"\xff" * 8 * pages + bytes(4 * pages)  # every page: no slot
+    if damage == "short table":
+        meta.update(pages=1)
+        meta["partition"]["memory"] = 16 << 30
+        table = table[:13]
+    elif damage == "pages and memory disagree":
+        meta["partition"]["memory"] = 8 << 20
+    elif damage == "bad weight":
+        meta["partition"]["weight"] = "heavy"
+    elif damage == "no device":
+        meta["device"]["path"] = str(tmp_path / "nowhere.img")
+    else:
+        table = bytes(pages) + (10**9).to_bytes(8, "little") * pages + bytes(4 * pages)
+    d = tmp_path / "export"
+    d.mkdir()
+    (d / "meta.json").write_text(json.dumps(meta))
+    (d / "table.bin").write_bytes(table)
+    r = system.pyhv("partition", "import", d)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    st = system.status()  # the daemon lives, and nothing changed
+    assert [p["name"] for p in st["partitions"]] == ["p1"]
+    assert not (tmp_path / "nowhere.img").exists()
+    assert finish(system.workload("p1", "write"))[0] == 0

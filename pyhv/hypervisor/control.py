@@ -130,6 +130,7 @@ class ControlRoom:
             **vcp.handlers(self),
             **self.worker_handlers(),
             "snapshot": self.op_snapshot,
+            **self.migration_handlers(),
         }
 
     def on_accept(self, mask: int) -> None:

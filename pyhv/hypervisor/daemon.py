@@ -43,6 +43,7 @@ from pyhv.hypervisor.engine import EngineSide
 from pyhv.hypervisor.machine_check import MachineChecks
 from pyhv.hypervisor.partition import Partition, Worker
 from pyhv.hypervisor.streams import PagingServices
+from pyhv.hypervisor.migrate import MigrationRoom
 from pyhv.hypervisor.suspend import SuspendRoom
 from pyhv.hypervisor.workers import PROBE_EVERY, WorkerRoom
 from pyhv.stream import ABORTED, COMPLETED, FLOWING, Request, ServiceLink, Stream
@@ -56,7 +57,8 @@ PID_FILE = "hypervisor.pid"
 LOG_FILE = "hypervisor.log"
 
 
-class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerRoom, SuspendRoom):
+class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerRoom, SuspendRoom,
+                 MigrationRoom):  # fmt: skip
     def __init__(self, run_dir: str, config: Config):
         self.run_dir = run_dir
         self.config = config

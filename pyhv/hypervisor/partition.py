@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import collections
+import errno
 import mmap
 import os
 
@@ -51,6 +52,8 @@ def snapshot_crcs(path: str, pages: int) -> array.array:
     crcs = array.array("I")
     with open(os.path.join(path, "crc32", "data.ninja"), "rb") as f:
         crcs.frombytes(f.read(4 * pages))
+    if len(crcs) != pages:
+        raise OSError(errno.EINVAL, f"snapshot {path}: {len(crcs)} CRC32s for {pages} pages")
     with open(os.path.join(path, "meta.json")) as f:
         for page in json.load(f).get("poisoned", []):
             if isinstance(page, int) and 0 <= page < pages:

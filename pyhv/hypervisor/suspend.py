@@ -59,6 +59,12 @@ class SuspendRoom:
         if part.saving is not None:
             return {"ok": False, "error": f"partition {part.name!r}: a snapshot of it is being "
                     "saved already"}, ()  # fmt: skip
+        into = msg.get("dir")
+        users = [p.name for p in self.partitions if isinstance(into, str) and p.cfg.snapshot
+                 and os.path.realpath(into) == os.path.realpath(p.cfg.snapshot)]  # fmt: skip
+        if users:  # (they read their pages from there)
+            return {"ok": False, "error": f"{into}: partition(s) {', '.join(users)} were "
+                    "restored from it and read it still"}, ()  # fmt: skip
         if part.state != "suspended" and (part.state != "active" or part.workers):
             return {"ok": False, "error": f"partition {part.name!r} is {part.state} with "
                     f"{len(part.workers)} worker(s): suspend it first"}, ()  # fmt: skip
@@ -77,6 +83,7 @@ class SuspendRoom:
             self.reply(conn, {"ok": True, "partition": part.name, "pages": part.pages,
                               "memory": part.cfg.memory, "state": part.state,
                               "device": str(part.device.path), "working_set": ws,
+                              "snapshot": part.cfg.snapshot,
                               "table": base64.b64encode(zlib.compress(state + slot + crc, 1))
                               .decode()}, (part.memfd,))  # fmt: skip
 

@@ -152,8 +152,8 @@ def partition_remove(hv, conn, msg):
     _no_stop(hv)
     part = _known(hv.by_name, _str(msg, "name"), "partition")
     _not_saving(part)
-    if part.state == "suspending":
-        raise Refused(f"partition {part.name!r} is being suspended")
+    if part.state in ("suspending", "exporting"):
+        raise Refused(f"partition {part.name!r} is {part.state}")
     if part.workers:
         raise Refused(f"partition {part.name!r} has {len(part.workers)} live worker(s)")
     def busy() -> bool:  # paging in flight or waiting: Python's requests, the engine's pages
@@ -191,8 +191,8 @@ def partition_resume(hv, conn, msg):
     _no_stop(hv)
     part = _known(hv.by_name, _str(msg, "name"), "partition")
     _not_saving(part)
-    if part.state == "active":
-        raise Refused(f"partition {part.name!r} is active, not suspended")
+    if part.state in ("active", "exporting"):
+        raise Refused(f"partition {part.name!r} is {part.state}, not suspended")
     return hv.resume_partition(part)
 
 
