@@ -306,7 +306,7 @@ def test_export_refuses_a_partition_with_workers_and_bad_directories(system, tmp
 
 
 @pytest.mark.parametrize("damage", ["short table", "pages and memory disagree", "bad weight",
-                                    "no device", "slot off the device"])  # fmt: skip
+                                    "no device", "slot off the device", "name exists"])  # fmt: skip
 def test_a_damaged_export_is_refused_and_the_daemon_lives(system, tmp_path, damage):
     system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")]))
     dev = tmp_path / "other.img"
@@ -326,6 +326,8 @@ def test_a_damaged_export_is_refused_and_the_daemon_lives(system, tmp_path, dama
         meta["partition"]["weight"] = "heavy"
     elif damage == "no device":
         meta["device"]["path"] = str(tmp_path / "nowhere.img")
+    elif damage == "name exists":
+        meta["partition"]["name"] = "p1"
     else:
         table = bytes(pages) + (10**9).to_bytes(8, "little") * pages + bytes(4 * pages)
     d = tmp_path / "export"
