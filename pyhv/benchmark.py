@@ -96,7 +96,7 @@ INTERPRETER = 8 * MiB  # the cgroup's allowance for the Python interpreter
 DEVICE = 2 * MEMORY  # the paging device, the same size for both: kernel swap and pyhv
 WORKLOADS = ("random", "sequential", "scattered", "zipf")
 DATASET = 48 * MiB  # the dataset workload's samples in all (quick: half), pyhv.bench_dataset
-NAMES = (*WORKLOADS, "dataset")  # what --only may name
+NAMES = (*WORKLOADS, "dataset", "lifecycle")  # what --only may name (lifecycle: not in --quick)
 ROWS = ("fill", *NAMES)  # fill: the random workload's first write of every page
 SEED = 5
 CGROUP_PREFIX = "pyhv-bench-"
@@ -774,7 +774,7 @@ def run(quick: bool = False, json_file: str | None = None, plot_file: str | None
 
     if plot_file:
         _need_matplotlib()  # fail before minutes of measuring, not after
-    names = [n for n in NAMES if not only or n in only]
+    names = [n for n in NAMES if (n in only if only else not (quick and n == "lifecycle"))]
     if only and (set(only) - set(NAMES) or not names):
         raise BenchError(f"--only: choose among {', '.join(NAMES)}")
     no_dataset = bench_dataset.unavailable() if "dataset" in names else None
@@ -783,7 +783,8 @@ def run(quick: bool = False, json_file: str | None = None, plot_file: str | None
     workloads = [n for n in names if n in WORKLOADS]
     p = params(quick)
     steps = (2 + 2 * len(workloads) + 1 + (1 if plot_file else 0) + (1 if scale else 0)
-             + (1 + len(bench_dataset.MODES) if "dataset" in names else 0))  # fmt: skip
+             + (1 + len(bench_dataset.MODES) if "dataset" in names else 0)
+             + (1 if "lifecycle" in names else 0))  # fmt: skip
     bar = Progress("pyhv bench", steps, enabled=progress)
     started = time.time()
     result: dict = {
@@ -883,6 +884,15 @@ def run(quick: bool = False, json_file: str | None = None, plot_file: str | None
                     result["c_floor"])  # fmt: skip
             result["workloads"] = {k: result["workloads"][k] for k in ROWS
                                    if k in result["workloads"]}  # fmt: skip
+            if "lifecycle" in names:  # (suspend, resume, snapshots: pyhv.bench_lifecycle)
+                from pyhv.bench_lifecycle import run_lifecycle
+
+                try:
+                    result["lifecycle"] = run_lifecycle(tmpdir)
+                except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+                    result["lifecycle"] = {"error": str(e).splitlines()[0]}
+                    result["errors"].append(f"lifecycle: {e}")
+                bar.advance(1)
 
             result["fault_latency"] = {
                 label: _summary_us(v) for label, v in samples.items()
@@ -1069,6 +1079,10 @@ def format_table(result: dict) -> str:
         from pyhv import bench_dataset
 
         lines.extend(bench_dataset.format_block(result["dataset"], ks.get("limit_bytes")))
+    if "lifecycle" in result:
+        from pyhv.bench_lifecycle import format_lines
+
+        lines.extend(format_lines(result["lifecycle"]))
     if not ks.get("available"):
         lines.append(f"kernel swap skipped: {ks.get('skipped')}")
     for e in result.get("errors", []):

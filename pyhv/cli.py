@@ -230,7 +230,8 @@ def cmd_partition(args) -> int:
                      f"written out, {r['clean_dropped']} clean pages dropped; working set "
                      f"{r['working_set_pages']} pages)")  # fmt: skip
     if args.action == "resume":
-        r = _op(args, {"op": "partition_resume", "name": args.name})
+        r = _op(args, {"op": "partition_resume", "name": args.name,
+                       "prefetch": not args.no_prefetch})  # fmt: skip
         return _emit(args, r, f"partition {r['partition']}: resumed; {r['read_ahead_pages']} "
                      "pages of its working set being read back")  # fmt: skip
     r = _op(args, {"op": "partition_remove", "name": args.name})
@@ -509,6 +510,7 @@ def build_parser() -> Parser:
     json_opt(q)
     q = psub.add_parser("resume", help="let its workers go on; its working set is read back")
     q.add_argument("name")
+    q.add_argument("--no-prefetch", action="store_true", help="do not read its working set back")
     json_opt(q)
     q = psub.add_parser("list")
     json_opt(q)
@@ -588,7 +590,8 @@ def build_parser() -> Parser:
                    "in a 1 GiB pool on a sparse device (minutes, ~16 GiB of disk)")  # fmt: skip
     p.add_argument("--only", metavar="NAMES", type=_bench_names,
                    help="these workloads alone, comma-separated: random, sequential, "
-                   "scattered, zipf, dataset")  # fmt: skip
+                   "scattered, zipf, dataset, lifecycle (suspend, resume, snapshots; not in "
+                   "--quick)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="run a small system on an embedded config")

@@ -340,3 +340,18 @@ def test_a_damaged_export_is_refused_and_the_daemon_lives(system, tmp_path, dama
     assert [p["name"] for p in st["partitions"]] == ["p1"]
     assert not (tmp_path / "nowhere.img").exists()
     assert finish(system.workload("p1", "write"))[0] == 0
+
+
+def test_the_lifecycle_bench_measures_what_it_says(tmp_path):
+    """pyhv bench --only lifecycle's rows (suspend, resume, restore, cold start,
+    snapshot reads), on a real system; every touch checked its page."""
+    from pyhv.bench_lifecycle import format_lines, run_lifecycle
+
+    r = run_lifecycle(str(tmp_path))
+    assert r["suspend_pages_written"] > 0 and 0 < r["working_set_pages"] <= 4096
+    for key in ("resume", "resume_no_prefetch", "restore", "restore_no_prefetch"):
+        assert 0 < r[key]["touches_s"] <= r[key]["to_1000_s"]
+    reads = r["snapshot_reads"]["read"]
+    assert all(1638 <= v < 2 * 1638 for v in reads.values()), reads  # a tenth, not all
+    assert len(format_lines(r)) == 9
+    assert not list(tmp_path.glob("run-lifecycle/control.sock"))  # shut down

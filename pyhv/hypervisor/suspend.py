@@ -166,13 +166,14 @@ class SuspendRoom:
 
         evict_all()
 
-    def resume_partition(self, part: Partition) -> dict:
+    def resume_partition(self, part: Partition, prefetch: bool = True) -> dict:
         """Let its workers go on; read its working set back in the background
         (a suspend still under way is given up)."""
         part.state = "active"
         self._signal_workers(part.workers.values(), signal.SIGCONT)
         ws, part.working_set = part.working_set or [], None
-        pages = self._warm_set(part, ws, lambda p: self.engine.slot_of(part.eng, p))
+        pages = self._warm_set(part, ws if prefetch else [],
+                               lambda p: self.engine.slot_of(part.eng, p))  # fmt: skip
         log.info("partition %s: resumed; reading %d pages of its working set back",
                  part.name, len(pages))  # fmt: skip
         return {"ok": True, "partition": part.name, "state": part.state,

@@ -193,7 +193,7 @@ def partition_resume(hv, conn, msg):
     _not_saving(part)
     if part.state in ("active", "exporting"):
         raise Refused(f"partition {part.name!r} is {part.state}, not suspended")
-    return hv.resume_partition(part)
+    return hv.resume_partition(part, prefetch=msg.get("prefetch", True) is not False)
 
 
 def partition_list(hv, conn, msg):
