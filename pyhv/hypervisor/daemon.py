@@ -10,6 +10,10 @@ The Hypervisor is assembled from its rooms, each a file of this package:
 * victims       the eviction policy's judgement: each partition's share
 * streams       paging services, failover, controlled shutdown
 * machine_check pages that cannot be delivered
+* workers       forked children adopted, loans (discard, pressure), advice
+* suspend       suspend and resume, holding a partition still for a snapshot
+* migrate       export and import through a shared paging device
+* vcp           control-point operations (pool, partitions, devices, services)
 * partition     a partition: memory, page table handle, device slots
 * daemon        this file: the loop, start and stop, signals, deadlines
 
