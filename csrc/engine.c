@@ -832,6 +832,47 @@ static void page_in_run(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t fi
 	pump(e, p);
 }
 
+/* Pages at rest gathered into READs: one a run of pages next to each
+ * other in both page number and place (same_run), up to the largest READ. */
+struct gather {
+	uint64_t run;
+	uint32_t k;
+};
+
+static int at_rest_state(uint8_t st)
+{
+	return st == ON_DEVICE || st == SNAPSHOT;
+}
+
+static void gather_send(struct pyhv_eng *e, struct pyhv_eng_part *p, struct gather *g)
+{
+	if (g->k)
+		page_in_run(e, p, g->run, g->k);
+	g->k = 0;
+}
+
+/* Read a page at rest ahead of any fault: a free frame (never ahead of a
+ * waiting fault), FILLING with its pending record, in the READ being
+ * gathered (a page that does not follow it sends that one first).  0, or -1
+ * (nothing changed) when there is no frame or no memory for it. */
+static int gather_add(struct pyhv_eng *e, struct pyhv_eng_part *p, struct gather *g, uint64_t page)
+{
+	if (!try_take(e))
+		return -1;
+	if (g->k && (page != g->run + g->k || !same_run(p, g->run + g->k - 1, page) ||
+		     g->k == PYHV_SVC_MAX_PAGES))
+		gather_send(e, p, g);
+	if (!pending_new(e, p, page)) {
+		release_frames(e, 1);
+		return -1;
+	}
+	p->state[page] = FILLING;
+	if (!g->k)
+		g->run = page;
+	g->k++;
+	return 0;
+}
+
 /* A window ahead must be used before eviction takes it back: at most a
  * sixteenth of the pool. */
 static uint32_t ahead_window(struct pyhv_eng *e, uint32_t want)
@@ -854,27 +895,14 @@ static void prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first
 		end = p->pages;
 	p->readahead = p->readahead * 2 > PREFETCH_MAX ? PREFETCH_MAX : p->readahead * 2;
 	p->readahead_end = (int64_t)first;
-	uint64_t run = 0, n = 0;
+	struct gather g = {0, 0};
 	for (uint64_t page = first; page < end; page++) {
-		if ((p->state[page] != ON_DEVICE && p->state[page] != SNAPSHOT) || !try_take(e))
+		if (!at_rest_state(p->state[page]) || gather_add(e, p, &g, page))
 			break;
 		p->readahead_end = (int64_t)page + 1;
-		if (n && (!same_run(p, run + n - 1, page) || n == PYHV_SVC_MAX_PAGES)) {
-			page_in_run(e, p, run, (uint32_t)n);
-			n = 0;
-		}
-		if (!pending_new(e, p, page)) {
-			release_frames(e, 1);
-			break;
-		}
-		p->state[page] = FILLING;
 		p->c.prefetched++;
-		if (!n)
-			run = page;
-		n++;
 	}
-	if (n)
-		page_in_run(e, p, run, (uint32_t)n);
+	gather_send(e, p, &g);
 }
 
 /* A sequential run of first touches (a program filling its memory): the
@@ -1084,7 +1112,7 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 		}
 		x->poisoned = st == POISONED;
 		p->state[page] = FILLING;
-		int read = st == ON_DEVICE || st == SNAPSHOT;
+		int read = at_rest_state(st);
 		if (!read)
 			p->c.first_touches++;
 		if (try_take(e)) {
@@ -2198,30 +2226,17 @@ int64_t pyhv_eng_prefetch_pages(struct pyhv_eng *e, struct pyhv_eng_part *p, con
 		pthread_mutex_unlock(&e->mu);
 		return -EAGAIN;
 	}
-	uint32_t i, run = 0, k = 0;
+	struct gather g = {0, 0};
+	uint32_t i;
 	for (i = 0; i < n; i++) {
 		uint32_t page = pages[i];
-		if (page >= p->pages || (p->state[page] != ON_DEVICE && p->state[page] != SNAPSHOT))
+		if (page >= p->pages || !at_rest_state(p->state[page]))
 			continue;
-		if (!try_take(e))
+		if (gather_add(e, p, &g, page))
 			break;
-		if (k && (page != run + k || !same_run(p, run + k - 1, page) ||
-			  k == PYHV_SVC_MAX_PAGES)) {
-			page_in_run(e, p, run, k);
-			k = 0;
-		}
-		if (!pending_new(e, p, page)) {
-			release_frames(e, 1);
-			break;
-		}
-		p->state[page] = FILLING;
 		p->c.advised++;
-		if (!k)
-			run = page;
-		k++;
 	}
-	if (k)
-		page_in_run(e, p, run, k);
+	gather_send(e, p, &g);
 	pthread_mutex_unlock(&e->mu);
 	return i;
 }
@@ -2243,33 +2258,17 @@ int64_t pyhv_eng_prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t 
 		return -EAGAIN;
 	}
 	int64_t started = 0;
-	uint64_t run = 0, k = 0, page;
+	struct gather g = {0, 0};
+	uint64_t page;
 	for (page = first; page < first + n; page++) {
-		if (p->state[page] != ON_DEVICE && p->state[page] != SNAPSHOT) {
-			if (k)
-				page_in_run(e, p, run, (uint32_t)k);
-			k = 0;
-			continue;
-		}
-		if (!try_take(e))
+		if (!at_rest_state(p->state[page]))
+			continue; /* (the READ gathered so far goes at the next page, or the end) */
+		if (gather_add(e, p, &g, page))
 			break;
-		if (k && (!same_run(p, run + k - 1, page) || k == PYHV_SVC_MAX_PAGES)) {
-			page_in_run(e, p, run, (uint32_t)k);
-			k = 0;
-		}
-		if (!pending_new(e, p, page)) {
-			release_frames(e, 1);
-			break;
-		}
-		p->state[page] = FILLING;
 		p->c.advised++;
 		started++;
-		if (!k)
-			run = page;
-		k++;
 	}
-	if (k)
-		page_in_run(e, p, run, (uint32_t)k);
+	gather_send(e, p, &g);
 	*next_out = page;
 	pthread_mutex_unlock(&e->mu);
 	return started;

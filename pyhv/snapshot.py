@@ -122,28 +122,32 @@ def save(run_dir: str, partition: str, out_dir: str, progress: bool = True) -> d
         zeros = bytes(PAGE_SIZE)
         zero_crc = zlib.crc32(zeros)
 
+        def checked(fd: int, at: int, i: int, where: str) -> bytes:
+            """A page at rest, which must match the CRC32 its table holds."""
+            data = os.pread(fd, PAGE_SIZE, at * PAGE_SIZE)
+            if len(data) != PAGE_SIZE or zlib.crc32(data) != crcs[i]:
+                raise Fail(f"snapshot: page {i} of {partition} fails its CRC32 {where}; "
+                           "nothing saved")  # fmt: skip
+            new_crc[i] = crcs[i]
+            return data
+
         def page_rows():
             for i in range(pages):
                 st = states[i]
                 if st in (DIRTY, CLEAN):
                     data = os.pread(memfd, PAGE_SIZE, i * PAGE_SIZE)
+                    new_crc[i] = zlib.crc32(data)
                 elif st == ON_DEVICE:
-                    data = os.pread(devfd, PAGE_SIZE, int(slots[i]) * PAGE_SIZE)
-                    if len(data) != PAGE_SIZE or zlib.crc32(data) != crcs[i]:
-                        raise Fail(f"snapshot: page {i} of {partition} fails its CRC32 on the "
-                                   f"device (slot {slots[i]}); nothing saved")  # fmt: skip
+                    data = checked(devfd, int(slots[i]), i, f"on the device (slot {slots[i]})")
                 elif st == SNAPSHOT and srcfd >= 0:
-                    data = os.pread(srcfd, PAGE_SIZE, i * PAGE_SIZE)
-                    if len(data) != PAGE_SIZE or zlib.crc32(data) != crcs[i]:
-                        raise Fail(f"snapshot: page {i} of {partition} fails its CRC32 in the "
-                                   f"snapshot it was restored from; nothing saved")  # fmt: skip
+                    data = checked(srcfd, i, i, "in the snapshot it was restored from")
                 elif st in (UNTOUCHED, LOANED, POISONED):
                     data = zeros
+                    new_crc[i] = zero_crc
                     if st == POISONED:
                         poisoned.append(i)
                 else:
                     raise Fail(f"snapshot: page {i} of {partition} is in flight; try again")
-                new_crc[i] = zero_crc if data is zeros else zlib.crc32(data)
                 if i % 1024 == 1023:
                     bar.advance(1024)
                 yield np.frombuffer(data, np.uint8)

@@ -25,8 +25,7 @@ from pathlib import Path
 from pyhv import wire
 from pyhv.config import ConfigError, PartitionConfig, check_metadata, parse_device, parse_partition
 from pyhv.hypervisor.partition import Partition
-from pyhv.hypervisor.vcp import Refused
-from pyhv.stream import FLOWING
+from pyhv.hypervisor.vcp import Refused, named_partition, no_workers, writable
 from pyhv.uffd import PAGE_SIZE
 
 log = logging.getLogger("pyhv.hypervisor")
@@ -65,18 +64,11 @@ class MigrationRoom:
         return {"partition_export": self.op_export, "partition_import": self.op_import}
 
     def op_export(self, conn, msg, fds):
-        if self.stopping:
-            raise Refused("the system is shutting down")
-        part = self.by_name.get(msg.get("name"))
-        if part is None:
-            raise Refused(f"unknown partition {msg.get('name')!r}")
-        if part.workers:
-            raise Refused(f"partition {part.name!r} has {len(part.workers)} live worker(s)")
-        if part.saving is not None or part.state == "suspending":
-            raise Refused(f"partition {part.name!r} is busy (being saved or suspended)")
-        if part.stream.service is None or part.stream.state not in FLOWING:
-            raise Refused(f"partition {part.name!r}: its stream is {part.stream.state}: its "
-                          "pages cannot be written out now")  # fmt: skip
+        part = named_partition(self, msg)
+        no_workers(part)
+        if part.state in ("suspending", "exporting"):
+            raise Refused(f"partition {part.name!r} is {part.state}")
+        writable(part)
         d = msg.get("dir")
         if not isinstance(d, str) or not os.path.isabs(d):
             raise wire.ProtocolError("dir must be an absolute path")

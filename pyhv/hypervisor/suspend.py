@@ -153,7 +153,7 @@ class SuspendRoom:
                 self.later(0.002, evict_all)  # (read-aheads landing, write-backs in flight)
                 return
             part.state = "suspended"
-            after = self.engine.stats(part.eng)
+            after = s
             secs = time.monotonic() - began
             log.info("partition %s: suspended in %.3fs (%d pages written out, working set %d "
                      "pages)", part.name, secs, after["page_outs"] - before["page_outs"],

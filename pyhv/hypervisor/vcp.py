@@ -72,9 +72,26 @@ def _config_errors(fn, *args):
         raise Refused(str(e)) from None
 
 
-def _not_saving(part) -> None:
+def named_partition(hv, msg: dict):
+    """The partition an operation names, on a system that is not stopping,
+    and not held still for a snapshot."""
+    _no_stop(hv)
+    part = _known(hv.by_name, _str(msg, "name"), "partition")
     if part.saving is not None:
         raise Refused(f"partition {part.name!r}: a snapshot of it is being saved")
+    return part
+
+
+def no_workers(part) -> None:
+    if part.workers:
+        raise Refused(f"partition {part.name!r} has {len(part.workers)} live worker(s)")
+
+
+def writable(part) -> None:
+    """Its pages can be written out now (suspend, export)."""
+    if part.stream.service is None or part.stream.state not in FLOWING:
+        raise Refused(f"partition {part.name!r}: its stream is {part.stream.state}: its pages "
+                      "cannot be written out now")  # fmt: skip
 
 
 def _no_stop(hv) -> None:
@@ -149,13 +166,10 @@ def partition_add(hv, conn, msg):
 
 
 def partition_remove(hv, conn, msg):
-    _no_stop(hv)
-    part = _known(hv.by_name, _str(msg, "name"), "partition")
-    _not_saving(part)
+    part = named_partition(hv, msg)
     if part.state in ("suspending", "exporting"):
         raise Refused(f"partition {part.name!r} is {part.state}")
-    if part.workers:
-        raise Refused(f"partition {part.name!r} has {len(part.workers)} live worker(s)")
+    no_workers(part)
     def busy() -> bool:  # paging in flight or waiting: Python's requests, the engine's pages
         return bool(part.stream.busy or hv.engine.stream_busy(part.eng)
                     or hv.engine.stats(part.eng)["pending"])  # fmt: skip
@@ -171,14 +185,10 @@ def partition_remove(hv, conn, msg):
 
 def partition_suspend(hv, conn, msg):
     """Stop the workers, write every page out, free every frame; answers once done."""
-    _no_stop(hv)
-    part = _known(hv.by_name, _str(msg, "name"), "partition")
-    _not_saving(part)
+    part = named_partition(hv, msg)
     if part.state != "active":
         raise Refused(f"partition {part.name!r} is {part.state} already")
-    if part.stream.service is None or part.stream.state not in FLOWING:
-        raise Refused(f"partition {part.name!r}: its stream is {part.stream.state}: its pages "
-                      "cannot be written out now")  # fmt: skip
+    writable(part)
     unnamed = [w for w in part.workers.values() if not w.pid]
     if unnamed:
         raise Refused(f"partition {part.name!r}: {len(unnamed)} child(ren) of its workers not "
@@ -188,9 +198,7 @@ def partition_suspend(hv, conn, msg):
 
 
 def partition_resume(hv, conn, msg):
-    _no_stop(hv)
-    part = _known(hv.by_name, _str(msg, "name"), "partition")
-    _not_saving(part)
+    part = named_partition(hv, msg)
     if part.state in ("active", "exporting"):
         raise Refused(f"partition {part.name!r} is {part.state}, not suspended")
     return hv.resume_partition(part, prefetch=msg.get("prefetch", True) is not False)
