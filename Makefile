@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: setup deps demo test bench clean
 
 $(STAMP): pyproject.toml setup.py csrc/*.c csrc/*.h csrc/build_ffi.py
+	@bash tools/debian-deps build
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'

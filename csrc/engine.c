@@ -163,6 +163,7 @@ struct rreq { /* one READ of the engine */
 	uint32_t first, n, slot;
 	int snap; /* from the snapshot (slot: the page there) */
 	uint64_t sent_ns;
+	uint64_t born_ns; /* when it was asked for (io_timeout counts from here) */
 	struct pyhv_eng_chan *chan; /* NULL while queued on its partition */
 };
 
@@ -818,6 +819,7 @@ static void page_in_run(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t fi
 		return;
 	}
 	r->id = ++e->next_id;
+	r->born_ns = now_ns();
 	r->part = p;
 	r->first = (uint32_t)first;
 	r->n = n;
@@ -970,9 +972,34 @@ static void chan_failed(struct pyhv_eng *e, struct pyhv_eng_chan *ch, int err)
 	post(e, PYHV_EV_CHAN_CLOSED, err, NULL, 0, ch->id);
 }
 
+static void take_back(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_eng_chan *ch);
+
+static void requeue(struct pyhv_eng_part *p, struct rreq *r)
+{
+	r->next = p->qhead;
+	p->qhead = r;
+	if (!p->qtail)
+		p->qtail = r;
+	p->queued++;
+}
+
 static void read_done(struct pyhv_eng *e, struct pyhv_eng_chan *ch, struct rreq *r, int status)
 {
 	struct pyhv_eng_part *p = r->part;
+	if (status == -ENOTCONN) {
+		/* the service lost its path to the device (NBD): nothing is
+		 * wrong with the page.  The partition's READs wait, and Python
+		 * moves its stream to another path (or waits for one). */
+		e->g.reads_path_lost++;
+		requeue(p, r);
+		if (p->chan == ch) {
+			take_back(e, p, ch);
+			if (p->flowing)
+				post(e, PYHV_EV_PATH_LOST, ENOTCONN, p, 0, ch->id);
+			p->flowing = 0;
+		}
+		return;
+	}
 	if (service_fault(status)) {
 		e->g.reads_refused++;
 		r->next = p->qhead;
@@ -1808,13 +1835,41 @@ static void take_back(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_e
 		if (r->part != p)
 			continue;
 		unlink_inflight(r);
-		r->next = p->qhead;
-		p->qhead = r;
-		if (!p->qtail)
-			p->qtail = r;
-		p->queued++;
+		requeue(p, r);
 		e->g.reads_taken_back++;
 	}
+}
+
+/* [[device]] io_timeout: page-ins of the partition that have waited for a
+ * path (queued, not on any service) longer than max_age_ns fail: each page
+ * becomes a READ_FAILED event (ETIMEDOUT), which Python turns into a
+ * machine check.  Returns how many pages. */
+int64_t pyhv_eng_expire_reads(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t max_age_ns)
+{
+	pthread_mutex_lock(&e->mu);
+	uint64_t now = now_ns();
+	int64_t pages = 0;
+	struct rreq **at = &p->qhead, *last = NULL;
+	while (*at) {
+		struct rreq *r = *at;
+		if (now - r->born_ns <= max_age_ns) {
+			last = r;
+			at = &r->next;
+			continue;
+		}
+		*at = r->next;
+		p->queued--;
+		for (uint32_t k = 0; k < r->n; k++) {
+			p->c.read_errors++;
+			post(e, PYHV_EV_READ_FAILED, ETIMEDOUT, p, r->first + k, 0);
+		}
+		pages += r->n;
+		e->g.reads_expired++;
+		free(r);
+	}
+	p->qtail = last;
+	pthread_mutex_unlock(&e->mu);
+	return pages;
 }
 
 /* The service behind ch failed or stopped: no more READs on it, and every

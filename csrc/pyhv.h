@@ -74,13 +74,34 @@ int pyhv_mce_remove(uint64_t start);
 #define PYHV_SVC_SNAP 2	 /* header flag: a READ of the stream's snapshot (slot: the page) */
 struct pyhv_svc;
 struct pyhv_svc *pyhv_svc_new(int sock, int threads, int spin_us);
-int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pages, int memfd,
-			uint64_t mem_size, int snapfd, uint64_t snap_pages);
+struct pyhv_nbd;
+int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, struct pyhv_nbd *nbd,
+			uint64_t pages, int memfd, uint64_t mem_size, int snapfd, uint64_t snap_pages);
 void pyhv_svc_stream_clear(struct pyhv_svc *s, unsigned stream);
 uint64_t pyhv_svc_stream_errors(struct pyhv_svc *s, unsigned stream);
 int pyhv_svc_fast(struct pyhv_svc *s, int sock);
 long pyhv_svc_serve(struct pyhv_svc *s, uint8_t *buf, size_t cap, int *flags_out, int *fds,
 		    int maxfds, int *nfds);
+
+/* Paging devices on NBD servers (csrc/nbd.c, libnbd).  A device is one
+ * export over one path; every call may run on any thread and returns 0 or
+ * -errno, -ENOTCONN once the path is lost (a connection failed, or a
+ * command went unanswered past the deadline): never the device's error. */
+#define PYHV_NBD_MAX_CONNS 4
+struct pyhv_nbd_info {
+	int64_t size;
+	int conns, multi_conn, can_flush, can_trim, read_only, tls;
+};
+int pyhv_nbd_available(void); /* 0: built without libnbd-dev */
+struct pyhv_nbd *pyhv_nbd_open(const char *uri, const char *psk_file, int conns, int connect_ms,
+			       int deadline_ms, char *why, size_t whylen);
+void pyhv_nbd_close(struct pyhv_nbd *n);
+void pyhv_nbd_info(struct pyhv_nbd *n, struct pyhv_nbd_info *out);
+int pyhv_nbd_dead(struct pyhv_nbd *n, char *why, size_t len);
+int pyhv_nbd_pread(struct pyhv_nbd *n, void *buf, size_t len, uint64_t off);
+int pyhv_nbd_pwrite(struct pyhv_nbd *n, const void *buf, size_t len, uint64_t off);
+int pyhv_nbd_flush(struct pyhv_nbd *n);
+int pyhv_nbd_trim(struct pyhv_nbd *n, uint64_t off, uint64_t len);
 
 /* The hypervisor's fault engine (csrc/engine.c): a thread that resolves
  * page faults without Python; Python meets it in batches. */
@@ -93,6 +114,8 @@ struct pyhv_eng_chan;
 #define PYHV_EV_CHAN_CLOSED 3 /* a fast channel reached end-of-file (worker: its id) */
 #define PYHV_EV_WORKER_FORKED 4 /* worker page forked: its child is worker (0: lost, err) */
 #define PYHV_EV_WORKER_PID 5 /* forked worker's first fault came from thread page */
+#define PYHV_EV_PATH_LOST 6 /* stream's service lost its path to the device (worker: the
+			     * fast channel's id): its READs wait until it is bound again */
 #define PYHV_ENG_STATES 9 /* page states (csrc/engine.c), pyhv_eng_state_counts' out[] */
 struct pyhv_eng_event {
 	uint32_t type;
@@ -126,6 +149,8 @@ struct pyhv_eng_stats_global {
 	uint64_t reads_refused; /* READs a service refused (EINVAL...): failed over, not lost */
 	uint64_t forks, forks_lost; /* workers' children adopted, and not (no memory) */
 	uint64_t evict_again;	    /* evictions put off: a worker was forking */
+	uint64_t reads_path_lost;   /* READs answered ENOTCONN (NBD path lost): sent again */
+	uint64_t reads_expired;	    /* READs that waited past io_timeout: machine checks */
 };
 struct pyhv_eng_pool {
 	uint64_t pages, used, high_water, waiting, reserve, pending, events_lost;
@@ -173,6 +198,7 @@ void pyhv_eng_stream_bind(struct pyhv_eng *e, struct pyhv_eng_part *p, struct py
 			  int flowing);
 uint64_t pyhv_eng_stream_busy(struct pyhv_eng *e, struct pyhv_eng_part *p);
 uint64_t pyhv_eng_chan_oldest_ns(struct pyhv_eng *e, struct pyhv_eng_chan *ch);
+int64_t pyhv_eng_expire_reads(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t max_age_ns);
 int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int allow_dirty,
 		   uint32_t *dirty_out, uint32_t *clean_out);
 int pyhv_eng_write_slots(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_t *pages,

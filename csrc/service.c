@@ -33,6 +33,11 @@
  *       their CRC32s.  Flag RETRY (the request was in flight on a service
  *       that died): a page already gone from memory was written and punched
  *       by that service, so its CRC32 is read back from the device instead.
+ *
+ * A device on an NBD server (csrc/nbd.c) takes the place of the fd: the
+ * same READ and WRITE become NBD commands, several in flight; a lost path
+ * answers -ENOTCONN, which the hypervisor takes for a path to fail over,
+ * never for a machine check.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -49,6 +54,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "nbd.h"
 #include "pyhv.h"
 
 #define PG 4096u
@@ -59,7 +65,8 @@
 #define FAST_THREADS 4 /* READs on the device at once from the fast channel */
 
 struct svc_stream {
-	int fd; /* the device (owned by Python), -1: not open */
+	int fd; /* the device (owned by Python), -1: not open (or on NBD) */
+	struct pyhv_nbd *nbd; /* the device on an NBD server (owned by Python), or NULL */
 	uint64_t pages;
 	int snapfd; /* a snapshot its pages come from on first touch (Python's), -1: none */
 	uint64_t snap_pages;
@@ -158,6 +165,20 @@ static int punch(struct svc_stream *st, uint64_t page, uint64_t count)
 	return 0;
 }
 
+/* n bytes at off of the device (or of the snapshot), whole: 0 or -errno
+ * (-EIO for a short read; -ENOTCONN: the NBD path is lost) */
+static int dev_read(struct svc_stream *st, int snap, void *dst, size_t n, off_t off)
+{
+	if (st->nbd && !snap)
+		return pyhv_nbd_pread(st->nbd, dst, n, (uint64_t)off);
+	int fd = snap ? st->snapfd : st->fd;
+	ssize_t got;
+	do
+		got = pread(fd, dst, n, off);
+	while (got < 0 && errno == EINTR);
+	return got < 0 ? -errno : (size_t)got != n ? -EIO : 0;
+}
+
 /* straight into the partition's memory, where no worker maps them yet (they
  * fault on them, MISSING or MINOR, until the hypervisor maps them) */
 static int read_in(struct svc_stream *st, const struct frame_hdr *h, struct job *j)
@@ -168,12 +189,8 @@ static int read_in(struct svc_stream *st, const struct frame_hdr *h, struct job 
 		return -EINVAL;
 	uint8_t *dst = st->mem + (size_t)first * PG;
 	size_t n = (size_t)h->count * PG;
-	int fd = h->flags & PYHV_SVC_SNAP ? st->snapfd : st->fd; /* (slot: the page there) */
-	ssize_t got;
-	do
-		got = pread(fd, dst, n, (off_t)h->slot * PG);
-	while (got < 0 && errno == EINTR);
-	int r = got < 0 ? -errno : (size_t)got != n ? -EIO : 0;
+	int snap = h->flags & PYHV_SVC_SNAP; /* (slot: the page there) */
+	int r = dev_read(st, snap, dst, n, (off_t)h->slot * PG);
 	for (uint32_t i = 0; !r && i < h->count; i++) {
 		uint32_t want;
 		memcpy(&want, j->payload + 4 * i, 4);
@@ -187,8 +204,11 @@ static int read_in(struct svc_stream *st, const struct frame_hdr *h, struct job 
 
 
 
-static int write_full(int fd, struct iovec *iov, int cnt, off_t off)
+static int write_full(struct svc_stream *st, struct iovec *iov, int cnt, off_t off)
 {
+	if (st->nbd)
+		return pyhv_nbd_pwritev(st->nbd, iov, cnt, (uint64_t)off);
+	int fd = st->fd;
 	size_t want = 0;
 	for (int i = 0; i < cnt; i++)
 		want += iov[i].iov_len;
@@ -225,24 +245,21 @@ static int do_write(struct svc_stream *st, const struct frame_hdr *h, struct job
 				return -errno;
 			if (at == (off_t)pages[i] * PG) {
 				iov[0] = (struct iovec){p, PG};
-				int r = write_full(st->fd, iov, 1, off);
+				int r = write_full(st, iov, 1, off);
 				if (r)
 					return r;
 				crcs[i] = page_crc(p);
 			} else {
-				ssize_t got;
-				do
-					got = pread(st->fd, j->io, PG, off);
-				while (got < 0 && errno == EINTR);
-				if (got != PG)
-					return got < 0 ? -errno : -EIO;
+				int r = dev_read(st, 0, j->io, PG, off);
+				if (r)
+					return r;
 				crcs[i] = page_crc(j->io);
 			}
 		}
 	} else {
 		for (uint32_t i = 0; i < h->count; i++)
 			iov[i] = (struct iovec){st->mem + (size_t)pages[i] * PG, PG};
-		int r = write_full(st->fd, iov, (int)h->count, (off_t)h->slot * PG);
+		int r = write_full(st, iov, (int)h->count, (off_t)h->slot * PG);
 		if (r)
 			return r;
 		/* the pages are write-protected in every worker while they are
@@ -354,8 +371,8 @@ fail:
 	return NULL; /* leaks what it got: the service cannot run and exits */
 }
 
-int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pages, int memfd,
-			uint64_t mem_size, int snapfd, uint64_t snap_pages)
+int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, struct pyhv_nbd *nbd,
+			uint64_t pages, int memfd, uint64_t mem_size, int snapfd, uint64_t snap_pages)
 {
 	/* called between serve() calls: no job runs */
 	if (stream >= PYHV_SVC_MAX_STREAMS)
@@ -381,6 +398,7 @@ int pyhv_svc_stream_set(struct pyhv_svc *s, unsigned stream, int fd, uint64_t pa
 	st->mem = mem;
 	st->mem_pages = mem_size / PG;
 	st->fd = fd;
+	st->nbd = nbd;
 	st->pages = pages;
 	st->snapfd = snapfd;
 	st->snap_pages = snap_pages;
@@ -401,6 +419,7 @@ void pyhv_svc_stream_clear(struct pyhv_svc *s, unsigned stream)
 		close(st->memfd);
 	st->mem = NULL;
 	st->memfd = st->fd = st->snapfd = -1;
+	st->nbd = NULL;
 	st->pages = st->mem_pages = st->snap_pages = 0;
 	pthread_rwlock_unlock(&s->fast_lock);
 }
@@ -417,7 +436,7 @@ static int hot(struct pyhv_svc *s, const struct frame_hdr *h, size_t payload)
 	if (h->op != OP_READ && h->op != OP_WRITE)
 		return 0;
 	struct svc_stream *st = &s->streams[h->stream];
-	if (st->fd < 0 || !st->mem || h->count < 1 || h->count > PYHV_SVC_MAX_PAGES)
+	if ((st->fd < 0 && !st->nbd) || !st->mem || h->count < 1 || h->count > PYHV_SVC_MAX_PAGES)
 		return 0;
 	if (h->flags & PYHV_SVC_SNAP) {
 		if (h->op != OP_READ || st->snapfd < 0 || (uint64_t)h->slot + h->count > st->snap_pages)

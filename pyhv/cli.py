@@ -265,8 +265,10 @@ def cmd_device(args) -> int:
         r = _op(args, {"op": "device_list"})
         return _emit(args, r, format_devices(r["devices"]))
     if args.action == "add":
-        r = _op(args, {"op": "device_add", "id": args.id, "path": args.path, "size": args.size,
-                       "services": _names(args.services)})  # fmt: skip
+        path = args.path[0] if len(args.path) == 1 else args.path
+        r = _op(args, {"op": "device_add", "id": args.id, "path": path, "size": args.size,
+                       "services": _names(args.services), "io_timeout": args.io_timeout,
+                       "tls_psk": os.path.abspath(args.tls_psk) if args.tls_psk else None})
         return _emit(args, r, format_devices([r["device"]]))
     r = _op(args, {"op": "device_remove", "id": args.id})
     return _emit(args, r, f"device {r['removed']}: removed")
@@ -520,9 +522,15 @@ def build_parser() -> Parser:
     psub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
     q = psub.add_parser("add", help="assign a paging device")
     q.add_argument("id")
-    q.add_argument("path")
-    q.add_argument("--size", help="for a file (block devices have their own)")
+    q.add_argument("path", nargs="+", help="a file, a block device, or an NBD URI (nbd://HOST"
+                   "[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds:// with TLS); "
+                   "several NBD URIs: one path to the same export a service, in --services order")
+    q.add_argument("--size", help="for a file (block devices and NBD exports have their own)")
     q.add_argument("--services", help="A,B: who can reach it (default: every service)")
+    q.add_argument("--tls-psk", metavar="FILE", help="NBD over TLS: the pre-shared key file")
+    q.add_argument("--io-timeout", type=float, metavar="SECONDS",
+                   help="a page-in no path can serve within this is a machine check "
+                        "(default: it waits)")
     json_opt(q)
     q = psub.add_parser("remove", help="remove a device that serves no partition")
     q.add_argument("id")

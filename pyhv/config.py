@@ -148,15 +148,31 @@ class ServiceConfig:
 @dataclasses.dataclass
 class DeviceConfig:
     id: str
-    path: Path
+    path: Path | str  # a file or block device; for "nbd", its first URI
     size: int  # bytes
-    kind: str  # "file" or "block"
+    kind: str  # "file", "block" or "nbd"
     services: list[str]
     direct: bool
+    uris: list[str] = dataclasses.field(default_factory=list)  # nbd: the i-th service's path
+    tls_psk: str | None = None  # nbd: the pre-shared key file (nbds://)
+    io_timeout: float | None = None  # a page-in no path serves by then is a machine check
 
     @property
     def pages(self) -> int:
         return self.size // PAGE_SIZE
+
+    def path_for(self, service: str) -> str:
+        """The path the named service reaches the device by."""
+        if self.kind != "nbd":
+            return str(self.path)
+        if len(self.uris) == 1:
+            return self.uris[0]
+        return self.uris[self.services.index(service)]
+
+    @property
+    def identity(self) -> str:
+        """What two devices share when they are one (compared at device add)."""
+        return " ".join(self.uris) if self.kind == "nbd" else os.path.realpath(self.path)
 
 
 @dataclasses.dataclass
@@ -200,7 +216,8 @@ class Config:
         return cls(
             pool_size=d["pool_size"],
             services=[ServiceConfig(**s) for s in d["services"]],
-            devices=[DeviceConfig(**{**x, "path": Path(x["path"])}) for x in d["devices"]],
+            devices=[DeviceConfig(**{**x, "path": x["path"] if x.get("kind") == "nbd"
+                                     else Path(x["path"])}) for x in d["devices"]],  # fmt: skip
             partitions=[PartitionConfig(**p) for p in d["partitions"]],
             poll_us=d.get("poll_us", POLL_US),
         )
@@ -234,15 +251,22 @@ def _unique(names: list[str], what: str) -> None:
         seen.add(n)
 
 
-def parse_device(entry: dict, run_dir: Path, service_names: list[str]) -> DeviceConfig:
-    """One [[device]] table, validated (and its size read for a block device)."""
+def parse_device(entry: dict, run_dir: Path, service_names: list[str],
+                 probe: bool = True) -> DeviceConfig:  # fmt: skip
+    """One [[device]] table, validated (and its size read for a block device;
+    an NBD server asked for its export's, unless probe is false)."""
     did = _name(entry, "id", "[[device]]")
     where = f"device {did!r}"
-    _unknown_keys(entry, {"id", "path", "size", "services", "direct"}, where)
+    _unknown_keys(entry, {"id", "path", "size", "services", "direct", "tls_psk", "io_timeout"},
+                  where)  # fmt: skip
     raw = entry.get("path")
-    if not isinstance(raw, str) or not raw:
-        raise ConfigError(f"{where}: path is required")
-    path = Path(raw) if os.path.isabs(raw) else Path(run_dir) / raw
+    io_timeout = entry.get("io_timeout")
+    if io_timeout is not None and (
+            isinstance(io_timeout, bool) or not isinstance(io_timeout, (int, float))
+            or not math.isfinite(io_timeout) or not 0.01 <= io_timeout <= TIMEOUT[1]):  # fmt: skip
+        raise ConfigError(f"{where}: io_timeout must be a number of seconds from 0.01 to "
+                          f"{TIMEOUT[1]:g} (leave it out to wait)")  # fmt: skip
+    io_timeout = float(io_timeout) if io_timeout is not None else None
     services = entry.get("services", list(service_names))
     if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
         raise ConfigError(f"{where}: services must be a list of service names")
@@ -251,6 +275,16 @@ def parse_device(entry: dict, run_dir: Path, service_names: list[str]) -> Device
             raise ConfigError(f"{where}: unknown paging service {s!r}")
     if not services:
         raise ConfigError(f"{where}: no paging service can reach it")
+    from pyhv import nbd
+
+    if isinstance(raw, list) or nbd.is_uri(raw):
+        return _parse_nbd_device(entry, did, where, raw, run_dir, list(services), io_timeout,
+                                 probe)  # fmt: skip
+    if "tls_psk" in entry:
+        raise ConfigError(f"{where}: tls_psk is for devices on NBD servers (nbds://)")
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(f"{where}: path is required")
+    path = Path(raw) if os.path.isabs(raw) else Path(run_dir) / raw
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -287,7 +321,73 @@ def parse_device(entry: dict, run_dir: Path, service_names: list[str]) -> Device
     direct = entry.get("direct", kind == "block")
     if not isinstance(direct, bool):
         raise ConfigError(f"{where}: direct must be true or false")
-    return DeviceConfig(did, path, size, kind, list(services), direct)
+    return DeviceConfig(did, path, size, kind, list(services), direct, io_timeout=io_timeout)
+
+
+def _parse_nbd_device(entry, did, where, raw, run_dir, services, io_timeout, probe):
+    """A device on an NBD server: one URI, or one a service (the i-th the
+    path of the i-th of `services`).  With probe, every path is connected
+    to: it must answer, with an export large enough; the size is the
+    export's less its last page, where the claim lives (pyhv.claim)."""
+    from pyhv import nbd
+
+    uris = raw if isinstance(raw, list) else [raw]
+    if not uris or not all(isinstance(u, str) and u for u in uris):
+        raise ConfigError(f"{where}: path must be a file, a block device, an NBD URI or a list "
+                          "of NBD URIs")  # fmt: skip
+    for u in uris:
+        bad = nbd.check_uri(u) if nbd.is_uri(u) else "not a URI"
+        if bad:
+            raise ConfigError(f"{where}: {nbd.redact(u)!r} is no NBD URI: {bad}")
+    if len(uris) > 1 and len(uris) != len(services):
+        raise ConfigError(f"{where}: {len(uris)} paths for {len(services)} services: the i-th "
+                          "path is the i-th service's")  # fmt: skip
+    if len(set(uris)) != len(uris):
+        raise ConfigError(f"{where}: the same path twice")
+    if "direct" in entry:
+        raise ConfigError(f"{where}: direct is for files and block devices")
+    tls = [u.split("://")[0].startswith("nbds") for u in uris]
+    psk = entry.get("tls_psk")
+    if psk is not None:
+        if not isinstance(psk, str) or not psk:
+            raise ConfigError(f"{where}: tls_psk must be a file")
+        psk = str(Path(psk) if os.path.isabs(psk) else Path(run_dir) / psk)
+        try:
+            with open(psk, "rb") as f:
+                if b":" not in f.read(4096):
+                    raise ConfigError(f"{where}: tls_psk {psk} is no PSK file (USER:HEXKEY "
+                                      "lines, as psktool writes them)")  # fmt: skip
+        except OSError as e:
+            raise ConfigError(f"{where}: tls_psk {psk}: {e.strerror}") from None
+        if not all(tls):
+            raise ConfigError(f"{where}: tls_psk needs nbds:// paths (nbd:// is never encrypted)")
+    if any(tls) and not all(tls):
+        raise ConfigError(f"{where}: some paths use TLS and some do not")
+    if not nbd.available():
+        raise ConfigError(f"{where}: this pyhv was built without libnbd (install Debian's "
+                          "libnbd-dev, then `make setup`)")  # fmt: skip
+    want = parse_pages(entry["size"], f"{where}: size") if "size" in entry else None
+    size = want
+    if probe:
+        for u in uris:
+            try:
+                with nbd.NbdDevice(u, psk, connect_s=nbd.CONNECT_S) as d:
+                    have = (d.size // PAGE_SIZE - 1) * PAGE_SIZE  # (the last page: the claim)
+                    read_only = d.read_only
+            except OSError as e:
+                raise ConfigError(f"{where}: {nbd.redact(u)}: {e.strerror or e}") from None
+            if read_only:
+                raise ConfigError(f"{where}: {nbd.redact(u)}: the export is read-only")
+            if have <= 0:
+                raise ConfigError(f"{where}: {nbd.redact(u)}: the export is smaller than two "
+                                  "pages")  # fmt: skip
+            if want is not None and want > have:
+                raise ConfigError(f"{where}: size is larger than the export at "
+                                  f"{nbd.redact(u)} ({format_size(have)} usable)")  # fmt: skip
+            size = min(size, have) if size is not None else have
+    if not size:
+        raise ConfigError(f"{where}: the size of its export is not known")
+    return DeviceConfig(did, uris[0], size, "nbd", services, False, list(uris), psk, io_timeout)
 
 
 def _check_usable(path: Path, where: str, directory: bool) -> None:
@@ -431,7 +531,7 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
     raw_devices = _table_list(doc, "device")
     _unique([_name(d, "id", "[[device]]") for d in raw_devices], "device")
     devices = [parse_device(d, run_dir, service_names) for d in raw_devices]
-    paths = [os.path.realpath(d.path) for d in devices]
+    paths = [d.identity for d in devices]
     for i, p in enumerate(paths):
         if p in paths[:i]:
             raise ConfigError(f"device {devices[i].id!r}: path {devices[i].path} is used twice")

@@ -1,7 +1,7 @@
 """Paging devices as a paging service sees them.
 
-A device has an identifier, a type (``file`` or ``block``) and a capacity in
-pages; the paging commands of :mod:`pyhv.wire` become its own operations
+A device has an identifier, a type (``file``, ``block``, or ``nbd``: an export
+on an NBD server, reached through libnbd, pyhv.nbd) and a capacity in pages; the paging commands of :mod:`pyhv.wire` become its own operations
 (the table is ``wire.COMMANDS``): opening (O_DIRECT where configured, always
 for block devices), fdatasync, and fallocate(PUNCH_HOLE) or BLKDISCARD here;
 READ and WRITE, preadv/pwritev, in the service's C engine (csrc/service.c),
@@ -20,22 +20,42 @@ import struct
 
 from pyhv.uffd import PAGE_SIZE, blkdev_size, punch_hole
 
+NBD_CONNS = 4  # connections to an export that allows several (multi-conn), else 1
+
 BLKDISCARD = 0x1277
 
 
 class PagingDevice:
-    def __init__(self, id: str, path: str, kind: str, size: int, direct: bool):
+    def __init__(self, id: str, path: str, kind: str, size: int, direct: bool,
+                 tls_psk: str | None = None, deadline: float = 0.0):  # fmt: skip
         self.id = id
-        self.path = str(path)
+        self.path = str(path)  # for NBD: the URI of this service's path
         self.kind = kind
-        self.direct = direct or kind == "block"
+        self.direct = (direct or kind == "block") and kind != "nbd"
+        self.tls_psk = tls_psk
+        self.deadline = deadline  # NBD: a command unanswered this long loses the path
+        self.nbd = None
         self.pages = size // PAGE_SIZE
         self.errors = 0
         self.fd = -1
         self.snapfd = -1  # a snapshot the stream's first page-ins read (read-only), or -1
         self.snap_pages = 0
 
+    @property
+    def nbd_handle(self):
+        return self.nbd.handle if self.nbd is not None else None
+
     def open(self) -> None:
+        if self.kind == "nbd":
+            from pyhv.nbd import NbdDevice
+
+            self.nbd = NbdDevice(self.path, self.tls_psk, NBD_CONNS,
+                                 connect_s=self.deadline or 5.0, deadline_s=self.deadline)
+            have = self.nbd.size // PAGE_SIZE
+            if have < self.pages:
+                self.close()
+                raise OSError(errno.ENOSPC, f"export has {have} pages, {self.pages} needed")
+            return
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
         if self.kind == "file":
             self.fd = os.open(self.path, flags | os.O_CREAT, 0o600)
@@ -57,6 +77,9 @@ class PagingDevice:
         self.snap_pages = os.fstat(self.snapfd).st_size // PAGE_SIZE
 
     def close(self) -> None:
+        if self.nbd is not None:
+            self.nbd.close()
+            self.nbd = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -69,11 +92,16 @@ class PagingDevice:
             raise OSError(errno.EINVAL, f"slots {slot}+{count} outside device of {self.pages}")
 
     def flush(self) -> None:
-        os.fdatasync(self.fd)
+        if self.nbd is not None:
+            self.nbd.flush()
+        else:
+            os.fdatasync(self.fd)
 
     def discard(self, slot: int, count: int) -> None:
         self._check_range(slot, count)
-        if self.kind == "block":
+        if self.nbd is not None:
+            self.nbd.trim(slot * PAGE_SIZE, count * PAGE_SIZE)
+        elif self.kind == "block":
             fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", slot * PAGE_SIZE, count * PAGE_SIZE))
         else:
             punch_hole(self.fd, slot * PAGE_SIZE, count * PAGE_SIZE)
@@ -81,7 +109,7 @@ class PagingDevice:
     def query(self, io_errors: int = 0) -> dict:
         """What QUERY answers; io_errors: failed READs and WRITEs (the engine's)."""
         errors = self.errors + io_errors
-        return {
+        out = {
             "id": self.id,
             "type": self.kind,
             "path": self.path,
@@ -90,3 +118,13 @@ class PagingDevice:
             "errors": errors,
             "health": "ok" if not errors else "degraded",
         }
+        if self.nbd is not None:
+            from pyhv.nbd import redact
+
+            out["path"] = redact(self.path)
+            out["nbd"] = {"connections": self.nbd.conns, "multi_conn": self.nbd.multi_conn,
+                          "tls": self.nbd.tls, "can_trim": self.nbd.can_trim,
+                          "can_flush": self.nbd.can_flush, "size": self.nbd.size}  # fmt: skip
+            if self.nbd.dead:
+                out["health"] = "path lost: " + self.nbd.why()
+        return out

@@ -109,13 +109,14 @@ class PagingService:
         if len(fds) != 1:
             raise OSError(errno.EINVAL, "OPEN carries the partition's memory as one fd")
         spec = json.loads(bytes(self.view[:payload]))
-        dev = PagingDevice(spec["id"], spec["path"], spec["kind"], spec["size"], spec["direct"])
+        dev = PagingDevice(spec["id"], spec["path"], spec["kind"], spec["size"], spec["direct"],
+                           tls_psk=spec.get("tls_psk"), deadline=spec.get("path_timeout", 0.0))
         dev.open()
         try:  # (a stream opened again is replaced at once: a READ never finds it closed)
             if spec.get("snapshot"):
                 dev.open_snapshot(spec["snapshot"])
             self.engine.stream_set(stream, dev.fd, dev.pages, fds[0], int(spec["memory"]),
-                                   dev.snapfd, dev.snap_pages)  # fmt: skip
+                                   dev.snapfd, dev.snap_pages, dev.nbd_handle)  # fmt: skip
         except OSError:
             dev.close()
             raise

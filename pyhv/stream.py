@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import collections
+import errno
 import itertools
 import logging
 import mmap
@@ -83,6 +84,8 @@ class Stream:
         self.failovers: list[dict] = []
         self._failover: dict | None = None  # the one in progress
         self.open_failed: set[str] = set()  # services that could not open the device
+        self.path_wait = False  # a path was lost: while none works, SUSPENDED (faults wait)
+        self.paths_lost = 0
         self.changed: Callable[[Stream], None] | None = None  # told of every state change
 
     # --- state ------------------------------------------------------------------
@@ -165,6 +168,7 @@ class Stream:
             "transition_count": sum(self.transitions.values()),
             "last_transition": self.changed_at,
             "failovers": [dict(f) for f in self.failovers],
+            "paths_lost": self.paths_lost,
         }
 
 
@@ -298,6 +302,12 @@ class ServiceLink:
             stream, req = entry
             if stream.inflight.pop(rid, None) is None and not req.control:
                 continue  # taken back from this service meanwhile: answered elsewhere
+            if status == -errno.ENOTCONN and req.op != wire.OP_OPEN and stream.service is self:
+                if not req.control:  # sent again with the rest, on the next path
+                    stream.inflight[rid] = req
+                self.hv.path_lost(stream, self, f"{wire.OP_NAMES.get(req.op, req.op)} "
+                                  "answered ENOTCONN")  # fmt: skip
+                continue
             stream.answered(req, status, count, self.scratch_view[: n - wire.HEADER.size])
 
     def oldest_age(self, now: float) -> float:

@@ -95,7 +95,15 @@ def check_locks(config) -> None:
     takes the same locks for real when it starts)."""
     import fcntl
 
+    from pyhv import claim
+
     for dev in config.devices:
+        if dev.kind == "nbd":
+            try:
+                claim.probe(dev)
+            except claim.ClaimError as e:
+                raise Fail(str(e), EXIT_USAGE) from None
+            continue
         try:
             fd = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -271,11 +271,13 @@ class ServiceEngine:
         return n, self._flags[0], fds
 
     def stream_set(self, stream: int, fd: int, pages: int, memfd: int, mem_size: int,
-                   snapfd: int = -1, snap_pages: int = 0) -> None:  # fmt: skip
-        """Serve a stream: device fd of `pages` slots, the partition's memory,
-        and the snapshot it was restored from (-1: none)."""
-        _check(lib.pyhv_svc_stream_set(self._s, stream, fd, pages, memfd, mem_size, snapfd,
-                                       snap_pages), "mmap(partition memory)")  # fmt: skip
+                   snapfd: int = -1, snap_pages: int = 0, nbd=None) -> None:  # fmt: skip
+        """Serve a stream: device fd of `pages` slots (or the NBD device's
+        handle, pyhv.nbd), the partition's memory, and the snapshot it was
+        restored from (-1: none)."""
+        _check(lib.pyhv_svc_stream_set(self._s, stream, fd, nbd if nbd is not None else ffi.NULL,
+                                       pages, memfd, mem_size, snapfd, snap_pages),
+               "mmap(partition memory)")  # fmt: skip
 
     def stream_clear(self, stream: int) -> None:
         lib.pyhv_svc_stream_clear(self._s, stream)
@@ -297,6 +299,7 @@ class Engine:
     WORKER_GONE = lib.PYHV_EV_WORKER_GONE
     CHAN_CLOSED = lib.PYHV_EV_CHAN_CLOSED
     WORKER_FORKED = lib.PYHV_EV_WORKER_FORKED
+    PATH_LOST = lib.PYHV_EV_PATH_LOST
     WORKER_PID = lib.PYHV_EV_WORKER_PID
     COUNTERS = ("faults", "first_touches", "page_ins", "page_outs", "prefetched", "clean_drops",
                 "refaults", "wp_faults", "minor_faults", "installed_writable",
@@ -305,7 +308,7 @@ class Engine:
     GLOBAL = ("sleeps", "evict_requests", "enomem", "send_errors", "reads_sent", "reads_done",
               "reads_taken_back", "stray_replies", "stray_faults", "fault_reads", "read_rtt_ns",
               "page_in_waits", "page_in_wait_ns", "reads_refused", "forks", "forks_lost",
-              "evict_again")  # fmt: skip
+              "evict_again", "reads_path_lost", "reads_expired")  # fmt: skip
 
     def __init__(self, pool_pages: int, reserve: int, spin_us: int):
         err = ffi.new("int *")
@@ -490,6 +493,11 @@ class Engine:
 
     def stream_busy(self, h) -> int:
         return lib.pyhv_eng_stream_busy(self._e, h)
+
+    def expire_reads(self, h, max_age: float) -> int:
+        """Page-ins waiting for a path longer than max_age seconds fail
+        (READ_FAILED, ETIMEDOUT); how many pages."""
+        return lib.pyhv_eng_expire_reads(self._e, h, int(max_age * 1e9))
 
     def chan_oldest(self, ch) -> float:
         """Seconds the oldest READ on ch has gone unanswered (0: none)."""

@@ -39,6 +39,7 @@ import sys
 import time
 
 from pyhv import uffd, wire
+from pyhv.claim import ClaimError, Claims
 from pyhv.hypervisor import vcp
 from pyhv.config import Config
 from pyhv.hypervisor import victims
@@ -80,6 +81,8 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         for p in config.partitions:
             self._new_partition(p, self.devices[p.device])
         self.locks: dict[str, int] = {}  # device id -> fd holding its flock
+        self.claims = Claims(run_dir)
+        self.expiring = False  # a partition with io_timeout waits for a path  # devices on NBD servers: their claims (pyhv.claim)
         self.next_slot_retry = math.inf  # the earliest Partition.slot_retry_at
         self.next_pool_check = 0.0
         self.stopping = False
@@ -139,7 +142,14 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
 
     def lock_device(self, dev) -> None:
         """Hold an exclusive lock on the device for as long as this system
-        uses it: a second system cannot page to it."""
+        uses it: a second system cannot page to it.  An export on an NBD
+        server is claimed in the export itself (pyhv.claim)."""
+        if dev.kind == "nbd":
+            try:
+                self.claims.acquire(dev)
+            except ClaimError as e:
+                raise Refused(str(e)) from None
+            return
         flags = os.O_RDONLY | os.O_CLOEXEC
         if dev.kind == "file":
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
@@ -155,6 +165,8 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         self.locks[dev.id] = fd
 
     def unlock_device(self, dev) -> None:
+        if dev.kind == "nbd":
+            self.claims.release(dev.id)
         fd = self.locks.pop(dev.id, None)
         if fd is not None:
             os.close(fd)
@@ -217,7 +229,8 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         them), so it sleeps until something needs Python."""
         while not self.done:
             wait = min((t[0] for t in self.timers), default=math.inf) - time.monotonic()
-            events = self.sel.select(max(0.0, min(1.0, wait)))
+            tick = 0.05 if self.expiring else 1.0  # io_timeout is kept to this
+            events = self.sel.select(max(0.0, min(tick, wait)))
             for key, mask in events:
                 try:
                     key.data(mask)
@@ -241,6 +254,15 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         if self.unidentified and now >= self.next_probe:
             self.next_probe = now + PROBE_EVERY
             self.probe_children()
+        self.expiring = False
+        for part in self.partitions:  # [[device]] io_timeout: page-ins waiting for a path
+            limit = part.device.io_timeout
+            if limit and part.eng is not None and part.stream.state not in FLOWING:
+                self.expiring = True
+                if self.engine.expire_reads(part.eng, limit):
+                    log.error("partition %s: page-ins waited for a path to device %s longer "
+                              "than io_timeout (%gs): machine checks", part.name,
+                              part.device.id, limit)  # fmt: skip
         if now >= self.next_pool_check:  # faults waiting for a frame: a full device may have room
             self.next_pool_check = now + 0.1
             self.replenish()
@@ -284,6 +306,7 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         for svc in self.services.values():
             svc.close(kill=False)
         self.engine.close()
+        self.claims.close()
         for name in (CONTROL_SOCKET, PID_FILE):
             try:
                 os.unlink(os.path.join(self.run_dir, name))
@@ -384,6 +407,7 @@ def main(argv=None) -> int:
     except (OSError, Refused) as e:
         msg = f"cannot start: {e}"
         log.error("hypervisor: %s", msg)
+        hv.claims.close()  # (the devices claimed before the one refused)
         if args.ready_fd >= 0:
             os.write(args.ready_fd, f"error {msg}\n".encode())
         return 1

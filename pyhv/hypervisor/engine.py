@@ -50,6 +50,11 @@ class EngineSide:
                 for svc in self.services.values():
                     if svc.chan is not None and svc.chan_id == worker:
                         self.service_failed(svc, "its fast channel closed")
+            elif kind == uffd.Engine.PATH_LOST:
+                part = self.by_index.get(stream)
+                for svc in self.services.values():
+                    if part is not None and svc.chan is not None and svc.chan_id == worker:
+                        self.path_lost(part.stream, svc, "a page-in answered ENOTCONN")
             elif kind == uffd.Engine.WORKER_FORKED:
                 self.on_forked(self.by_index.get(stream), page, worker, err)
             elif kind == uffd.Engine.WORKER_PID:

@@ -81,9 +81,11 @@ class Worker:
 
 
 def device_spec(dev) -> dict:
-    """What a paging service needs to open a device for a stream."""
+    """What a paging service needs to open a device for a stream ("paths":
+    each service's own, streams.bind picks it)."""
     return {"id": dev.id, "path": str(dev.path), "kind": dev.kind, "size": dev.size,
-            "direct": dev.direct}  # fmt: skip
+            "direct": dev.direct, "tls_psk": dev.tls_psk,
+            "paths": {s: dev.path_for(s) for s in dev.services}}  # fmt: skip
 
 
 class Partition:

@@ -24,6 +24,8 @@ from pyhv.stream import ABORTED, COMPLETED, ENABLED, FLOWING, INVALID, RESUMED, 
 
 log = logging.getLogger("pyhv.hypervisor")
 
+RETRY_PATH_S = 1.0  # while no path to a device works, each is tried again this often
+
 
 class PagingServices:
     """Mixed into the Hypervisor: services, streams, failover, shutdown."""
@@ -53,8 +55,43 @@ class PagingServices:
             if svc.running and svc is not avoid and name not in stream.open_failed:
                 self.bind(stream, svc)
                 return
+        if stream.path_wait:  # no path works: faults wait, every path is tried again
+            if stream.state != SUSPENDED:
+                log.warning("partition %s: no path to device %s works; its faults wait",
+                            stream.name, stream.device_spec["id"])  # fmt: skip
+                stream.set_state(SUSPENDED)
+            self.later(RETRY_PATH_S, lambda: self._retry_paths(stream))
+            return
         log.warning("partition %s: no paging service of %s is running; paging waits",
                     stream.name, ", ".join(stream.paging))  # fmt: skip
+
+    def _retry_paths(self, stream: Stream) -> None:
+        if stream.service is None and stream.path_wait and not self.stopping and (
+                self.by_index.get(stream.index) is not None):  # fmt: skip
+            stream.open_failed.clear()
+            self.place(stream)
+
+    def path_lost(self, stream: Stream, svc: ServiceLink, why: str) -> None:
+        """svc answered that it lost its path to the stream's device (NBD,
+        ENOTCONN): the service is well, the path is not.  The stream moves,
+        with every request it had in flight, to its other service's path;
+        with none working it is SUSPENDED (faults wait) and every path is
+        tried again each RETRY_PATH_S.  No page is lost and none is a
+        machine check (io_timeout aside)."""
+        if stream.service is not svc or self.stopping:
+            return
+        log.error("partition %s: paging service %s lost its path to device %s: %s",
+                  stream.name, svc.name, stream.device_spec["id"], why)  # fmt: skip
+        detected = time.monotonic()
+        n = len(stream.take_back())
+        stream.service = None
+        stream.paths_lost += 1
+        stream.path_wait = True
+        stream.mark_failover(svc.name, n, detected)
+        svc.send(stream, Request(wire.OP_CLOSE, 0, 0, None, lambda *a: None, control=True))
+        stream.open_failed.add(svc.name)  # (its path is tried again after the others)
+        stream.set_state(ABORTED if stream.state != SUSPENDED else SUSPENDED)
+        self.place(stream)
 
     def bind(self, stream: Stream, svc: ServiceLink) -> None:
         """Open the partition's device on svc; the stream flows once it is open."""
@@ -72,18 +109,24 @@ class PagingServices:
                           stream.name, svc.name, stream.device_spec["id"],
                           os.strerror(-status))  # fmt: skip
                 stream.service = None
-                stream.set_state(ABORTED)
+                if not stream.path_wait:
+                    stream.set_state(ABORTED)
                 stream.open_failed.add(svc.name)
                 self.place(stream)
                 return
             stream.open_failed.clear()
+            stream.path_wait = False
             if stream.state == SUSPENDING:  # stopped while it opened: it stays stopped
                 return
             stream.set_state(ENABLED if stream.state == INVALID else RESUMED)
             stream.pump()
 
-        svc.send(stream, Request(wire.OP_OPEN, 0, 0, json.dumps(stream.device_spec).encode(),
-                                 opened, control=True, fds=[stream.memfd]))  # fmt: skip
+        spec = dict(stream.device_spec)
+        spec["path"] = spec.pop("paths", {}).get(svc.name, spec["path"])
+        if spec["kind"] == "nbd":  # a command unanswered this long: the path is lost
+            spec["path_timeout"] = svc.cfg.timeout / 2
+        svc.send(stream, Request(wire.OP_OPEN, 0, 0, json.dumps(spec).encode(), opened,
+                                 control=True, fds=[stream.memfd]))  # fmt: skip
 
     def service_failed(self, svc: ServiceLink, why: str) -> None:
         """A service died, closed its socket or stopped answering: fence it,

@@ -213,13 +213,13 @@ def partition_list(hv, conn, msg):
 
 def device_add(hv, conn, msg):
     _no_stop(hv)
-    entry = {k: msg[k] for k in ("id", "path", "size", "services") if msg.get(k) is not None}
+    entry = {k: msg[k] for k in ("id", "path", "size", "services", "tls_psk", "io_timeout")
+             if msg.get(k) is not None}  # fmt: skip
+    if msg.get("id") in hv.devices:  # (before an NBD server is asked anything)
+        raise Refused(f"device {msg['id']!r} exists already")
     dev: DeviceConfig = _config_errors(parse_device, entry, hv.run_dir, list(hv.services))
-    if dev.id in hv.devices:
-        raise Refused(f"device {dev.id!r} exists already")
-    real = os.path.realpath(dev.path)
     for other in hv.devices.values():
-        if os.path.realpath(other.path) == real:
+        if other.identity == dev.identity:
             raise Refused(f"device {dev.id!r}: {dev.path} is device {other.id!r} already")
     hv.lock_device(dev)  # refuses a device another system uses
     hv.devices[dev.id] = dev
@@ -243,8 +243,12 @@ def device_remove(hv, conn, msg):
 def device_row(hv, dev) -> dict:
     part = next((p for p in hv.partitions if p.device is dev), None)
     active = part.stream.service.name if part and part.stream.service else None
-    return {"id": dev.id, "path": str(dev.path), "type": dev.kind, "size_bytes": dev.size,
+    from pyhv.nbd import redact
+
+    return {"id": dev.id, "path": redact(str(dev.path)), "type": dev.kind, "size_bytes": dev.size,
             "direct": dev.direct, "services": dev.services,
+            "paths": {s: redact(dev.path_for(s)) for s in dev.services},
+            "io_timeout": dev.io_timeout, "claim": hv.claims.status(dev.id),
             "partition": part.name if part else None,
             "paging": part.stream.paging if part else [],
             "active_service": active,

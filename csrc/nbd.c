@@ -1,0 +1,485 @@
+/*
+ * Paging devices on NBD servers (nbdkit, qemu-nbd, nbd-server, any gateway
+ * that speaks NBD), through libnbd's asynchronous API.  No protocol of our
+ * own: libnbd speaks NBD, we keep requests in flight and watch the path.
+ *
+ * A device (struct pyhv_nbd) is one export reached over one path (a URI),
+ * with 1..PYHV_NBD_MAX_CONNS connections: several only where the server
+ * says that they see each other's writes (NBD_FLAG_CAN_MULTI_CONN), else one.
+ * Any thread calls pyhv_nbd_pread/pwritev/flush/trim: it issues its
+ * commands on a connection (libnbd's handle lock is held only while a
+ * command is queued and written out) and sleeps until they complete.  One
+ * thread a device, the poller, waits in poll() on the connections' sockets
+ * and drives libnbd's state machines (nbd_aio_notify_*), which run the
+ * completion callbacks; a command that could not be written out at once
+ * wakes it through an eventfd, so that it waits for POLLOUT too.  So a
+ * paging service's threads (4 page-in, 4 write-back) have up to 8 commands
+ * on the wire at once, a WRITE of scattered pages as one command a run.
+ *
+ * The path: a connection that fails (reset, end-of-file, a TLS error), or a
+ * command unanswered for longer than the deadline (a link that went down
+ * drops packets and says nothing: TCP would retry for minutes), loses the
+ * path.  The poller shuts the sockets down; every command in flight and
+ * every later call fails with ENOTCONN, which the hypervisor reads as "this
+ * path is lost", never as a machine check: it moves the stream to its other
+ * path, or waits and opens this one again.  An error the server answers
+ * (EIO from its disk) leaves the path up and is returned as it is.
+ *
+ * Locking: n->mu guards the ops in flight and their counts; libnbd's handle
+ * lock is taken inside nbd_* calls.  Order: handle lock, then n->mu (the
+ * completion callbacks take mu under the handle lock), so nobody calls
+ * nbd_* while holding mu.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "nbd.h"
+#include "pyhv.h"
+
+#ifdef PYHV_HAVE_NBD
+#include <libnbd.h>
+
+struct op { /* one call: one or more NBD commands */
+	struct op *next, *prev;
+	struct pyhv_nbd *n;
+	uint64_t t0;
+	int left; /* commands not retired (their .free has not run) */
+	int err;  /* the first error */
+};
+
+struct pyhv_nbd {
+	int nconn;
+	struct nbd_handle *h[PYHV_NBD_MAX_CONNS];
+	int fd[PYHV_NBD_MAX_CONNS];
+	unsigned rr;
+	pthread_t poller;
+	int started;
+	int wake; /* eventfd */
+	pthread_mutex_t mu;
+	pthread_cond_t done;
+	struct op *head, *tail; /* in flight, oldest first */
+	int dead, stop;
+	uint64_t deadline_ns;
+	struct pyhv_nbd_info info;
+	char why[256]; /* how the path was lost */
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void say(char *why, size_t len, const char *what)
+{
+	if (why && len)
+		snprintf(why, len, "%s", what && *what ? what : "unknown libnbd error");
+}
+
+/* Connected and through the handshake within timeout_ms, or NULL and why. */
+static struct nbd_handle *connect_one(const char *uri, const char *psk, int timeout_ms, char *why,
+				      size_t len)
+{
+	struct nbd_handle *h = nbd_create();
+	if (!h) {
+		say(why, len, nbd_get_error());
+		return NULL;
+	}
+	nbd_set_pread_initialize(h, false); /* the pages are ours to fill: no memset first */
+	nbd_set_uri_allow_local_file(h, true); /* ?tls-psk-file= in the URI (root's config) */
+	if (psk && *psk && nbd_set_tls_psk_file(h, psk) == -1)
+		goto fail;
+	if (nbd_aio_connect_uri(h, uri) == -1)
+		goto fail;
+	uint64_t end = now_ns() + (uint64_t)timeout_ms * 1000000u;
+	while (!nbd_aio_is_ready(h)) {
+		if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h))
+			goto fail;
+		uint64_t t = now_ns();
+		if (t >= end) {
+			snprintf(why, len, "no answer within %.1f s", timeout_ms / 1000.0);
+			nbd_close(h);
+			return NULL;
+		}
+		int left = (int)((end - t) / 1000000u) + 1;
+		if (nbd_poll(h, left) == -1)
+			goto fail;
+	}
+	return h;
+fail:
+	say(why, len, nbd_get_error());
+	nbd_close(h);
+	return NULL;
+}
+
+static void lose_path(struct pyhv_nbd *n, const char *why)
+{
+	/* under n->mu */
+	if (n->dead)
+		return;
+	n->dead = 1;
+	say(n->why, sizeof(n->why), why);
+	for (int i = 0; i < n->nconn; i++)
+		if (n->fd[i] >= 0)
+			shutdown(n->fd[i], SHUT_RDWR); /* libnbd sees end-of-file and fails what is in flight */
+}
+
+static void *poller(void *arg)
+{
+	struct pyhv_nbd *n = arg;
+	struct pollfd pfd[PYHV_NBD_MAX_CONNS + 1];
+	for (;;) {
+		pthread_mutex_lock(&n->mu);
+		int stop = n->stop;
+		uint64_t oldest = n->head ? n->head->t0 : 0;
+		if (!n->dead && n->deadline_ns && oldest && now_ns() - oldest > n->deadline_ns) {
+			char msg[96];
+			snprintf(msg, sizeof(msg), "a command went unanswered for %.1f s",
+				 n->deadline_ns / 1e9);
+			lose_path(n, msg);
+		}
+		pthread_mutex_unlock(&n->mu);
+		if (stop)
+			break;
+		int k = 0;
+		for (int i = 0; i < n->nconn; i++) {
+			unsigned dir = nbd_aio_get_direction(n->h[i]);
+			pfd[k].fd = n->fd[i];
+			pfd[k].events = (dir & LIBNBD_AIO_DIRECTION_READ ? POLLIN : 0) |
+					(dir & LIBNBD_AIO_DIRECTION_WRITE ? POLLOUT : 0);
+			pfd[k].revents = 0;
+			if (nbd_aio_is_dead(n->h[i]) || nbd_aio_is_closed(n->h[i]))
+				pfd[k].fd = -1; /* nothing more comes from it */
+			k++;
+		}
+		pfd[k] = (struct pollfd){n->wake, POLLIN, 0};
+		/* the deadline is checked a few times within its length */
+		int timeout = -1;
+		if (n->deadline_ns)
+			timeout = (int)(n->deadline_ns / 4000000u) + 1;
+		if (timeout > 100 || timeout < 0)
+			timeout = n->deadline_ns ? 100 : -1;
+		int r = poll(pfd, (nfds_t)k + 1, timeout);
+		if (r < 0 && errno != EINTR)
+			break;
+		if (r <= 0)
+			continue;
+		if (pfd[k].revents & POLLIN) {
+			uint64_t v;
+			if (read(n->wake, &v, sizeof(v)) < 0 && errno != EAGAIN)
+				break;
+		}
+		for (int i = 0; i < n->nconn; i++) {
+			short ev = pfd[i].revents;
+			int bad = 0;
+			if (pfd[i].fd < 0)
+				continue;
+			if (ev & (POLLIN | POLLHUP | POLLERR))
+				bad |= nbd_aio_notify_read(n->h[i]) == -1;
+			else if (ev & POLLOUT)
+				bad |= nbd_aio_notify_write(n->h[i]) == -1;
+			if (bad || nbd_aio_is_dead(n->h[i]) || nbd_aio_is_closed(n->h[i])) {
+				const char *e = nbd_get_error();
+				pthread_mutex_lock(&n->mu);
+				lose_path(n, e && *e ? e : "the connection closed");
+				pthread_mutex_unlock(&n->mu);
+			}
+		}
+	}
+	return NULL;
+}
+
+struct pyhv_nbd *pyhv_nbd_open(const char *uri, const char *psk_file, int conns, int connect_ms,
+			       int deadline_ms, char *why, size_t whylen)
+{
+	struct pyhv_nbd *n = calloc(1, sizeof(*n));
+	if (!n) {
+		say(why, whylen, strerror(ENOMEM));
+		return NULL;
+	}
+	for (int i = 0; i < PYHV_NBD_MAX_CONNS; i++)
+		n->fd[i] = -1;
+	n->wake = -1;
+	n->deadline_ns = deadline_ms > 0 ? (uint64_t)deadline_ms * 1000000u : 0;
+	pthread_mutex_init(&n->mu, NULL);
+	pthread_cond_init(&n->done, NULL);
+	if (conns < 1)
+		conns = 1;
+	if (conns > PYHV_NBD_MAX_CONNS)
+		conns = PYHV_NBD_MAX_CONNS;
+	n->h[0] = connect_one(uri, psk_file, connect_ms, why, whylen);
+	if (!n->h[0])
+		goto fail;
+	n->nconn = 1;
+	struct nbd_handle *h = n->h[0];
+	n->info.size = nbd_get_size(h);
+	n->info.multi_conn = nbd_can_multi_conn(h) == 1;
+	n->info.can_flush = nbd_can_flush(h) == 1;
+	n->info.can_trim = nbd_can_trim(h) == 1;
+	n->info.read_only = nbd_is_read_only(h) == 1;
+	n->info.tls = nbd_get_tls_negotiated(h) == 1;
+	if (n->info.size < 0) {
+		say(why, whylen, nbd_get_error());
+		goto fail;
+	}
+	/* more connections only where each sees the others' writes at once */
+	for (int i = 1; i < conns && n->info.multi_conn; i++) {
+		char spare[64];
+		n->h[i] = connect_one(uri, psk_file, connect_ms, spare, sizeof(spare));
+		if (!n->h[i])
+			break; /* fewer connections serve as well, only slower */
+		n->nconn++;
+	}
+	n->info.conns = n->nconn;
+	for (int i = 0; i < n->nconn; i++)
+		n->fd[i] = nbd_aio_get_fd(n->h[i]);
+	n->wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (n->wake < 0) {
+		say(why, whylen, strerror(errno));
+		goto fail;
+	}
+	if (pthread_create(&n->poller, NULL, poller, n)) {
+		say(why, whylen, "cannot start a thread");
+		goto fail;
+	}
+	n->started = 1;
+	return n;
+fail:
+	pyhv_nbd_close(n);
+	return NULL;
+}
+
+void pyhv_nbd_close(struct pyhv_nbd *n)
+{
+	if (!n)
+		return;
+	if (n->started) {
+		pthread_mutex_lock(&n->mu);
+		n->stop = 1;
+		pthread_mutex_unlock(&n->mu);
+		uint64_t one = 1;
+		if (write(n->wake, &one, sizeof(one)) < 0) { /* the poller wakes within 100 ms anyway */
+		}
+		pthread_join(n->poller, NULL);
+	}
+	for (int i = 0; i < n->nconn; i++)
+		nbd_close(n->h[i]); /* (nobody calls in any more: the caller's contract) */
+	if (n->wake >= 0)
+		close(n->wake);
+	pthread_mutex_destroy(&n->mu);
+	pthread_cond_destroy(&n->done);
+	free(n);
+}
+
+void pyhv_nbd_info(struct pyhv_nbd *n, struct pyhv_nbd_info *out)
+{
+	*out = n->info;
+}
+
+int pyhv_nbd_dead(struct pyhv_nbd *n, char *why, size_t len)
+{
+	pthread_mutex_lock(&n->mu);
+	int dead = n->dead;
+	if (dead)
+		say(why, len, n->why);
+	pthread_mutex_unlock(&n->mu);
+	return dead;
+}
+
+/* --- calls -------------------------------------------------------------------- */
+
+static int completed(void *user, int *error)
+{
+	struct op *o = user;
+	pthread_mutex_lock(&o->n->mu);
+	if (*error && !o->err)
+		o->err = *error;
+	pthread_mutex_unlock(&o->n->mu);
+	return 1; /* retire it */
+}
+
+static void retired(void *user)
+{
+	struct op *o = user;
+	pthread_mutex_lock(&o->n->mu);
+	if (--o->left == 0)
+		pthread_cond_broadcast(&o->n->done);
+	pthread_mutex_unlock(&o->n->mu);
+}
+
+static int begin(struct pyhv_nbd *n, struct op *o)
+{
+	*o = (struct op){.n = n, .t0 = now_ns()};
+	pthread_mutex_lock(&n->mu);
+	if (n->dead) {
+		pthread_mutex_unlock(&n->mu);
+		return -ENOTCONN;
+	}
+	o->prev = n->tail;
+	if (n->tail)
+		n->tail->next = o;
+	else
+		n->head = o;
+	n->tail = o;
+	pthread_mutex_unlock(&n->mu);
+	return 0;
+}
+
+/* Before a command is issued: one more to wait for, on this connection. */
+static struct nbd_handle *take(struct pyhv_nbd *n, struct op *o)
+{
+	pthread_mutex_lock(&n->mu);
+	o->left++;
+	unsigned i = n->rr++ % (unsigned)n->nconn;
+	pthread_mutex_unlock(&n->mu);
+	return n->h[i];
+}
+
+/* After nbd_aio_*: -1 means it was not issued (libnbd ran .free already). */
+static void issued(struct pyhv_nbd *n, struct op *o, struct nbd_handle *h, int64_t cookie)
+{
+	if (cookie == -1) {
+		int e = nbd_get_errno();
+		pthread_mutex_lock(&n->mu);
+		if (!o->err)
+			o->err = e ? e : EIO;
+		pthread_mutex_unlock(&n->mu);
+		return;
+	}
+	if (nbd_aio_get_direction(h) & LIBNBD_AIO_DIRECTION_WRITE) {
+		uint64_t one = 1; /* not all written out: the poller waits for POLLOUT */
+		if (write(n->wake, &one, sizeof(one)) < 0) {
+		}
+	}
+}
+
+static int finish(struct pyhv_nbd *n, struct op *o)
+{
+	pthread_mutex_lock(&n->mu);
+	while (o->left)
+		pthread_cond_wait(&n->done, &n->mu);
+	if (o->prev)
+		o->prev->next = o->next;
+	else
+		n->head = o->next;
+	if (o->next)
+		o->next->prev = o->prev;
+	else
+		n->tail = o->prev;
+	int err = o->err;
+	int dead = n->dead;
+	pthread_mutex_unlock(&n->mu);
+	if (!err)
+		return 0;
+	return dead ? -ENOTCONN : -err; /* a lost path is never the device's error */
+}
+
+#define CB(o) ((nbd_completion_callback){.callback = completed, .user_data = (o), .free = retired})
+
+int pyhv_nbd_pread(struct pyhv_nbd *n, void *buf, size_t len, uint64_t off)
+{
+	struct op o;
+	int r = begin(n, &o);
+	if (r)
+		return r;
+	struct nbd_handle *h = take(n, &o);
+	issued(n, &o, h, nbd_aio_pread(h, buf, len, off, CB(&o), 0));
+	return finish(n, &o);
+}
+
+int pyhv_nbd_pwritev(struct pyhv_nbd *n, const struct iovec *iov, int cnt, uint64_t off)
+{
+	struct op o;
+	int r = begin(n, &o);
+	if (r)
+		return r;
+	/* one command a run of pages that lie one after another in memory */
+	for (int i = 0; i < cnt;) {
+		size_t len = iov[i].iov_len;
+		int k = i + 1;
+		while (k < cnt && (char *)iov[k - 1].iov_base + iov[k - 1].iov_len == iov[k].iov_base)
+			len += iov[k++].iov_len;
+		struct nbd_handle *h = take(n, &o);
+		issued(n, &o, h, nbd_aio_pwrite(h, iov[i].iov_base, len, off, CB(&o), 0));
+		off += len;
+		i = k;
+	}
+	return finish(n, &o);
+}
+
+int pyhv_nbd_pwrite(struct pyhv_nbd *n, const void *buf, size_t len, uint64_t off)
+{
+	struct iovec iov = {(void *)buf, len};
+	return pyhv_nbd_pwritev(n, &iov, 1, off);
+}
+
+int pyhv_nbd_flush(struct pyhv_nbd *n)
+{
+	struct op o;
+	int r = begin(n, &o);
+	if (r)
+		return r;
+	if (!n->info.can_flush) { /* nothing to flush: the server writes through */
+		return finish(n, &o);
+	}
+	/* every connection: with multi-conn one would do, without it there is one */
+	for (int i = 0; i < n->nconn; i++) {
+		pthread_mutex_lock(&n->mu);
+		o.left++;
+		pthread_mutex_unlock(&n->mu);
+		issued(n, &o, n->h[i], nbd_aio_flush(n->h[i], CB(&o), 0));
+	}
+	return finish(n, &o);
+}
+
+int pyhv_nbd_trim(struct pyhv_nbd *n, uint64_t off, uint64_t len)
+{
+	struct op o;
+	int r = begin(n, &o);
+	if (r)
+		return r;
+	if (!n->info.can_trim)
+		return finish(n, &o); /* advisory */
+	struct nbd_handle *h = take(n, &o);
+	issued(n, &o, h, nbd_aio_trim(h, len, off, CB(&o), 0));
+	return finish(n, &o);
+}
+
+int pyhv_nbd_available(void)
+{
+	return 1;
+}
+
+#else /* built without libnbd-dev: NBD devices are refused */
+
+struct pyhv_nbd *pyhv_nbd_open(const char *uri, const char *psk_file, int conns, int connect_ms,
+			       int deadline_ms, char *why, size_t whylen)
+{
+	if (why && whylen)
+		snprintf(why, whylen, "this pyhv was built without libnbd");
+	return NULL;
+}
+void pyhv_nbd_close(struct pyhv_nbd *n) {}
+void pyhv_nbd_info(struct pyhv_nbd *n, struct pyhv_nbd_info *out) {}
+int pyhv_nbd_dead(struct pyhv_nbd *n, char *why, size_t len) { return 1; }
+int pyhv_nbd_pread(struct pyhv_nbd *n, void *buf, size_t len, uint64_t off) { return -ENOSYS; }
+int pyhv_nbd_pwritev(struct pyhv_nbd *n, const struct iovec *iov, int cnt, uint64_t off)
+{
+	return -ENOSYS;
+}
+int pyhv_nbd_pwrite(struct pyhv_nbd *n, const void *buf, size_t len, uint64_t off) { return -ENOSYS; }
+int pyhv_nbd_flush(struct pyhv_nbd *n) { return -ENOSYS; }
+int pyhv_nbd_trim(struct pyhv_nbd *n, uint64_t off, uint64_t len) { return -ENOSYS; }
+int pyhv_nbd_available(void) { return 0; }
+
+#endif

@@ -1,0 +1,243 @@
+"""The claim on a device on an NBD server: what flock is for a file.
+
+A file or block device is guarded by an exclusive flock that the hypervisor
+holds while it runs (a second system on the machine cannot take it).  An NBD
+export has no such thing: any client that reaches it can write it, from any
+host, and the NBD protocol has no reservations (SCSI's persistent
+reservations are what a VIOS would use).  So a system claims an export in
+the export itself, as sanlock's delta leases do: the export's last page
+holds a record (the system, its host, run directory, hypervisor pid, and a
+beat) that the hypervisor rewrites every BEAT seconds while it runs.
+
+A system takes a device when its record is absent, released (a clean
+shutdown, `device remove`, `partition export`), its own, or dead: a system
+on this host whose hypervisor is not running, or one on another host whose
+beat has not moved for STALE seconds (that costs the taker STALE seconds of
+waiting, once).  It writes its record and reads it back after SETTLE
+seconds: of two systems taking a device at once, the later write wins and
+the other refuses.  Every path of the device must show the record just
+written: paths that lead to different exports are refused.  A system that
+finds its record overwritten while it runs (it stalled longer than STALE)
+says so in its log and stops beating; nothing else can be done from here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from pyhv.nbd import NbdDevice, redact
+from pyhv.uffd import PAGE_SIZE
+
+log = logging.getLogger("pyhv.claim")
+
+MAGIC = b"PYHV-CLAIM-1\n"
+BEAT = 1.0  # seconds between beats
+STALE = 3.5 * BEAT  # a beat that has not moved for this long: its system is gone
+SETTLE = 0.2  # between writing a claim and reading it back
+
+
+class ClaimError(Exception):
+    """One line: why the device cannot be taken."""
+
+
+def _offset(d: NbdDevice) -> int:
+    return (d.size // PAGE_SIZE - 1) * PAGE_SIZE
+
+
+def read_record(d: NbdDevice) -> dict | None:
+    data = d.pread(PAGE_SIZE, _offset(d))
+    if not data.startswith(MAGIC):
+        return None
+    try:
+        rec = json.loads(data[len(MAGIC) :].rstrip(b"\0"))
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def write_record(d: NbdDevice, rec: dict) -> None:
+    data = MAGIC + json.dumps(rec, sort_keys=True).encode()
+    d.pwrite(data.ljust(PAGE_SIZE, b"\0"), _offset(d))
+    d.flush()
+
+
+def _pid_runs_pyhv(pid) -> bool:
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            return b"pyhv" in f.read()
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _holder(rec: dict) -> str:
+    return (f"the system in {rec.get('run_dir')} on {rec.get('host')} "
+            f"(hypervisor pid {rec.get('pid')})")  # fmt: skip
+
+
+def live_holder(d: NbdDevice, rec: dict | None, me: dict | None) -> str | None:
+    """Who holds the device, if a live system other than `me` does."""
+    if not rec or rec.get("state") != "held":
+        return None
+    if me is not None and rec.get("system") == me["system"]:
+        return None
+    if rec.get("host") == socket.gethostname():
+        return _holder(rec) if _pid_runs_pyhv(rec.get("pid")) else None
+    beat = rec.get("beat")
+    time.sleep(STALE)  # another host: is it beating?
+    again = read_record(d)
+    if again and again.get("system") == rec.get("system") and again.get("beat") == beat:
+        log.warning("device at %s: the claim of %s has not moved for %.1f s: taken over",
+                    redact(d.uri), _holder(rec), STALE)  # fmt: skip
+        return None
+    return _holder(again or rec)
+
+
+def probe(dev) -> None:
+    """Raise ClaimError if a live system holds the device (nothing is written)."""
+    for uri in dev.uris[:1]:
+        try:
+            with NbdDevice(uri, dev.tls_psk) as d:
+                who = live_holder(d, read_record(d), None)
+        except OSError as e:
+            raise ClaimError(f"device {dev.id!r}: {redact(uri)}: {e.strerror or e}") from None
+        if who:
+            raise ClaimError(f"device {dev.id!r} ({redact(uri)}) is in use by {who}")
+
+
+class _Held:
+    def __init__(self, dev, conn: NbdDevice, rec: dict):
+        self.dev = dev
+        self.conn: NbdDevice | None = conn
+        self.rec = rec
+        self.lock = threading.Lock()
+        self.lost = False
+
+
+class Claims:
+    """The claims of one hypervisor, and the thread that beats them."""
+
+    def __init__(self, run_dir: str):
+        self.me = {"system": uuid.uuid4().hex, "host": socket.gethostname(),
+                   "run_dir": os.path.abspath(run_dir), "pid": os.getpid()}  # fmt: skip
+        self.held: dict[str, _Held] = {}
+        self.mu = threading.Lock()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def acquire(self, dev) -> None:
+        """Claim the device, or raise ClaimError with why not."""
+        where = f"device {dev.id!r}"
+        try:
+            conn = NbdDevice(dev.uris[0], dev.tls_psk, deadline_s=5.0)
+        except OSError as e:
+            raise ClaimError(f"{where}: {redact(dev.uris[0])}: {e.strerror or e}") from None
+        try:
+            rec = read_record(conn)
+            who = live_holder(conn, rec, self.me)
+            if who:
+                raise ClaimError(f"{where} ({redact(dev.uris[0])}) is in use by {who}")
+            if rec and rec.get("system") == self.me["system"] and rec.get("device") != dev.id:
+                raise ClaimError(f"{where}: its export is device {rec.get('device')!r} "
+                                 "already")  # fmt: skip
+            mine = {**self.me, "device": dev.id, "state": "held", "beat": 1,
+                    "nonce": uuid.uuid4().hex, "time": time.time()}  # fmt: skip
+            write_record(conn, mine)
+            time.sleep(SETTLE)
+            back = read_record(conn)
+            if not back or back.get("nonce") != mine["nonce"]:
+                raise ClaimError(f"{where}: {_holder(back or {})} took it at the same moment")
+            for uri in dev.uris[1:]:  # every path to the same export
+                try:
+                    with NbdDevice(uri, dev.tls_psk) as other:
+                        seen = read_record(other)
+                except OSError as e:
+                    raise ClaimError(f"{where}: {redact(uri)}: {e.strerror or e}") from None
+                if not seen or seen.get("nonce") != mine["nonce"]:
+                    raise ClaimError(f"{where}: {redact(uri)} does not lead to the export at "
+                                     f"{redact(dev.uris[0])}")  # fmt: skip
+        except ClaimError:
+            conn.close()
+            raise
+        except OSError as e:
+            conn.close()
+            raise ClaimError(f"{where}: {redact(dev.uris[0])}: {e.strerror or e}") from None
+        with self.mu:
+            self.held[dev.id] = _Held(dev, conn, mine)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._beat, name="pyhv-claims",
+                                               daemon=True)  # fmt: skip
+                self.thread.start()
+        log.info("device %s: claimed (%s)", dev.id, redact(dev.uris[0]))
+
+    def release(self, dev_id: str) -> None:
+        """Let the device go: its record says released (best effort: a server
+        that cannot be reached keeps the record, which goes stale)."""
+        with self.mu:
+            h = self.held.pop(dev_id, None)
+        if h is None:
+            return
+        with h.lock:
+            try:
+                if h.conn is None or h.conn.dead:
+                    self._reconnect(h)
+                if not h.lost and h.conn is not None:
+                    write_record(h.conn, {**h.rec, "state": "released", "time": time.time()})
+            except OSError as e:
+                log.warning("device %s: claim not released (%s): it goes stale in %.0f s",
+                            dev_id, e, STALE)  # fmt: skip
+            if h.conn is not None:
+                h.conn.close()
+                h.conn = None
+
+    def close(self) -> None:
+        for dev_id in list(self.held):
+            self.release(dev_id)
+        self.stop.set()
+
+    def status(self, dev_id: str) -> dict | None:
+        h = self.held.get(dev_id)
+        if h is None:
+            return None
+        return {"beat": h.rec["beat"], "lost": h.lost}
+
+    def _reconnect(self, h: _Held) -> None:
+        if h.conn is not None:
+            h.conn.close()
+            h.conn = None
+        for uri in h.dev.uris:
+            try:
+                h.conn = NbdDevice(uri, h.dev.tls_psk, connect_s=1.0, deadline_s=2.0)
+                return
+            except OSError:
+                continue
+
+    def _beat(self) -> None:
+        while not self.stop.wait(BEAT):
+            with self.mu:
+                held = list(self.held.values())
+            for h in held:
+                with h.lock:
+                    if h.lost or h.dev.id not in self.held:
+                        continue
+                    try:
+                        if h.conn is None or h.conn.dead:
+                            self._reconnect(h)
+                        if h.conn is None:
+                            continue  # no path now: the next beat tries again
+                        rec = read_record(h.conn)
+                        if not rec or rec.get("nonce") != h.rec["nonce"]:
+                            h.lost = True
+                            log.error("device %s: its claim was taken by %s: this system no "
+                                      "longer holds the device", h.dev.id,
+                                      _holder(rec or {}))  # fmt: skip
+                            continue
+                        h.rec = {**h.rec, "beat": h.rec["beat"] + 1, "time": time.time()}
+                        write_record(h.conn, h.rec)
+                    except OSError as e:
+                        log.info("device %s: claim beat missed: %s", h.dev.id, e)
