@@ -111,10 +111,16 @@ def save(run_dir: str, partition: str, out_dir: str, progress: bool = True) -> d
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     _clear_partials(out.parent, out.name)
     devfd = srcfd = -1
+    nbd = None
     poisoned: list[int] = []
     bar = Progress(f"snapshot {partition}", pages, enabled=progress)
     try:
-        devfd = os.open(reply["device"], os.O_RDONLY)
+        if reply.get("nbd"):  # a device on an NBD server: read through a connection of our own
+            from pyhv.nbd import NbdDevice
+
+            nbd = NbdDevice(reply["nbd"]["uris"][0], reply["nbd"].get("tls_psk"))
+        else:
+            devfd = os.open(reply["device"], os.O_RDONLY)
         if reply.get("snapshot"):  # (restored from one: pages never touched are still there)
             srcfd = os.open(os.path.join(reply["snapshot"], "memory", "data.ninja"), os.O_RDONLY)
         partial.mkdir()
@@ -124,7 +130,10 @@ def save(run_dir: str, partition: str, out_dir: str, progress: bool = True) -> d
 
         def checked(fd: int, at: int, i: int, where: str) -> bytes:
             """A page at rest, which must match the CRC32 its table holds."""
-            data = os.pread(fd, PAGE_SIZE, at * PAGE_SIZE)
+            if fd == devfd and nbd is not None:
+                data = nbd.pread(PAGE_SIZE, at * PAGE_SIZE)
+            else:
+                data = os.pread(fd, PAGE_SIZE, at * PAGE_SIZE)
             if len(data) != PAGE_SIZE or zlib.crc32(data) != crcs[i]:
                 raise Fail(f"snapshot: page {i} of {partition} fails its CRC32 {where}; "
                            "nothing saved")  # fmt: skip
@@ -179,6 +188,8 @@ def save(run_dir: str, partition: str, out_dir: str, progress: bool = True) -> d
         raise
     finally:
         bar.close()
+        if nbd is not None:
+            nbd.close()
         for fd in (devfd, srcfd):
             if fd >= 0:
                 os.close(fd)

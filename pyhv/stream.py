@@ -125,14 +125,21 @@ class Stream:
             self.inflight[req.id] = req
 
     def answered(self, req: Request, status: int, count: int, data) -> None:
-        if self._failover is not None and not req.control:  # first served after failover
-            fo, self._failover = self._failover, None
-            fo["seconds"] = time.monotonic() - fo.pop("t0")
-            self.failovers.append(fo)
-            log.warning("partition %s: failover %s -> %s took %.1f ms, %d requests were in "
-                        "flight", self.name, fo["from"], fo["to"], fo["seconds"] * 1e3,
-                        fo["in_flight"])  # fmt: skip
+        if not req.control:  # the first request served after a failover ends it
+            self.failover_done()
         req.done(status, count, data)
+
+    def failover_done(self) -> None:
+        """A failover in progress is over (the other service answered, or the
+        stream flows there): record how long it took."""
+        if self._failover is None:
+            return
+        fo, self._failover = self._failover, None
+        fo["seconds"] = time.monotonic() - fo.pop("t0")
+        self.failovers.append(fo)
+        log.warning("partition %s: failover %s -> %s took %.1f ms, %d requests were in "
+                    "flight", self.name, fo["from"], fo["to"], fo["seconds"] * 1e3,
+                    fo["in_flight"])  # fmt: skip
 
     def take_back(self) -> list[Request]:
         """Unsent again: every in-flight request returns to the queue, oldest

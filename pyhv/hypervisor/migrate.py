@@ -22,7 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pyhv import wire
+from pyhv import nbd, wire
 from pyhv.config import ConfigError, PartitionConfig, check_metadata, parse_device, parse_partition
 from pyhv.hypervisor.partition import Partition
 from pyhv.hypervisor.vcp import Refused, named_partition, no_workers, writable
@@ -105,8 +105,10 @@ class MigrationRoom:
                     "partition": {"name": part.name, "memory": part.cfg.memory,
                                   "paging": part.cfg.paging, "isolation": part.cfg.isolation,
                                   "weight": part.cfg.weight, "snapshot": part.cfg.snapshot},
-                    "device": {"id": dev.id, "path": str(Path(dev.path).resolve()),
-                               "size": dev.size, "direct": dev.direct},
+                    "device": {"id": dev.id, "size": dev.size, "direct": dev.direct,
+                               "path": (dev.uris if len(dev.uris) > 1 else dev.uris[0])
+                               if dev.kind == "nbd" else str(Path(dev.path).resolve()),
+                               "tls_psk": dev.tls_psk, "io_timeout": dev.io_timeout},
                     "pages": part.pages, "working_set": part.working_set or []}  # fmt: skip
             try:
                 _write_dir(out, meta, state + slot + crc)
@@ -145,7 +147,8 @@ class MigrationRoom:
             if meta.get("format") != FORMAT or not isinstance(pages, int) or (
                     len(table) != 13 * pages):  # fmt: skip
                 raise ValueError("not a complete export")
-            if not isinstance(dv["path"], str) or not os.path.isabs(dv["path"]):
+            nbd_dev = isinstance(dv["path"], list) or nbd.is_uri(dv["path"])
+            if not nbd_dev and (not isinstance(dv["path"], str) or not os.path.isabs(dv["path"])):
                 raise ValueError("no device path")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise Refused(f"{d} is no pyhv export ({getattr(e, 'strerror', None) or e})") from None
@@ -154,7 +157,7 @@ class MigrationRoom:
             raise Refused(f"partition {name!r} exists already")
         services = [s for s in p.get("paging", []) if s in self.services] or [
             next(iter(self.services))]  # fmt: skip
-        if not os.path.exists(dv["path"]):
+        if not nbd_dev and not os.path.exists(dv["path"]):
             raise Refused(f"import of {d}: its device {dv['path']} cannot be reached from here")
         try:  # (every field as `partition add` would check it)
             entry = {k: p.get(k) for k in ("memory", "isolation", "weight", "snapshot")
@@ -165,13 +168,14 @@ class MigrationRoom:
                 raise ConfigError(f"its page table has {pages} pages, its memory "
                                   f"{pc['memory']} bytes")  # fmt: skip
             dev_id = dv.get("id") if dv.get("id") not in self.devices else f"{name}-dev"
+            extra = {k: dv[k] for k in ("tls_psk", "io_timeout") if dv.get(k) is not None}
             dev = parse_device({"id": dev_id, "path": dv["path"], "size": dv["size"],
-                                "services": services}, self.run_dir, list(self.services))
+                                "services": services, **extra}, self.run_dir,
+                               list(self.services))  # fmt: skip
             check_metadata(name, pc["memory"], dev.size)
         except (ConfigError, KeyError, TypeError, AttributeError) as e:
             raise Refused(f"import of {d}: {e}") from None
-        if any(os.path.realpath(x.path) == os.path.realpath(dev.path)
-               for x in self.devices.values()):  # fmt: skip
+        if any(x.identity == dev.identity for x in self.devices.values()):
             raise Refused(f"device {dev.path} is this system's already")
         self.lock_device(dev)  # refused while the exporting system holds it
         self.devices[dev.id] = dev

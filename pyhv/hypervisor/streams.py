@@ -119,6 +119,8 @@ class PagingServices:
             if stream.state == SUSPENDING:  # stopped while it opened: it stays stopped
                 return
             stream.set_state(ENABLED if stream.state == INVALID else RESUMED)
+            if stream.paths_lost:
+                stream.failover_done()  # (page-ins flow again: nothing else may ask soon)
             stream.pump()
 
         spec = dict(stream.device_spec)

@@ -83,6 +83,8 @@ class SuspendRoom:
             self.reply(conn, {"ok": True, "partition": part.name, "pages": part.pages,
                               "memory": part.cfg.memory, "state": part.state,
                               "device": str(part.device.path), "working_set": ws,
+                              "nbd": {"uris": part.device.uris, "tls_psk": part.device.tls_psk}
+                              if part.device.kind == "nbd" else None,
                               "snapshot": part.cfg.snapshot,
                               "table": base64.b64encode(zlib.compress(state + slot + crc, 1))
                               .decode()}, (part.memfd,))  # fmt: skip

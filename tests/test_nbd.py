@@ -1,0 +1,262 @@
+"""Paging devices on NBD servers, on real servers in real network namespaces:
+nbdkit (file plugin) and qemu-nbd on a host reached over veth links
+(pyhv.nbdhost), every page verified against the oracle; a path taken down
+under load, a server killed and started again, TLS with a pre-shared key,
+EIO from the server, io_timeout, the claim on an export, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import textwrap
+import time
+
+import pytest
+
+from conftest import PY, assert_one_line_error, finish, pyhv, reports
+
+from pyhv import nbd
+
+SIGBUS_EXIT = 128 + signal.SIGBUS
+
+pytestmark = pytest.mark.skipif(
+    not (nbd.available() and shutil.which("nbdkit") and shutil.which("ip") and os.geteuid() == 0),
+    reason="needs pyhv built with libnbd (libnbd-dev), nbdkit, iproute2 and root")
+
+
+@pytest.fixture
+def host(tmp_path):
+    from pyhv.nbdhost import StorageHost
+
+    hosts = []
+
+    def make(links=1):
+        h = StorageHost(links=links)
+        hosts.append(h)
+        return h
+
+    yield make
+    for h in hosts:
+        h.close()
+
+
+def image(tmp_path, name="pg.img", size=64 << 20) -> str:
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return str(path)
+
+
+def nbd_config(path, pool="4MiB", memory="16MiB", services=("vios1",), extra_dev="",
+               service_extra="") -> str:  # fmt: skip
+    svc = "".join(f'[[paging_service]]\nname = "{s}"\n{service_extra}\n' for s in services)
+    paths = json.dumps(path)
+    return textwrap.dedent(f"""
+        [pool]
+        size = "{pool}"
+        """) + svc + textwrap.dedent(f"""
+        [[device]]
+        id = "remote"
+        path = {paths}
+        services = {json.dumps(list(services))}
+        """) + extra_dev + textwrap.dedent(f"""
+        [[partition]]
+        name = "p1"
+        memory = "{memory}"
+        device = "remote"
+        paging = {json.dumps(list(services))}
+        """)  # fmt: skip
+
+
+def write_verify(system, generation=1, pages=None):
+    rc, out, err = finish(system.workload("p1", "write", "--generation", str(generation)))
+    assert rc == 0, err
+    rc, out, err = finish(system.workload("p1", "verify", "--generation", str(generation),
+                                          "--random"))  # fmt: skip
+    assert rc == 0, err
+    (rep,) = reports(out)
+    assert rep["mismatches"] == 0
+    if pages is not None:
+        assert rep["pages"] == pages
+    return rep
+
+
+def test_a_partition_paged_to_nbdkit_in_another_namespace(system, host, tmp_path):
+    h = host()
+    srv = h.nbdkit(["file", f"file={image(tmp_path)}"])
+    system.up(nbd_config(h.uri(srv)))
+    write_verify(system, pages=4096)
+    st = system.status()
+    p = st["partitions"][0]
+    assert p["page_outs"] >= 4096 - 1024 and p["page_ins"] > 2000  # 16 MiB through a 4 MiB pool
+    (dev,) = st["devices"]
+    assert dev["type"] == "nbd" and dev["claim"]["beat"] >= 1 and not dev["claim"]["lost"]
+    rows = json.loads(system.pyhv("device", "list", "--json").stdout)["devices"]
+    q = rows[0]["query"]
+    assert q["type"] == "nbd" and q["nbd"]["connections"] >= 1 and q["health"] == "ok"
+
+
+def test_a_partition_paged_to_qemu_nbd(system, host, tmp_path):
+    if not shutil.which("qemu-nbd"):
+        pytest.skip("qemu-nbd (Debian qemu-utils) missing")
+    h = host()
+    srv = h.qemu_nbd(image(tmp_path))
+    system.up(nbd_config(h.uri(srv)))
+    write_verify(system, generation=2, pages=4096)
+
+
+def test_the_active_path_goes_down_under_load_and_nothing_is_lost(system, host, tmp_path):
+    h = host(links=2)
+    srv = h.nbdkit(["file", f"file={image(tmp_path)}"])
+    paths = [h.uri(srv, link=0), h.uri(srv, link=1)]
+    system.up(nbd_config(paths, memory="32MiB", services=("vios1", "vios2"),
+                         service_extra="timeout = 2"))  # fmt: skip
+    assert finish(system.workload("p1", "write", "--generation", "3"))[0] == 0
+    reader = system.workload("p1", "verify", "--generation", "3", "--random")
+    system.wait_for(lambda st: st["partitions"][0]["page_ins"] > 300, "page-ins under way")
+    h.link_down(0)  # vios1's path: packets vanish, nothing is answered
+    taken = time.time()
+    rc, out, err = finish(reader)
+    assert rc == 0, err
+    assert reports(out)[0]["mismatches"] == 0
+    st = system.status()
+    s = next(x for svc in st["paging_services"] for x in svc["streams"] if x["partition"] == "p1")
+    assert s["service"] == "vios2" and s["paths_lost"] == 1
+    (fo,) = s["failovers"]
+    assert fo["from"] == "vios1" and fo["to"] == "vios2"
+    assert fo["at"] - taken < 2.0 + 1.0  # within the service's timeout (plus a poll)
+    assert next(v for v in st["paging_services"] if v["name"] == "vios1")["state"] == "running"
+    assert st["partitions"][0]["machine_checks"] == 0
+    # and what it wrote after the failover reads back too
+    h.link_up(0)
+    write_verify(system, generation=4)
+
+
+def test_a_server_that_dies_and_comes_back_is_reconnected(system, host, tmp_path):
+    h = host()
+    srv = h.nbdkit(["file", f"file={image(tmp_path)}"])
+    system.up(nbd_config(h.uri(srv), service_extra="timeout = 2"))
+    assert finish(system.workload("p1", "write", "--generation", "5"))[0] == 0
+    srv.kill()
+    reader = system.workload("p1", "verify", "--generation", "5", "--random")
+    system.wait_for(lambda st: st["partitions"][0]["stream"] == "SUSPENDED",
+                    "the stream waiting for a path")  # fmt: skip
+    time.sleep(1.0)
+    assert reader.poll() is None  # its fault waits, it does not fail
+    srv.restart()
+    rc, out, err = finish(reader)
+    assert rc == 0, err
+    assert reports(out)[0]["mismatches"] == 0
+    p = system.status()["partitions"][0]
+    assert p["stream"] in ("RESUMED", "ENABLED") and p["machine_checks"] == 0
+
+
+def test_io_timeout_makes_a_page_in_with_no_path_a_machine_check(system, host, tmp_path):
+    h = host()
+    srv = h.nbdkit(["file", f"file={image(tmp_path)}"])
+    system.up(nbd_config(h.uri(srv), extra_dev="io_timeout = 1\n",
+                         service_extra="timeout = 2"))  # fmt: skip
+    assert finish(system.workload("p1", "write", "--generation", "6"))[0] == 0
+    srv.kill()
+    t0 = time.monotonic()
+    rc, out, err = finish(system.workload("p1", "verify", "--generation", "6", "--random"),
+                          timeout=60)  # fmt: skip
+    assert rc == SIGBUS_EXIT, (rc, out, err)
+    assert "machine check" in err and "ETIMEDOUT" in err
+    assert time.monotonic() - t0 < 20
+    recs = json.loads(system.pyhv("errors", "--json").stdout)["errors"]
+    assert recs and recs[0]["error"] == "ETIMEDOUT" and recs[0]["device"] == "remote"
+
+
+def test_eio_from_the_server_on_a_page_in_is_a_machine_check(system, host, tmp_path):
+    h = host()
+    trigger = tmp_path / "reads-fail"
+    srv = h.nbdkit(["file", f"file={image(tmp_path)}", "error-pread=EIO",
+                    f"error-pread-file={trigger}", "error-pread-rate=100%"],
+                   filters=["error"])  # fmt: skip
+    system.up(nbd_config(h.uri(srv)))
+    assert finish(system.workload("p1", "write", "--generation", "7"))[0] == 0
+    trigger.touch()
+    rc, out, err = finish(system.workload("p1", "verify", "--generation", "7", "--random"))
+    assert rc == SIGBUS_EXIT, (rc, out, err)
+    assert "machine check" in err and "EIO" in err
+    st = system.status()
+    assert st["partitions"][0]["machine_checks"] >= 1
+    s = st["paging_services"][0]
+    assert s["state"] == "running" and s["streams"][0]["paths_lost"] == 0  # the path is fine
+    trigger.unlink()
+
+
+def test_tls_with_a_pre_shared_key(system, host, tmp_path):
+    from pyhv.nbdhost import make_psk
+
+    h = host()
+    key = make_psk(tmp_path / "server.psk")
+    srv = h.nbdkit(["file", f"file={image(tmp_path)}"], tls_psk=key)
+    uri = h.uri(srv, tls=True).split("?")[0]  # (the key: tls_psk, not the URI)
+    cfg = nbd_config(uri, extra_dev=f'tls_psk = "{key}"\n')
+    # the wrong key, and no TLS at all, are refused at `up` in one line
+    wrong = make_psk(tmp_path / "wrong.psk")
+    (tmp_path / "bad.toml").write_text(nbd_config(uri, extra_dev=f'tls_psk = "{wrong}"\n'))
+    p = pyhv("up", "-c", tmp_path / "bad.toml", "--run-dir", tmp_path / "bad", "--detach")
+    assert_one_line_error(p, "remote")
+    (tmp_path / "plain.toml").write_text(nbd_config(h.uri(srv)))
+    p = pyhv("up", "-c", tmp_path / "plain.toml", "--run-dir", tmp_path / "plain", "--detach")
+    assert_one_line_error(p, "remote")
+    system.up(cfg)
+    write_verify(system, generation=8, pages=4096)
+    rows = json.loads(system.pyhv("device", "list", "--json").stdout)["devices"]
+    assert rows[0]["query"]["nbd"]["tls"] is True
+
+
+def test_a_second_system_cannot_take_a_claimed_export(system, host, tmp_path):
+    h = host()
+    srv = h.nbdkit(["file", f"file={image(tmp_path)}"])
+    system.up(nbd_config(h.uri(srv)))
+    other = tmp_path / "other.toml"
+    other.write_text(nbd_config(h.uri(srv)))
+    p = pyhv("up", "-c", other, "--run-dir", tmp_path / "other", "--detach")
+    assert_one_line_error(p, "remote", "in use by", str(system.run_dir))
+    p = pyhv("device", "add", "again", h.uri(srv), "--run-dir", system.run_dir)
+    assert p.returncode == 2, p.stderr
+    system.down()  # its claim is released: another system may page there now
+    p = pyhv("up", "-c", other, "--run-dir", tmp_path / "other", "--detach")
+    try:
+        assert p.returncode == 0, p.stderr
+    finally:
+        pyhv("shutdown", "--run-dir", tmp_path / "other")
+
+
+def test_bad_nbd_devices_are_refused_in_one_line(system, host, tmp_path):
+    h = host()
+    srv = h.nbdkit(["memory", "size=8M"])
+    system.up(nbd_config(h.uri(srv), memory="4MiB", pool="1MiB"))
+    run = ["--run-dir", system.run_dir]
+    for args, words in [
+        (["bad", "nbd://"], ["no NBD URI"]),
+        (["bad", "nbd://host:99999/x"], ["no NBD URI"]),
+        (["bad", "nbd+unix:///x"], ["socket=PATH"]),
+        (["bad", "ftp://host/x"], ["scheme"]),
+        (["bad", f"nbd://{h.addresses[0]}:1/x"], ["bad", "refused"]),
+        (["bad", h.uri(srv), h.uri(srv)], ["2 paths for 1 services"]),
+        (["bad", h.uri(srv), "--tls-psk", "/nonexistent"], ["tls_psk"]),
+    ]:
+        p = pyhv("device", "add", *args, *run)
+        assert_one_line_error(p, *words)
+    devs = json.loads(system.pyhv("device", "list", "--json").stdout)["devices"]
+    assert [d["id"] for d in devs] == ["remote"]  # nothing changed
+    # an export smaller than the partition, at up
+    small = h.nbdkit(["memory", "size=1M"], port=10811)
+    (tmp_path / "small.toml").write_text(nbd_config(h.uri(small), memory="4MiB", pool="1MiB"))
+    p = pyhv("up", "-c", tmp_path / "small.toml", "--run-dir", tmp_path / "small", "--detach")
+    assert_one_line_error(p, "smaller than its memory")
+    # an unreachable server at up (an address nobody answers on: no hang past the connect timeout)
+    h.link_down(0)
+    t0 = time.monotonic()
+    (tmp_path / "gone.toml").write_text(nbd_config(h.uri(small), memory="512KiB", pool="1MiB"))
+    p = pyhv("up", "-c", tmp_path / "gone.toml", "--run-dir", tmp_path / "gone", "--detach")
+    assert_one_line_error(p, "remote")
+    assert time.monotonic() - t0 < nbd.CONNECT_S + 10
+    assert PY  # (the interpreter the tests run pyhv with)
