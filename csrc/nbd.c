@@ -32,6 +32,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -59,6 +60,9 @@ struct op { /* one call: one or more NBD commands */
 struct pyhv_nbd {
 	int nconn;
 	struct nbd_handle *h[PYHV_NBD_MAX_CONNS];
+	/* a dup of each connection's socket: polled, and shut down to end a
+	 * path, with no fear of a number libnbd closed (it does, once the
+	 * connection is dead) and the process reused */
 	int fd[PYHV_NBD_MAX_CONNS];
 	unsigned rr;
 	pthread_t poller;
@@ -241,8 +245,14 @@ struct pyhv_nbd *pyhv_nbd_open(const char *uri, const char *psk_file, int conns,
 		n->nconn++;
 	}
 	n->info.conns = n->nconn;
-	for (int i = 0; i < n->nconn; i++)
-		n->fd[i] = nbd_aio_get_fd(n->h[i]);
+	for (int i = 0; i < n->nconn; i++) {
+		int fd = nbd_aio_get_fd(n->h[i]);
+		n->fd[i] = fd < 0 ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 0);
+		if (n->fd[i] < 0) {
+			say(why, whylen, strerror(fd < 0 ? EBADF : errno));
+			goto fail;
+		}
+	}
 	n->wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (n->wake < 0) {
 		say(why, whylen, strerror(errno));
@@ -272,8 +282,11 @@ void pyhv_nbd_close(struct pyhv_nbd *n)
 		}
 		pthread_join(n->poller, NULL);
 	}
-	for (int i = 0; i < n->nconn; i++)
+	for (int i = 0; i < n->nconn; i++) {
 		nbd_close(n->h[i]); /* (nobody calls in any more: the caller's contract) */
+		if (n->fd[i] >= 0)
+			close(n->fd[i]);
+	}
 	if (n->wake >= 0)
 		close(n->wake);
 	pthread_mutex_destroy(&n->mu);
@@ -350,9 +363,14 @@ static void issued(struct pyhv_nbd *n, struct op *o, struct nbd_handle *h, int64
 {
 	if (cookie == -1) {
 		int e = nbd_get_errno();
+		/* on a connection that died under us libnbd says EINVAL ("invalid
+		 * state: DEAD"): that is the path, not the request */
+		int dead = nbd_aio_is_dead(h) || nbd_aio_is_closed(h);
 		pthread_mutex_lock(&n->mu);
 		if (!o->err)
 			o->err = e ? e : EIO;
+		if (dead)
+			lose_path(n, "the connection closed");
 		pthread_mutex_unlock(&n->mu);
 		return;
 	}

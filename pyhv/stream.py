@@ -309,7 +309,8 @@ class ServiceLink:
             stream, req = entry
             if stream.inflight.pop(rid, None) is None and not req.control:
                 continue  # taken back from this service meanwhile: answered elsewhere
-            if status == -errno.ENOTCONN and req.op != wire.OP_OPEN and stream.service is self:
+            if (status == -errno.ENOTCONN and req.op != wire.OP_OPEN and stream.service is self
+                    and not self.hv.stopping):  # (stopping: it ends as it is)
                 if not req.control:  # sent again with the rest, on the next path
                     stream.inflight[rid] = req
                 self.hv.path_lost(stream, self, f"{wire.OP_NAMES.get(req.op, req.op)} "

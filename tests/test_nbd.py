@@ -83,7 +83,7 @@ def write_verify(system, generation=1, pages=None):
     return rep
 
 
-def test_a_partition_paged_to_nbdkit_in_another_namespace(system, host, tmp_path):
+def test_a_partition_paged_to_nbdkit_in_another_namespace(host, system, tmp_path):
     h = host()
     srv = h.nbdkit(["file", f"file={image(tmp_path)}"])
     system.up(nbd_config(h.uri(srv)))
@@ -98,7 +98,7 @@ def test_a_partition_paged_to_nbdkit_in_another_namespace(system, host, tmp_path
     assert q["type"] == "nbd" and q["nbd"]["connections"] >= 1 and q["health"] == "ok"
 
 
-def test_a_partition_paged_to_qemu_nbd(system, host, tmp_path):
+def test_a_partition_paged_to_qemu_nbd(host, system, tmp_path):
     if not shutil.which("qemu-nbd"):
         pytest.skip("qemu-nbd (Debian qemu-utils) missing")
     h = host()
@@ -107,7 +107,7 @@ def test_a_partition_paged_to_qemu_nbd(system, host, tmp_path):
     write_verify(system, generation=2, pages=4096)
 
 
-def test_the_active_path_goes_down_under_load_and_nothing_is_lost(system, host, tmp_path):
+def test_the_active_path_goes_down_under_load_and_nothing_is_lost(host, system, tmp_path):
     h = host(links=2)
     srv = h.nbdkit(["file", f"file={image(tmp_path)}"])
     paths = [h.uri(srv, link=0), h.uri(srv, link=1)]
@@ -134,7 +134,7 @@ def test_the_active_path_goes_down_under_load_and_nothing_is_lost(system, host, 
     write_verify(system, generation=4)
 
 
-def test_a_server_that_dies_and_comes_back_is_reconnected(system, host, tmp_path):
+def test_a_server_that_dies_and_comes_back_is_reconnected(host, system, tmp_path):
     h = host()
     srv = h.nbdkit(["file", f"file={image(tmp_path)}"])
     system.up(nbd_config(h.uri(srv), service_extra="timeout = 2"))
@@ -153,7 +153,7 @@ def test_a_server_that_dies_and_comes_back_is_reconnected(system, host, tmp_path
     assert p["stream"] in ("RESUMED", "ENABLED") and p["machine_checks"] == 0
 
 
-def test_io_timeout_makes_a_page_in_with_no_path_a_machine_check(system, host, tmp_path):
+def test_io_timeout_makes_a_page_in_with_no_path_a_machine_check(host, system, tmp_path):
     h = host()
     srv = h.nbdkit(["file", f"file={image(tmp_path)}"])
     system.up(nbd_config(h.uri(srv), extra_dev="io_timeout = 1\n",
@@ -170,7 +170,7 @@ def test_io_timeout_makes_a_page_in_with_no_path_a_machine_check(system, host, t
     assert recs and recs[0]["error"] == "ETIMEDOUT" and recs[0]["device"] == "remote"
 
 
-def test_eio_from_the_server_on_a_page_in_is_a_machine_check(system, host, tmp_path):
+def test_eio_from_the_server_on_a_page_in_is_a_machine_check(host, system, tmp_path):
     h = host()
     trigger = tmp_path / "reads-fail"
     srv = h.nbdkit(["file", f"file={image(tmp_path)}", "error-pread=EIO",
@@ -189,7 +189,7 @@ def test_eio_from_the_server_on_a_page_in_is_a_machine_check(system, host, tmp_p
     trigger.unlink()
 
 
-def test_tls_with_a_pre_shared_key(system, host, tmp_path):
+def test_tls_with_a_pre_shared_key(host, system, tmp_path):
     from pyhv.nbdhost import make_psk
 
     h = host()
@@ -211,7 +211,7 @@ def test_tls_with_a_pre_shared_key(system, host, tmp_path):
     assert rows[0]["query"]["nbd"]["tls"] is True
 
 
-def test_a_second_system_cannot_take_a_claimed_export(system, host, tmp_path):
+def test_a_second_system_cannot_take_a_claimed_export(host, system, tmp_path):
     h = host()
     srv = h.nbdkit(["file", f"file={image(tmp_path)}"])
     system.up(nbd_config(h.uri(srv)))
@@ -229,7 +229,7 @@ def test_a_second_system_cannot_take_a_claimed_export(system, host, tmp_path):
         pyhv("shutdown", "--run-dir", tmp_path / "other")
 
 
-def test_bad_nbd_devices_are_refused_in_one_line(system, host, tmp_path):
+def test_bad_nbd_devices_are_refused_in_one_line(host, system, tmp_path):
     h = host()
     srv = h.nbdkit(["memory", "size=8M"])
     system.up(nbd_config(h.uri(srv), memory="4MiB", pool="1MiB"))
