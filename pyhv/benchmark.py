@@ -60,7 +60,14 @@ directory (removed at the end):
    lines of their own below the table.  It runs last (after ``--scale``):
    its files modes read the most, and disturb what follows.
 
-``only``: the workloads named (of ``NAMES``), the C floor always.
+6. **NBD** (``pyhv.bench_nbd``): the random and sequential workloads with
+   the partition's device local (the loop device above) and on nbdkit
+   serving its image file from a network namespace, at 0, 100 µs and 1 ms
+   of added latency; every page read back and checked.  In full runs and
+   ``only``, not in ``quick`` (nor is ``lifecycle``, ``pyhv.bench_lifecycle``).
+
+``only``: the workloads named (of ``NAMES``), the C floor always; the kernel
+swap is set up only for workloads that use it.
 
 Every touch is timed on its own as well (``perf_counter_ns`` around it, on
 both sides alike; the workload's time is the whole loop, these included).
@@ -96,7 +103,8 @@ INTERPRETER = 8 * MiB  # the cgroup's allowance for the Python interpreter
 DEVICE = 2 * MEMORY  # the paging device, the same size for both: kernel swap and pyhv
 WORKLOADS = ("random", "sequential", "scattered", "zipf")
 DATASET = 48 * MiB  # the dataset workload's samples in all (quick: half), pyhv.bench_dataset
-NAMES = (*WORKLOADS, "dataset", "lifecycle")  # what --only may name (lifecycle: not in --quick)
+NAMES = (*WORKLOADS, "dataset", "lifecycle", "nbd")  # what --only may name
+NOT_QUICK = ("lifecycle", "nbd")  # in full runs and --only, not in --quick
 ROWS = ("fill", *NAMES)  # fill: the random workload's first write of every page
 SEED = 5
 CGROUP_PREFIX = "pyhv-bench-"
@@ -163,7 +171,38 @@ def _pyhv_counters() -> dict:
     keys = ("faults", "first_touches", "page_ins", "page_outs", "clean_drops", "wp_faults",
             "minor_faults", "prefetched", "advised", "io_errors", "machine_checks",
             "resident_pages")  # fmt: skip
-    return {k: part.get(k, 0) for k in keys}
+    out = {k: part.get(k, 0) for k in keys}
+    # the fault engine's, of the whole pool (one partition in the bench's systems): READs sent
+    # and answered, their round trips summed, faults that waited for a page-in and how long
+    eng = st["pool"].get("engine", {})
+    out.update({k: eng.get(k, 0) for k in ENGINE_KEYS})
+    return out
+
+
+ENGINE_KEYS = ("reads_sent", "reads_done", "read_rtt_ns", "page_in_waits", "page_in_wait_ns")
+
+
+def _expected(offs: list[int], extra: list[int]) -> dict[int, dict[int, int]]:
+    """What the touches (and the scattered workload's writes) add to each byte
+    they touch, by page: {page: {offset: increments}}."""
+    out: dict[int, dict[int, int]] = {}
+    for off in (*extra, *offs):
+        d = out.setdefault(off // PAGE, {})
+        d[off] = d.get(off, 0) + 1
+    return out
+
+
+def _verify(view, npages: int, touched: dict[int, dict[int, int]]) -> tuple[int, int]:
+    """Every page read back in page order (not timed): its first byte as the
+    fill wrote it and every byte the touches incremented, each incremented as
+    often as it was touched.  (pages verified, pages that did not match)"""
+    bad = 0
+    for p in range(npages):
+        want = {p * PAGE: (p % 255) + 1}
+        for off, n in touched.get(p, {}).items():
+            want[off] = (want.get(off, 0) + n) & 0xFF
+        bad += any(view[off] != v for off, v in want.items())
+    return npages, bad
 
 
 def _cgroup_charge() -> int | None:
@@ -187,6 +226,8 @@ def workload_main(argv: list[str]) -> int:
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--samples", action="store_true", help="print every touch's latency (ns)")
+    ap.add_argument("--verify", action="store_true",
+                    help="then read every page back and check what the fill and touches wrote")
     ap.add_argument("--data", help="dataset: the directory pyhv.bench_dataset.make filled")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
@@ -226,11 +267,13 @@ def workload_main(argv: list[str]) -> int:
     if fill0 is not None:
         fill1 = _pyhv_counters()
         fill["counters"] = {k: fill1[k] - fill0[k] for k in fill1 if k != "resident_pages"}
+    scatter = []
     if args.name == "scattered":  # random writes move the pages to scattered slots
         rng = random.Random(args.seed + 1)
         for _ in range(args.touches):
             off = rng.randrange(npages) * PAGE
             view[off] = (view[off] + 1) & 0xFF
+            scatter.append(off)
 
     before = _pyhv_counters() if args.mode == "pyhv" else None
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -262,6 +305,8 @@ def workload_main(argv: list[str]) -> int:
     out.update(_latency_summary(lat, out["page_ins"]))
     if args.samples:
         out["samples_ns"] = lat
+    if args.verify:
+        out["verified"], out["mismatches"] = _verify(view, npages, _expected(offs, scatter))
     view.release()
     if args.mode == "pyhv":
         pyhv.detach(mem)
@@ -351,6 +396,8 @@ def _workload_cmd(name: str, mode: str, p: dict, samples: bool) -> list[str]:
                          "--seed", str(p["seed"]))  # fmt: skip
     if samples:
         cmd.append("--samples")
+    if p.get("verify"):
+        cmd.append("--verify")
     return cmd
 
 
@@ -769,22 +816,26 @@ def run(quick: bool = False, json_file: str | None = None, plot_file: str | None
         only: list[str] | None = None) -> dict:  # fmt: skip
     """Run the whole comparison (or the workloads `only` names, of NAMES);
     returns the result dict (see format_table)."""
-    from pyhv import bench_dataset
+    from pyhv import bench_dataset, bench_nbd
     from pyhv.progress import Progress
 
     if plot_file:
         _need_matplotlib()  # fail before minutes of measuring, not after
-    names = [n for n in NAMES if (n in only if only else not (quick and n == "lifecycle"))]
+    names = [n for n in NAMES if (n in only if only else not (quick and n in NOT_QUICK))]
     if only and (set(only) - set(NAMES) or not names):
         raise BenchError(f"--only: choose among {', '.join(NAMES)}")
     no_dataset = bench_dataset.unavailable() if "dataset" in names else None
     if no_dataset and only:
         raise BenchError(f"the dataset workload {no_dataset}")
+    no_nbd = bench_nbd.unavailable() if "nbd" in names else None
+    if no_nbd and only:
+        raise BenchError(f"the nbd rows: {no_nbd}")
     workloads = [n for n in names if n in WORKLOADS]
     p = params(quick)
     steps = (2 + 2 * len(workloads) + 1 + (1 if plot_file else 0) + (1 if scale else 0)
              + (1 + len(bench_dataset.MODES) if "dataset" in names else 0)
-             + (1 if "lifecycle" in names else 0))  # fmt: skip
+             + (1 if "lifecycle" in names else 0)
+             + (bench_nbd.STEPS if "nbd" in names and not no_nbd else 0))  # fmt: skip
     bar = Progress("pyhv bench", steps, enabled=progress)
     started = time.time()
     result: dict = {
@@ -818,11 +869,15 @@ def run(quick: bool = False, json_file: str | None = None, plot_file: str | None
             samples["C floor first touch (ZEROPAGE)"] = fl["first_touch_ns"]
             bar.advance(1)
 
-            try:
-                kswap = KernelSwap(tmpdir)
-                result["kernel_swap"] = {"available": True, "skipped": None, **kswap.info}
-            except BenchError as e:
-                result["kernel_swap"] = {"available": False, "skipped": str(e)}
+            if not workloads and "dataset" not in names:
+                result["kernel_swap"] = {"available": False, "skipped": "not used by "
+                                         + ", ".join(names)}  # fmt: skip
+            else:
+                try:
+                    kswap = KernelSwap(tmpdir)
+                    result["kernel_swap"] = {"available": True, "skipped": None, **kswap.info}
+                except BenchError as e:
+                    result["kernel_swap"] = {"available": False, "skipped": str(e)}
             loop = LoopDevice(os.path.join(tmpdir, "pyhv-dev.img"), DEVICE)
             result["pyhv_device"] = {"device": loop.dev, "direct_io": loop.direct_io,
                                      "size_bytes": DEVICE}  # fmt: skip
@@ -858,6 +913,11 @@ def run(quick: bool = False, json_file: str | None = None, plot_file: str | None
                             if row.get(side)}  # fmt: skip
                     fill["touches"] = next((f["touches"] for f in fill.values()), None)
                     result["workloads"]["fill"] = _row(fill, result["c_floor"])
+            if "nbd" in names and no_nbd:
+                result["nbd"] = {"skipped": no_nbd}
+            elif "nbd" in names:  # the device on an NBD server (pyhv.bench_nbd); before the
+                # scale and dataset runs, which leave the disk busy behind them
+                result["nbd"] = bench_nbd.run_nbd(tmpdir, p, loop, result["errors"], bar.advance)
             if scale:
                 try:
                     sc = run_scale(tmpdir, p)
@@ -1022,6 +1082,7 @@ def format_table(result: dict) -> str:
     p = result["params"]
     sizes = (f"{p['memory'] // MiB} MiB per workload" if set(result["workloads"]) - {"dataset"}
              else "the dataset workload")  # fmt: skip
+    table = bool(result["workloads"])  # (not with --only lifecycle or nbd alone)
     lines = [
         f"pyhv bench{' --quick' if result['quick'] else ''}: {sizes}, pyhv pool "
         f"{p['pool_bytes'] // MiB} MiB vs kernel swap in a {p['cgroup_limit_bytes'] // MiB} MiB "
@@ -1029,7 +1090,8 @@ def format_table(result: dict) -> str:
         "",
         f"{'workload':<12}{'touches':>9}{'pyhv':>11}{'kernel swap':>13}{'ratio':>8}"
         f"{'C floor*':>11}{'ctxt/miss**':>14}",
-    ]  # fmt: skip
+    ] if table else [f"pyhv bench{' --quick' if result['quick'] else ''}: "
+                     + ", ".join(n for n in ("nbd", "lifecycle") if n in result)]  # fmt: skip
     for name, w in result["workloads"].items():
         ratio = "-" if w["ratio"] is None else f"{w['ratio']:.2f}x"
         cs = "/".join("-" if w.get(f"{side}_ctxt_per_miss") is None
@@ -1050,10 +1112,11 @@ def format_table(result: dict) -> str:
         if w and w.get("fault_p50_us") is not None:
             lines.append(f"{label} page-in fault (random, slowest {w['fault_samples']} touches "
                          f"= page-ins): p50 {w['fault_p50_us']} us, p99 {w['fault_p99_us']} us")
-    lines.append("* C floor: the touch phase's page-ins (and first touches) under pyhv times "
-                 "the C handler's median; no write-back.")  # fmt: skip
-    lines.append("** context switches of the whole machine per page-in (fill: per page), "
-                 "pyhv/kernel swap")  # fmt: skip
+    if table:
+        lines.append("* C floor: the touch phase's page-ins (and first touches) under pyhv "
+                     "times the C handler's median; no write-back.")  # fmt: skip
+        lines.append("** context switches of the whole machine per page-in (fill: per page), "
+                     "pyhv/kernel swap")  # fmt: skip
     ks = result["kernel_swap"]
     k = result["workloads"].get("random", {}).get("kernel_swap") or {}
     if k.get("interpreter_charge_bytes") is not None:
@@ -1079,11 +1142,15 @@ def format_table(result: dict) -> str:
         from pyhv import bench_dataset
 
         lines.extend(bench_dataset.format_block(result["dataset"], ks.get("limit_bytes")))
+    if "nbd" in result:
+        from pyhv import bench_nbd
+
+        lines.extend(bench_nbd.format_lines(result["nbd"]))
     if "lifecycle" in result:
         from pyhv.bench_lifecycle import format_lines
 
         lines.extend(format_lines(result["lifecycle"]))
-    if not ks.get("available"):
+    if not ks.get("available") and table:
         lines.append(f"kernel swap skipped: {ks.get('skipped')}")
     for e in result.get("errors", []):
         lines.append(f"error: {e.splitlines()[0] if e else e}")
