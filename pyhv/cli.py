@@ -598,8 +598,8 @@ def build_parser() -> Parser:
                    "in a 1 GiB pool on a sparse device (minutes, ~16 GiB of disk)")  # fmt: skip
     p.add_argument("--only", metavar="NAMES", type=_bench_names,
                    help="these workloads alone, comma-separated: random, sequential, "
-                   "scattered, zipf, dataset, lifecycle (suspend, resume, snapshots; not in "
-                   "--quick)")  # fmt: skip
+                   "scattered, zipf, dataset, lifecycle (suspend, resume, snapshots), nbd "
+                   "(the device on an NBD server; these two not in --quick)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="run a small system on an embedded config")
