@@ -1841,9 +1841,11 @@ static void take_back(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_e
 }
 
 /* [[device]] io_timeout: page-ins of the partition that have waited for a
- * path (queued, not on any service) longer than max_age_ns fail: each page
- * becomes a READ_FAILED event (ETIMEDOUT), which Python turns into a
- * machine check.  Returns how many pages. */
+ * path (queued, not on any service) longer than max_age_ns end.  A page a
+ * fault waits on becomes a READ_FAILED event (ETIMEDOUT), which Python turns
+ * into a machine check; a page read ahead, which nobody waits on, only goes
+ * back to rest (on the device, its frame to the pool): it is not lost, a
+ * later fault reads it.  Returns how many pages failed. */
 int64_t pyhv_eng_expire_reads(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t max_age_ns)
 {
 	pthread_mutex_lock(&e->mu);
@@ -1859,11 +1861,21 @@ int64_t pyhv_eng_expire_reads(struct pyhv_eng *e, struct pyhv_eng_part *p, uint6
 		}
 		*at = r->next;
 		p->queued--;
+		uint64_t rested = 0;
 		for (uint32_t k = 0; k < r->n; k++) {
-			p->c.read_errors++;
-			post(e, PYHV_EV_READ_FAILED, ETIMEDOUT, p, r->first + k, 0);
+			uint64_t page = r->first + k;
+			struct pending *x = pending_find(e, p, page);
+			if (x && x->head) {
+				p->c.read_errors++;
+				post(e, PYHV_EV_READ_FAILED, ETIMEDOUT, p, page, 0);
+				pages++;
+			} else {
+				pending_free(e, pending_take(e, p, page));
+				p->state[page] = at_rest(p, page);
+				rested++;
+			}
 		}
-		pages += r->n;
+		release_frames(e, rested);
 		e->g.reads_expired++;
 		free(r);
 	}

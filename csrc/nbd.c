@@ -90,40 +90,104 @@ static void say(char *why, size_t len, const char *what)
 		snprintf(why, len, "%s", what && *what ? what : "unknown libnbd error");
 }
 
-/* Connected and through the handshake within timeout_ms, or NULL and why. */
-static struct nbd_handle *connect_one(const char *uri, const char *psk, int timeout_ms, char *why,
-				      size_t len)
+/* A handle set up to connect (not connected yet), or NULL and why. */
+static struct nbd_handle *start_one(const char *uri, const char *psk, char *why, size_t len,
+				    int *err)
 {
 	struct nbd_handle *h = nbd_create();
-	if (!h) {
-		say(why, len, nbd_get_error());
-		return NULL;
-	}
+	if (!h)
+		goto fail;
 	nbd_set_pread_initialize(h, false); /* the pages are ours to fill: no memset first */
 	nbd_set_uri_allow_local_file(h, true); /* ?tls-psk-file= in the URI (root's config) */
 	if (psk && *psk && nbd_set_tls_psk_file(h, psk) == -1)
 		goto fail;
 	if (nbd_aio_connect_uri(h, uri) == -1)
 		goto fail;
-	uint64_t end = now_ns() + (uint64_t)timeout_ms * 1000000u;
-	while (!nbd_aio_is_ready(h)) {
-		if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h))
-			goto fail;
-		uint64_t t = now_ns();
-		if (t >= end) {
-			snprintf(why, len, "no answer within %.1f s", timeout_ms / 1000.0);
-			nbd_close(h);
-			return NULL;
-		}
-		int left = (int)((end - t) / 1000000u) + 1;
-		if (nbd_poll(h, left) == -1)
-			goto fail;
-	}
 	return h;
 fail:
+	*err = nbd_get_errno() ? nbd_get_errno() : EIO;
 	say(why, len, nbd_get_error());
 	nbd_close(h);
 	return NULL;
+}
+
+/* Drive handles h[0..k-1] through connect and handshake together, within
+ * timeout_ms in all.  Returns how many are ready, in h[0..] (the others are
+ * closed); h[0]'s failure (or the timeout) is said in why. */
+static int connect_all(struct nbd_handle **h, int k, int timeout_ms, char *why, size_t len,
+		       int *err)
+{
+	uint64_t end = now_ns() + (uint64_t)timeout_ms * 1000000u;
+	int failed[PYHV_NBD_MAX_CONNS] = {0};
+	for (;;) {
+		struct pollfd pfd[PYHV_NBD_MAX_CONNS];
+		int waiting = 0;
+		for (int i = 0; i < k; i++) {
+			pfd[i] = (struct pollfd){-1, 0, 0};
+			if (failed[i] || nbd_aio_is_ready(h[i]))
+				continue;
+			if (nbd_aio_is_dead(h[i]) || nbd_aio_is_closed(h[i])) {
+				if (i == 0) {
+					*err = nbd_get_errno() ? nbd_get_errno() : ECONNREFUSED;
+					say(why, len, nbd_get_error());
+				}
+				failed[i] = 1;
+				continue;
+			}
+			unsigned dir = nbd_aio_get_direction(h[i]);
+			pfd[i].fd = nbd_aio_get_fd(h[i]);
+			pfd[i].events = (dir & LIBNBD_AIO_DIRECTION_READ ? POLLIN : 0) |
+					(dir & LIBNBD_AIO_DIRECTION_WRITE ? POLLOUT : 0);
+			waiting++;
+		}
+		uint64_t t = now_ns();
+		if (!waiting)
+			break;
+		if (t >= end) {
+			for (int i = 0; i < k; i++)
+				if (pfd[i].fd >= 0) {
+					failed[i] = 1;
+					if (i == 0) {
+						*err = ETIMEDOUT;
+						snprintf(why, len, "no answer within %.1f s",
+							 timeout_ms / 1000.0);
+					}
+				}
+			break;
+		}
+		int r = poll(pfd, (nfds_t)k, (int)((end - t) / 1000000u) + 1);
+		if (r < 0 && errno != EINTR) {
+			*err = errno;
+			say(why, len, strerror(errno));
+			return 0;
+		}
+		for (int i = 0; i < k; i++) {
+			if (pfd[i].fd < 0 || !pfd[i].revents)
+				continue;
+			int bad = pfd[i].revents & (POLLIN | POLLHUP | POLLERR)
+					  ? nbd_aio_notify_read(h[i]) == -1
+					  : nbd_aio_notify_write(h[i]) == -1;
+			if (bad) {
+				if (i == 0) {
+					*err = nbd_get_errno() ? nbd_get_errno() : ECONNREFUSED;
+					say(why, len, nbd_get_error());
+				}
+				failed[i] = 1;
+			}
+		}
+	}
+	if (failed[0])
+		return 0;
+	int ready = 0;
+	for (int i = 0; i < k; i++) {
+		if (failed[i]) {
+			nbd_close(h[i]);
+			h[i] = NULL;
+		} else {
+			h[ready++] = h[i];
+		}
+	}
+	return ready;
 }
 
 static void lose_path(struct pyhv_nbd *n, const char *why)
@@ -133,9 +197,27 @@ static void lose_path(struct pyhv_nbd *n, const char *why)
 		return;
 	n->dead = 1;
 	say(n->why, sizeof(n->why), why);
-	for (int i = 0; i < n->nconn; i++)
-		if (n->fd[i] >= 0)
-			shutdown(n->fd[i], SHUT_RDWR); /* libnbd sees end-of-file and fails what is in flight */
+	for (int i = 0; i < n->nconn; i++) {
+		if (n->fd[i] < 0)
+			continue;
+		/* abort, not close: connect(AF_UNSPEC) drops what is still in the
+		 * socket's send queue, which TCP would otherwise deliver when the
+		 * link comes back, a WRITE landing after the other path wrote the
+		 * slot anew.  Then libnbd sees end-of-file and fails what is in
+		 * flight. */
+		struct sockaddr sa = {.sa_family = AF_UNSPEC};
+		if (connect(n->fd[i], &sa, sizeof(sa)) < 0) { /* (not every socket can) */
+		}
+		shutdown(n->fd[i], SHUT_RDWR);
+	}
+}
+
+/* Errors that say the connection is going, not that the device failed:
+ * nbdkit answers ESHUTDOWN to what is in flight while it stops. */
+static int path_error(int err)
+{
+	return err == ENOTCONN || err == ESHUTDOWN || err == ECONNRESET || err == EPIPE ||
+	       err == ECONNABORTED || err == ETIMEDOUT;
 }
 
 static void *poller(void *arg)
@@ -174,8 +256,13 @@ static void *poller(void *arg)
 		if (timeout > 100 || timeout < 0)
 			timeout = n->deadline_ns ? 100 : -1;
 		int r = poll(pfd, (nfds_t)k + 1, timeout);
-		if (r < 0 && errno != EINTR)
-			break;
+		if (r < 0 && errno != EINTR) { /* (ENOMEM): nothing can be driven any more */
+			pthread_mutex_lock(&n->mu);
+			lose_path(n, strerror(errno));
+			pthread_mutex_unlock(&n->mu);
+			usleep(10000);
+			continue;
+		}
 		if (r <= 0)
 			continue;
 		if (pfd[k].revents & POLLIN) {
@@ -204,10 +291,12 @@ static void *poller(void *arg)
 }
 
 struct pyhv_nbd *pyhv_nbd_open(const char *uri, const char *psk_file, int conns, int connect_ms,
-			       int deadline_ms, char *why, size_t whylen)
+			       int deadline_ms, char *why, size_t whylen, int *err)
 {
+	*err = 0;
 	struct pyhv_nbd *n = calloc(1, sizeof(*n));
 	if (!n) {
+		*err = ENOMEM;
 		say(why, whylen, strerror(ENOMEM));
 		return NULL;
 	}
@@ -221,10 +310,27 @@ struct pyhv_nbd *pyhv_nbd_open(const char *uri, const char *psk_file, int conns,
 		conns = 1;
 	if (conns > PYHV_NBD_MAX_CONNS)
 		conns = PYHV_NBD_MAX_CONNS;
-	n->h[0] = connect_one(uri, psk_file, connect_ms, why, whylen);
-	if (!n->h[0])
+	/* every connection at once, within connect_ms in all; the server says
+	 * only afterwards whether it allows more than one (multi-conn): the
+	 * extra ones are closed if not */
+	int k = 0;
+	for (; k < conns; k++) {
+		char spare[64];
+		int e2;
+		n->h[k] = start_one(uri, psk_file, k ? spare : why, k ? sizeof(spare) : whylen,
+				    k ? &e2 : err);
+		if (!n->h[k])
+			break;
+	}
+	if (k == 0)
 		goto fail;
-	n->nconn = 1;
+	n->nconn = connect_all(n->h, k, connect_ms, why, whylen, err);
+	if (n->nconn == 0) {
+		for (int i = 0; i < k; i++)
+			nbd_close(n->h[i]);
+		n->h[0] = NULL;
+		goto fail;
+	}
 	struct nbd_handle *h = n->h[0];
 	n->info.size = nbd_get_size(h);
 	n->info.multi_conn = nbd_can_multi_conn(h) == 1;
@@ -232,26 +338,28 @@ struct pyhv_nbd *pyhv_nbd_open(const char *uri, const char *psk_file, int conns,
 	n->info.can_trim = nbd_can_trim(h) == 1;
 	n->info.read_only = nbd_is_read_only(h) == 1;
 	n->info.tls = nbd_get_tls_negotiated(h) == 1;
+	n->info.can_fua = nbd_can_fua(h) == 1;
 	if (n->info.size < 0) {
+		*err = nbd_get_errno() ? nbd_get_errno() : EIO;
 		say(why, whylen, nbd_get_error());
 		goto fail;
 	}
 	/* more connections only where each sees the others' writes at once */
-	for (int i = 1; i < conns && n->info.multi_conn; i++) {
-		char spare[64];
-		n->h[i] = connect_one(uri, psk_file, connect_ms, spare, sizeof(spare));
-		if (!n->h[i])
-			break; /* fewer connections serve as well, only slower */
-		n->nconn++;
-	}
+	while (n->nconn > 1 && !n->info.multi_conn)
+		nbd_close(n->h[--n->nconn]);
 	n->info.conns = n->nconn;
 	for (int i = 0; i < n->nconn; i++) {
 		int fd = nbd_aio_get_fd(n->h[i]);
 		n->fd[i] = fd < 0 ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 0);
 		if (n->fd[i] < 0) {
-			say(why, whylen, strerror(fd < 0 ? EBADF : errno));
+			*err = fd < 0 ? EBADF : errno;
+			say(why, whylen, strerror(*err));
 			goto fail;
 		}
+		/* a service killed or a path closed aborts its connection: nothing
+		 * left in the send queue goes out later */
+		struct linger lg = {1, 0};
+		setsockopt(n->fd[i], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 	}
 	n->wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (n->wake < 0) {
@@ -265,6 +373,8 @@ struct pyhv_nbd *pyhv_nbd_open(const char *uri, const char *psk_file, int conns,
 	n->started = 1;
 	return n;
 fail:
+	if (!*err)
+		*err = EIO;
 	pyhv_nbd_close(n);
 	return NULL;
 }
@@ -395,6 +505,8 @@ static int finish(struct pyhv_nbd *n, struct op *o)
 	else
 		n->tail = o->prev;
 	int err = o->err;
+	if (err && path_error(err))
+		lose_path(n, strerror(err)); /* (a server that stops: reconnect, no machine check) */
 	int dead = n->dead;
 	pthread_mutex_unlock(&n->mu);
 	if (!err)
@@ -403,6 +515,9 @@ static int finish(struct pyhv_nbd *n, struct op *o)
 }
 
 #define CB(o) ((nbd_completion_callback){.callback = completed, .user_data = (o), .free = retired})
+
+static int pwritev_flags(struct pyhv_nbd *n, const struct iovec *iov, int cnt, uint64_t off,
+			 uint32_t flags);
 
 int pyhv_nbd_pread(struct pyhv_nbd *n, void *buf, size_t len, uint64_t off)
 {
@@ -417,6 +532,12 @@ int pyhv_nbd_pread(struct pyhv_nbd *n, void *buf, size_t len, uint64_t off)
 
 int pyhv_nbd_pwritev(struct pyhv_nbd *n, const struct iovec *iov, int cnt, uint64_t off)
 {
+	return pwritev_flags(n, iov, cnt, off, 0);
+}
+
+static int pwritev_flags(struct pyhv_nbd *n, const struct iovec *iov, int cnt, uint64_t off,
+			 uint32_t flags)
+{
 	struct op o;
 	int r = begin(n, &o);
 	if (r)
@@ -428,17 +549,22 @@ int pyhv_nbd_pwritev(struct pyhv_nbd *n, const struct iovec *iov, int cnt, uint6
 		while (k < cnt && (char *)iov[k - 1].iov_base + iov[k - 1].iov_len == iov[k].iov_base)
 			len += iov[k++].iov_len;
 		struct nbd_handle *h = take(n, &o);
-		issued(n, &o, h, nbd_aio_pwrite(h, iov[i].iov_base, len, off, CB(&o), 0));
+		issued(n, &o, h, nbd_aio_pwrite(h, iov[i].iov_base, len, off, CB(&o), flags));
 		off += len;
 		i = k;
 	}
 	return finish(n, &o);
 }
 
-int pyhv_nbd_pwrite(struct pyhv_nbd *n, const void *buf, size_t len, uint64_t off)
+int pyhv_nbd_pwrite(struct pyhv_nbd *n, const void *buf, size_t len, uint64_t off, int durable)
 {
 	struct iovec iov = {(void *)buf, len};
-	return pyhv_nbd_pwritev(n, &iov, 1, off);
+	if (!durable)
+		return pwritev_flags(n, &iov, 1, off, 0);
+	if (n->info.can_fua) /* on stable storage when answered, without flushing all else */
+		return pwritev_flags(n, &iov, 1, off, LIBNBD_CMD_FLAG_FUA);
+	int r = pwritev_flags(n, &iov, 1, off, 0);
+	return r ? r : pyhv_nbd_flush(n);
 }
 
 int pyhv_nbd_flush(struct pyhv_nbd *n)
@@ -481,8 +607,9 @@ int pyhv_nbd_available(void)
 #else /* built without libnbd-dev: NBD devices are refused */
 
 struct pyhv_nbd *pyhv_nbd_open(const char *uri, const char *psk_file, int conns, int connect_ms,
-			       int deadline_ms, char *why, size_t whylen)
+			       int deadline_ms, char *why, size_t whylen, int *err)
 {
+	*err = ENOSYS;
 	if (why && whylen)
 		snprintf(why, whylen, "this pyhv was built without libnbd");
 	return NULL;
@@ -495,7 +622,10 @@ int pyhv_nbd_pwritev(struct pyhv_nbd *n, const struct iovec *iov, int cnt, uint6
 {
 	return -ENOSYS;
 }
-int pyhv_nbd_pwrite(struct pyhv_nbd *n, const void *buf, size_t len, uint64_t off) { return -ENOSYS; }
+int pyhv_nbd_pwrite(struct pyhv_nbd *n, const void *buf, size_t len, uint64_t off, int durable)
+{
+	return -ENOSYS;
+}
 int pyhv_nbd_flush(struct pyhv_nbd *n) { return -ENOSYS; }
 int pyhv_nbd_trim(struct pyhv_nbd *n, uint64_t off, uint64_t len) { return -ENOSYS; }
 int pyhv_nbd_available(void) { return 0; }

@@ -90,16 +90,16 @@ long pyhv_svc_serve(struct pyhv_svc *s, uint8_t *buf, size_t cap, int *flags_out
 #define PYHV_NBD_MAX_CONNS 4
 struct pyhv_nbd_info {
 	int64_t size;
-	int conns, multi_conn, can_flush, can_trim, read_only, tls;
+	int conns, multi_conn, can_flush, can_trim, can_fua, read_only, tls;
 };
 int pyhv_nbd_available(void); /* 0: built without libnbd-dev */
 struct pyhv_nbd *pyhv_nbd_open(const char *uri, const char *psk_file, int conns, int connect_ms,
-			       int deadline_ms, char *why, size_t whylen);
+			       int deadline_ms, char *why, size_t whylen, int *err);
 void pyhv_nbd_close(struct pyhv_nbd *n);
 void pyhv_nbd_info(struct pyhv_nbd *n, struct pyhv_nbd_info *out);
 int pyhv_nbd_dead(struct pyhv_nbd *n, char *why, size_t len);
 int pyhv_nbd_pread(struct pyhv_nbd *n, void *buf, size_t len, uint64_t off);
-int pyhv_nbd_pwrite(struct pyhv_nbd *n, const void *buf, size_t len, uint64_t off);
+int pyhv_nbd_pwrite(struct pyhv_nbd *n, const void *buf, size_t len, uint64_t off, int durable);
 int pyhv_nbd_flush(struct pyhv_nbd *n);
 int pyhv_nbd_trim(struct pyhv_nbd *n, uint64_t off, uint64_t len);
 

@@ -197,8 +197,10 @@ static int read_in(struct svc_stream *st, const struct frame_hdr *h, struct job 
 		if (page_crc(dst + (size_t)i * PG) != want)
 			r = -EBADMSG;
 	}
-	if (r)
-		punch(st, first, h->count); /* nothing of it stays behind */
+	/* nothing of it stays behind; but not after a lost path: another
+	 * service may be filling these very pages for the stream now */
+	if (r && r != -ENOTCONN)
+		punch(st, first, h->count);
 	return r;
 }
 

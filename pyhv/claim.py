@@ -11,14 +11,21 @@ beat) that the hypervisor rewrites every BEAT seconds while it runs.
 
 A system takes a device when its record is absent, released (a clean
 shutdown, `device remove`, `partition export`), its own, or dead: a system
-on this host whose hypervisor is not running, or one on another host whose
-beat has not moved for STALE seconds (that costs the taker STALE seconds of
-waiting, once).  It writes its record and reads it back after SETTLE
-seconds: of two systems taking a device at once, the later write wins and
-the other refuses.  Every path of the device must show the record just
-written: paths that lead to different exports are refused.  A system that
-finds its record overwritten while it runs (it stalled longer than STALE)
-says so in its log and stops beating; nothing else can be done from here.
+on this machine (same /etc/machine-id and boot) whose hypervisor is not
+running, or any other whose beat has not moved for STALE seconds (that
+costs the taker STALE seconds of waiting, once).  It writes its record and
+reads it back after SETTLE seconds, longer than a write may take (the
+connection's deadline): of two systems taking a device at once, the later
+write wins and the other refuses.  Every path of the device must show the
+record just written: paths that lead to different exports are refused.
+
+Each device beats on a thread of its own, every BEAT seconds, each write on
+stable storage when answered (FUA), each call bounded by a deadline, so a
+dead server delays no other device's beat.  A system fences itself: a
+device whose last beat is older than FRESH is not paged to (its stream
+waits, as for a lost path) until a beat succeeds again; one whose record
+another system has overwritten (this one stalled longer than STALE) is
+never paged to again (`stale()` and `lost()`, which the hypervisor reads).
 """
 
 from __future__ import annotations
@@ -38,8 +45,14 @@ log = logging.getLogger("pyhv.claim")
 
 MAGIC = b"PYHV-CLAIM-1\n"
 BEAT = 1.0  # seconds between beats
-STALE = 3.5 * BEAT  # a beat that has not moved for this long: its system is gone
-SETTLE = 0.2  # between writing a claim and reading it back
+DEADLINE = 1.0  # a claim's read or write unanswered this long fails (the beat is missed)
+FRESH = 3.0  # past this since its last beat, a system stops paging to the device ...
+#: ... and a beat that has not moved for this long means its system is gone:
+#: FRESH, plus a turn of the hypervisor's loop (1 s), plus the longest a
+#: write in flight may still take (half the longest service timeout we
+#: expect, 10 s), plus a second to spare.
+STALE = FRESH + 1.0 + 5.0 + 1.0
+SETTLE = 1.5 * DEADLINE  # between writing a claim and reading it back
 
 
 class ClaimError(Exception):
@@ -63,16 +76,32 @@ def read_record(d: NbdDevice) -> dict | None:
 
 def write_record(d: NbdDevice, rec: dict) -> None:
     data = MAGIC + json.dumps(rec, sort_keys=True).encode()
-    d.pwrite(data.ljust(PAGE_SIZE, b"\0"), _offset(d))
-    d.flush()
+    d.pwrite(data.ljust(PAGE_SIZE, b"\0"), _offset(d), durable=True)
 
 
-def _pid_runs_pyhv(pid) -> bool:
+def _read_id(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+#: This machine, this boot: a record from here is judged by its pid at once
+#: (a hostname is no identity: clones and containers share them).
+MACHINE = f"{_read_id('/etc/machine-id')}/{_read_id('/proc/sys/kernel/random/boot_id')}"
+
+
+def _hypervisor_runs(pid, run_dir) -> bool:
+    """Is pid a pyhv hypervisor of run_dir (its command line says so)?"""
     try:
         with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
-            return b"pyhv" in f.read()
+            args = f.read().split(b"\0")
     except (OSError, ValueError, TypeError):
         return False
+    text = b" ".join(args)
+    return b"pyhv" in text and (b"pyhv.daemon" in text or b"up" in args) and (
+        not run_dir or os.path.basename(str(run_dir)).encode() in text)  # fmt: skip
 
 
 def _holder(rec: dict) -> str:
@@ -86,8 +115,8 @@ def live_holder(d: NbdDevice, rec: dict | None, me: dict | None) -> str | None:
         return None
     if me is not None and rec.get("system") == me["system"]:
         return None
-    if rec.get("host") == socket.gethostname():
-        return _holder(rec) if _pid_runs_pyhv(rec.get("pid")) else None
+    if rec.get("machine") == MACHINE and MACHINE != "/":
+        return _holder(rec) if _hypervisor_runs(rec.get("pid"), rec.get("run_dir")) else None
     beat = rec.get("beat")
     time.sleep(STALE)  # another host: is it beating?
     again = read_record(d)
@@ -102,7 +131,7 @@ def probe(dev) -> None:
     """Raise ClaimError if a live system holds the device (nothing is written)."""
     for uri in dev.uris[:1]:
         try:
-            with NbdDevice(uri, dev.tls_psk) as d:
+            with NbdDevice(uri, dev.tls_psk, deadline_s=DEADLINE) as d:
                 who = live_holder(d, read_record(d), None)
         except OSError as e:
             raise ClaimError(f"device {dev.id!r}: {redact(uri)}: {e.strerror or e}") from None
@@ -116,25 +145,25 @@ class _Held:
         self.conn: NbdDevice | None = conn
         self.rec = rec
         self.lock = threading.Lock()
-        self.lost = False
+        self.lost = False  # another system's record is there now
+        self.last_ok = time.monotonic()  # the last beat written
+        self.stop = threading.Event()
 
 
 class Claims:
     """The claims of one hypervisor, and the thread that beats them."""
 
     def __init__(self, run_dir: str):
-        self.me = {"system": uuid.uuid4().hex, "host": socket.gethostname(),
+        self.me = {"system": uuid.uuid4().hex, "host": socket.gethostname(), "machine": MACHINE,
                    "run_dir": os.path.abspath(run_dir), "pid": os.getpid()}  # fmt: skip
         self.held: dict[str, _Held] = {}
         self.mu = threading.Lock()
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
 
     def acquire(self, dev) -> None:
         """Claim the device, or raise ClaimError with why not."""
         where = f"device {dev.id!r}"
         try:
-            conn = NbdDevice(dev.uris[0], dev.tls_psk, deadline_s=5.0)
+            conn = NbdDevice(dev.uris[0], dev.tls_psk, deadline_s=DEADLINE)
         except OSError as e:
             raise ClaimError(f"{where}: {redact(dev.uris[0])}: {e.strerror or e}") from None
         try:
@@ -142,7 +171,8 @@ class Claims:
             who = live_holder(conn, rec, self.me)
             if who:
                 raise ClaimError(f"{where} ({redact(dev.uris[0])}) is in use by {who}")
-            if rec and rec.get("system") == self.me["system"] and rec.get("device") != dev.id:
+            if (rec and rec.get("system") == self.me["system"] and rec.get("state") == "held"
+                    and rec.get("device") != dev.id):  # fmt: skip
                 raise ClaimError(f"{where}: its export is device {rec.get('device')!r} "
                                  "already")  # fmt: skip
             mine = {**self.me, "device": dev.id, "state": "held", "beat": 1,
@@ -154,7 +184,7 @@ class Claims:
                 raise ClaimError(f"{where}: {_holder(back or {})} took it at the same moment")
             for uri in dev.uris[1:]:  # every path to the same export
                 try:
-                    with NbdDevice(uri, dev.tls_psk) as other:
+                    with NbdDevice(uri, dev.tls_psk, deadline_s=DEADLINE) as other:
                         seen = read_record(other)
                 except OSError as e:
                     raise ClaimError(f"{where}: {redact(uri)}: {e.strerror or e}") from None
@@ -167,12 +197,11 @@ class Claims:
         except OSError as e:
             conn.close()
             raise ClaimError(f"{where}: {redact(dev.uris[0])}: {e.strerror or e}") from None
+        h = _Held(dev, conn, mine)
         with self.mu:
-            self.held[dev.id] = _Held(dev, conn, mine)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._beat, name="pyhv-claims",
-                                               daemon=True)  # fmt: skip
-                self.thread.start()
+            self.held[dev.id] = h
+        threading.Thread(target=self._beat, args=(h,), name=f"pyhv-claim-{dev.id}",
+                         daemon=True).start()  # fmt: skip
         log.info("device %s: claimed (%s)", dev.id, redact(dev.uris[0]))
 
     def release(self, dev_id: str) -> None:
@@ -182,6 +211,7 @@ class Claims:
             h = self.held.pop(dev_id, None)
         if h is None:
             return
+        h.stop.set()
         with h.lock:
             try:
                 if h.conn is None or h.conn.dead:
@@ -198,13 +228,23 @@ class Claims:
     def close(self) -> None:
         for dev_id in list(self.held):
             self.release(dev_id)
-        self.stop.set()
 
     def status(self, dev_id: str) -> dict | None:
         h = self.held.get(dev_id)
         if h is None:
             return None
-        return {"beat": h.rec["beat"], "lost": h.lost}
+        return {"beat": h.rec["beat"], "lost": h.lost,
+                "age": round(time.monotonic() - h.last_ok, 3)}  # fmt: skip
+
+    def lost(self) -> list[str]:
+        """Devices another system has claimed since: never page to them again."""
+        return [i for i, h in list(self.held.items()) if h.lost]
+
+    def stale(self) -> list[str]:
+        """Devices whose claim has not been renewed for FRESH seconds: another
+        system may soon take them; page to them only once a beat succeeds."""
+        now = time.monotonic()
+        return [i for i, h in list(self.held.items()) if now - h.last_ok > FRESH]
 
     def _reconnect(self, h: _Held) -> None:
         if h.conn is not None:
@@ -212,32 +252,38 @@ class Claims:
             h.conn = None
         for uri in h.dev.uris:
             try:
-                h.conn = NbdDevice(uri, h.dev.tls_psk, connect_s=1.0, deadline_s=2.0)
+                h.conn = NbdDevice(uri, h.dev.tls_psk, connect_s=DEADLINE, deadline_s=DEADLINE)
                 return
             except OSError:
                 continue
 
-    def _beat(self) -> None:
-        while not self.stop.wait(BEAT):
-            with self.mu:
-                held = list(self.held.values())
-            for h in held:
-                with h.lock:
-                    if h.lost or h.dev.id not in self.held:
-                        continue
+    def _beat(self, h: _Held) -> None:
+        """One device's beats, until it is released or lost."""
+        while not h.stop.wait(BEAT):
+            with h.lock:
+                if h.lost or self.held.get(h.dev.id) is not h:
+                    return
+                for attempt in (1, 2):  # a path that failed: at once through another
                     try:
                         if h.conn is None or h.conn.dead:
                             self._reconnect(h)
                         if h.conn is None:
-                            continue  # no path now: the next beat tries again
-                        rec = read_record(h.conn)
-                        if not rec or rec.get("nonce") != h.rec["nonce"]:
-                            h.lost = True
-                            log.error("device %s: its claim was taken by %s: this system no "
-                                      "longer holds the device", h.dev.id,
-                                      _holder(rec or {}))  # fmt: skip
-                            continue
-                        h.rec = {**h.rec, "beat": h.rec["beat"] + 1, "time": time.time()}
-                        write_record(h.conn, h.rec)
+                            break  # no path now: the next beat tries again
+                        if not self._renew(h):
+                            return
+                        break
                     except OSError as e:
                         log.info("device %s: claim beat missed: %s", h.dev.id, e)
+
+    def _renew(self, h: _Held) -> bool:
+        """One beat: False if the record is another system's now."""
+        rec = read_record(h.conn)
+        if not rec or rec.get("nonce") != h.rec["nonce"]:
+            h.lost = True
+            log.error("device %s: its claim was taken by %s: this system no longer pages "
+                      "to it", h.dev.id, _holder(rec or {}))  # fmt: skip
+            return False
+        h.rec = {**h.rec, "beat": h.rec["beat"] + 1, "time": time.time()}
+        write_record(h.conn, h.rec)
+        h.last_ok = time.monotonic()
+        return True

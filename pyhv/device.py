@@ -47,10 +47,12 @@ class PagingDevice:
 
     def open(self) -> None:
         if self.kind == "nbd":
-            from pyhv.nbd import NbdDevice
+            from pyhv.nbd import CONNECT_S, NbdDevice
 
+            # (connecting runs in the service's loop: a quarter of its timeout at most)
             self.nbd = NbdDevice(self.path, self.tls_psk, NBD_CONNS,
-                                 connect_s=self.deadline or 5.0, deadline_s=self.deadline)
+                                 connect_s=self.deadline / 2 if self.deadline else CONNECT_S,
+                                 deadline_s=self.deadline or CONNECT_S)  # fmt: skip
             have = self.nbd.size // PAGE_SIZE
             if have < self.pages:
                 self.close()

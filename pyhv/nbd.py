@@ -24,7 +24,7 @@ from pyhv._core import ffi, lib
 
 SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 CONNECT_S = 5.0  # a server that has not answered the handshake by then is unreachable
-_URI = re.compile(r"^[a-z+]+://")
+_URI = re.compile(r"^[a-z+]+://", re.IGNORECASE)
 
 
 class PathLost(OSError):
@@ -80,14 +80,19 @@ class NbdDevice:
     """One connection set to one export (csrc/nbd.c); close() when done."""
 
     def __init__(self, uri: str, tls_psk: str | None = None, conns: int = 1,
-                 connect_s: float = CONNECT_S, deadline_s: float = 0.0):  # fmt: skip
+                 connect_s: float = CONNECT_S, deadline_s: float = CONNECT_S):  # fmt: skip
+        """deadline_s: a command unanswered this long loses the path (0: never)."""
         self.uri = uri
         why = ffi.new("char[]", 512)
+        err = ffi.new("int *")
         h = lib.pyhv_nbd_open(uri.encode(), (tls_psk or "").encode(), conns,
                               max(1, int(connect_s * 1000)), int(deadline_s * 1000), why,
-                              512)  # fmt: skip
+                              512, err)  # fmt: skip
         if h == ffi.NULL:
-            raise OSError(errno.EHOSTUNREACH, ffi.string(why).decode(errors="replace"))
+            msg = ffi.string(why).decode(errors="replace")
+            if "gnutls" in msg or "TLS" in msg:
+                msg = f"TLS refused (a wrong key, or none the server knows): {msg}"
+            raise OSError(err[0] or errno.EIO, msg)
         self._h = h
         info = ffi.new("struct pyhv_nbd_info *")
         lib.pyhv_nbd_info(h, info)
@@ -98,6 +103,7 @@ class NbdDevice:
         self.can_trim = bool(info.can_trim)
         self.read_only = bool(info.read_only)
         self.tls = bool(info.tls)
+        self.can_fua = bool(info.can_fua)
 
     @property
     def handle(self):
@@ -126,8 +132,9 @@ class NbdDevice:
             self._check(lib.pyhv_nbd_pread(self._h, p, n, off), "read")
         return bytes(buf)
 
-    def pwrite(self, data: bytes, off: int) -> None:
-        self._check(lib.pyhv_nbd_pwrite(self._h, data, len(data), off), "write")
+    def pwrite(self, data: bytes, off: int, durable: bool = False) -> None:
+        """durable: on stable storage when this returns (FUA, else a flush)."""
+        self._check(lib.pyhv_nbd_pwrite(self._h, data, len(data), off, int(durable)), "write")
 
     def flush(self) -> None:
         self._check(lib.pyhv_nbd_flush(self._h), "flush")

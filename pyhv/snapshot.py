@@ -118,7 +118,13 @@ def save(run_dir: str, partition: str, out_dir: str, progress: bool = True) -> d
         if reply.get("nbd"):  # a device on an NBD server: read through a connection of our own
             from pyhv.nbd import NbdDevice
 
-            nbd = NbdDevice(reply["nbd"]["uris"][0], reply["nbd"].get("tls_psk"))
+            for i, uri in enumerate(reply["nbd"]["uris"]):  # the first path that works
+                try:
+                    nbd = NbdDevice(uri, reply["nbd"].get("tls_psk"))
+                    break
+                except OSError:
+                    if i == len(reply["nbd"]["uris"]) - 1:
+                        raise
         else:
             devfd = os.open(reply["device"], os.O_RDONLY)
         if reply.get("snapshot"):  # (restored from one: pages never touched are still there)

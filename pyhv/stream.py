@@ -86,6 +86,9 @@ class Stream:
         self.open_failed: set[str] = set()  # services that could not open the device
         self.path_wait = False  # a path was lost: while none works, SUSPENDED (faults wait)
         self.paths_lost = 0
+        self.path_retries = 0  # tries of every path since the last was lost
+        self.closing: "ServiceLink | None" = None  # a lost path's service, until it answers CLOSE
+        self.fenced = False  # its device's claim was taken by another system: no more paging
         self.changed: Callable[[Stream], None] | None = None  # told of every state change
 
     # --- state ------------------------------------------------------------------

@@ -81,8 +81,8 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         for p in config.partitions:
             self._new_partition(p, self.devices[p.device])
         self.locks: dict[str, int] = {}  # device id -> fd holding its flock
-        self.claims = Claims(run_dir)
-        self.expiring = False  # a partition with io_timeout waits for a path  # devices on NBD servers: their claims (pyhv.claim)
+        self.claims = Claims(run_dir)  # devices on NBD servers: their claims (pyhv.claim)
+        self.expiring = False  # a partition with io_timeout waits for a path
         self.next_slot_retry = math.inf  # the earliest Partition.slot_retry_at
         self.next_pool_check = 0.0
         self.stopping = False
@@ -254,10 +254,11 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         if self.unidentified and now >= self.next_probe:
             self.next_probe = now + PROBE_EVERY
             self.probe_children()
+        self.check_claims()
         self.expiring = False
         for part in self.partitions:  # [[device]] io_timeout: page-ins waiting for a path
             limit = part.device.io_timeout
-            if limit and part.eng is not None and part.stream.state not in FLOWING:
+            if limit and part.eng is not None and part.stream.path_wait:
                 self.expiring = True
                 if self.engine.expire_reads(part.eng, limit):
                     log.error("partition %s: page-ins waited for a path to device %s longer "

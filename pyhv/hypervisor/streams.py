@@ -25,6 +25,7 @@ from pyhv.stream import ABORTED, COMPLETED, ENABLED, FLOWING, INVALID, RESUMED, 
 log = logging.getLogger("pyhv.hypervisor")
 
 RETRY_PATH_S = 1.0  # while no path to a device works, each is tried again this often
+RETRY_PATH_FIRST_S = 0.1  # ... the first time (a server restarted, a connection reset)
 
 
 class PagingServices:
@@ -48,7 +49,15 @@ class PagingServices:
 
     def place(self, stream: Stream, avoid: ServiceLink | None = None) -> None:
         """Give a stream without a service the first running one it may use."""
-        if stream.service is not None or self.stopping:
+        if stream.service is not None or self.stopping or stream.closing is not None:
+            return
+        if stream.fenced:
+            log.error("partition %s: its device %s is claimed by another system: its paging "
+                      "stays stopped", stream.name, stream.device_spec["id"])  # fmt: skip
+            stream.set_state(SUSPENDED)
+            return
+        if stream.path_wait and stream.device_spec["id"] in self.claims.stale():
+            self.later(RETRY_PATH_S, lambda: self._retry_paths(stream))  # (its claim first)
             return
         for name in stream.paging:
             svc = self.services[name]
@@ -60,10 +69,32 @@ class PagingServices:
                 log.warning("partition %s: no path to device %s works; its faults wait",
                             stream.name, stream.device_spec["id"])  # fmt: skip
                 stream.set_state(SUSPENDED)
-            self.later(RETRY_PATH_S, lambda: self._retry_paths(stream))
+            first = stream.path_retries == 0
+            stream.path_retries += 1
+            self.later(RETRY_PATH_FIRST_S if first else RETRY_PATH_S,
+                       lambda: self._retry_paths(stream))  # fmt: skip
             return
         log.warning("partition %s: no paging service of %s is running; paging waits",
                     stream.name, ", ".join(stream.paging))  # fmt: skip
+
+    def check_claims(self) -> None:
+        """Devices on NBD servers: a system fences itself.  One whose claim
+        another system took is never paged to again; one whose claim has
+        not been renewed lately is not paged to until it is (pyhv.claim)."""
+        lost, stale = set(self.claims.lost()), set(self.claims.stale())
+        if not lost and not stale:
+            return
+        for part in self.partitions:
+            stream, dev_id = part.stream, part.device.id
+            if dev_id in lost and not stream.fenced:
+                stream.fenced = True
+                stream.path_wait = True  # (io_timeout applies to the faults that wait)
+                if stream.service is not None:
+                    self.path_lost(stream, stream.service, "its claim was taken by another system")
+                else:
+                    stream.set_state(SUSPENDED)
+            elif dev_id in stale and stream.service is not None and stream.state in FLOWING:
+                self.path_lost(stream, stream.service, "its claim could not be renewed")
 
     def _retry_paths(self, stream: Stream) -> None:
         if stream.service is None and stream.path_wait and not self.stopping and (
@@ -77,7 +108,14 @@ class PagingServices:
         with every request it had in flight, to its other service's path;
         with none working it is SUSPENDED (faults wait) and every path is
         tried again each RETRY_PATH_S.  No page is lost and none is a
-        machine check (io_timeout aside)."""
+        machine check (io_timeout aside).
+
+        Fencing without a kill (the service keeps its other streams): the
+        stream goes elsewhere only once svc has answered CLOSE, which it
+        does after everything of the stream in flight there has ended, so
+        that nothing of the old tenure (a READ's clean-up, a WRITE's punch)
+        can touch pages the next service works on.  If svc does not answer,
+        its timeout fences it the usual way (service_failed)."""
         if stream.service is not svc or self.stopping:
             return
         log.error("partition %s: paging service %s lost its path to device %s: %s",
@@ -87,11 +125,18 @@ class PagingServices:
         stream.service = None
         stream.paths_lost += 1
         stream.path_wait = True
+        stream.path_retries = 0
         stream.mark_failover(svc.name, n, detected)
-        svc.send(stream, Request(wire.OP_CLOSE, 0, 0, None, lambda *a: None, control=True))
         stream.open_failed.add(svc.name)  # (its path is tried again after the others)
         stream.set_state(ABORTED if stream.state != SUSPENDED else SUSPENDED)
-        self.place(stream)
+        stream.closing = svc
+
+        def closed(status, count, data):
+            if stream.closing is svc:
+                stream.closing = None
+                self.place(stream)
+
+        svc.send(stream, Request(wire.OP_CLOSE, 0, 0, None, closed, control=True))
 
     def bind(self, stream: Stream, svc: ServiceLink) -> None:
         """Open the partition's device on svc; the stream flows once it is open."""
@@ -109,6 +154,8 @@ class PagingServices:
                           stream.name, svc.name, stream.device_spec["id"],
                           os.strerror(-status))  # fmt: skip
                 stream.service = None
+                if stream.device_spec["kind"] == "nbd" and stream.state != INVALID:
+                    stream.path_wait = True  # (not at start: `up` says why and stops)
                 if not stream.path_wait:
                     stream.set_state(ABORTED)
                 stream.open_failed.add(svc.name)
@@ -140,6 +187,10 @@ class PagingServices:
         detected = time.monotonic()  # failover time counts from here, fencing included
         streams = svc.streams()
         svc.close(kill=True)  # fencing: it can never complete an old write later
+        for stream in self.streams():  # a CLOSE after a lost path that never came back
+            if stream.closing is svc:
+                stream.closing = None
+                self.place(stream)
         if svc.state == "stopping" or self.stopping:
             svc.state = "stopped"
         else:
