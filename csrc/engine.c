@@ -1851,6 +1851,7 @@ int64_t pyhv_eng_expire_reads(struct pyhv_eng *e, struct pyhv_eng_part *p, uint6
 	pthread_mutex_lock(&e->mu);
 	uint64_t now = now_ns();
 	int64_t pages = 0;
+	uint64_t rested = 0;
 	struct rreq **at = &p->qhead, *last = NULL;
 	while (*at) {
 		struct rreq *r = *at;
@@ -1861,7 +1862,6 @@ int64_t pyhv_eng_expire_reads(struct pyhv_eng *e, struct pyhv_eng_part *p, uint6
 		}
 		*at = r->next;
 		p->queued--;
-		uint64_t rested = 0;
 		for (uint32_t k = 0; k < r->n; k++) {
 			uint64_t page = r->first + k;
 			struct pending *x = pending_find(e, p, page);
@@ -1870,16 +1870,22 @@ int64_t pyhv_eng_expire_reads(struct pyhv_eng *e, struct pyhv_eng_part *p, uint6
 				post(e, PYHV_EV_READ_FAILED, ETIMEDOUT, p, page, 0);
 				pages++;
 			} else {
+				/* (a READ failed by a lost path may have left part of
+				 * it in memory: nothing of it stays) */
+				fallocate(p->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+					  (off_t)(page * PG), PG);
 				pending_free(e, pending_take(e, p, page));
 				p->state[page] = at_rest(p, page);
 				rested++;
 			}
 		}
-		release_frames(e, rested);
 		e->g.reads_expired++;
 		free(r);
 	}
 	p->qtail = last;
+	/* only now, with the queue whole again: a fault waiting for a frame
+	 * may be given one here and queue a READ of its own */
+	release_frames(e, rested);
 	pthread_mutex_unlock(&e->mu);
 	return pages;
 }

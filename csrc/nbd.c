@@ -119,13 +119,23 @@ static int connect_all(struct nbd_handle **h, int k, int timeout_ms, char *why, 
 {
 	uint64_t end = now_ns() + (uint64_t)timeout_ms * 1000000u;
 	int failed[PYHV_NBD_MAX_CONNS] = {0};
+	int shortened = 0;
 	for (;;) {
 		struct pollfd pfd[PYHV_NBD_MAX_CONNS];
 		int waiting = 0;
 		for (int i = 0; i < k; i++) {
 			pfd[i] = (struct pollfd){-1, 0, 0};
-			if (failed[i] || nbd_aio_is_ready(h[i]))
+			if (failed[i])
 				continue;
+			if (nbd_aio_is_ready(h[i])) {
+				/* one is ready: the others get a moment more, no longer (a
+				 * server with fewer free connections never takes them) */
+				uint64_t soon = now_ns() + 100000000u;
+				if (!shortened && soon < end)
+					end = soon;
+				shortened = 1;
+				continue;
+			}
 			if (nbd_aio_is_dead(h[i]) || nbd_aio_is_closed(h[i])) {
 				if (i == 0) {
 					*err = nbd_get_errno() ? nbd_get_errno() : ECONNREFUSED;
@@ -176,8 +186,6 @@ static int connect_all(struct nbd_handle **h, int k, int timeout_ms, char *why, 
 			}
 		}
 	}
-	if (failed[0])
-		return 0;
 	int ready = 0;
 	for (int i = 0; i < k; i++) {
 		if (failed[i]) {
@@ -187,6 +195,8 @@ static int connect_all(struct nbd_handle **h, int k, int timeout_ms, char *why, 
 			h[ready++] = h[i];
 		}
 	}
+	for (int i = ready; i < k; i++)
+		h[i] = NULL;
 	return ready;
 }
 
@@ -206,7 +216,7 @@ static void lose_path(struct pyhv_nbd *n, const char *why)
 		 * slot anew.  Then libnbd sees end-of-file and fails what is in
 		 * flight. */
 		struct sockaddr sa = {.sa_family = AF_UNSPEC};
-		if (connect(n->fd[i], &sa, sizeof(sa)) < 0) { /* (not every socket can) */
+		if (connect(n->fd[i], &sa, sizeof(sa)) < 0) { /* (TCP only; a unix socket cannot) */
 		}
 		shutdown(n->fd[i], SHUT_RDWR);
 	}

@@ -11,8 +11,8 @@ beat) that the hypervisor rewrites every BEAT seconds while it runs.
 
 A system takes a device when its record is absent, released (a clean
 shutdown, `device remove`, `partition export`), its own, or dead: a system
-on this machine (same /etc/machine-id and boot) whose hypervisor is not
-running, or any other whose beat has not moved for STALE seconds (that
+on this machine (same /etc/machine-id, boot and pid namespace) whose
+hypervisor process (pid and start time) is gone, or any other whose beat has not moved for STALE seconds (that
 costs the taker STALE seconds of waiting, once).  It writes its record and
 reads it back after SETTLE seconds, longer than a write may take (the
 connection's deadline): of two systems taking a device at once, the later
@@ -46,12 +46,16 @@ log = logging.getLogger("pyhv.claim")
 MAGIC = b"PYHV-CLAIM-1\n"
 BEAT = 1.0  # seconds between beats
 DEADLINE = 1.0  # a claim's read or write unanswered this long fails (the beat is missed)
-FRESH = 3.0  # past this since its last beat, a system stops paging to the device ...
-#: ... and a beat that has not moved for this long means its system is gone:
-#: FRESH, plus a turn of the hypervisor's loop (1 s), plus the longest a
-#: write in flight may still take (half the longest service timeout we
-#: expect, 10 s), plus a second to spare.
-STALE = FRESH + 1.0 + 5.0 + 1.0
+#: Past this since its last beat, a system stops paging to the device: a beat
+#: (BEAT), a read and a write that may each take DEADLINE, a second to spare.
+FRESH = BEAT + 2 * DEADLINE + 1.0
+#: The longest an NBD command of the paging services may stay unanswered
+#: before its path is given up (a service's timeout / 2, capped here), ...
+MAX_PATH_DEADLINE = 4.0
+#: ... so that a beat that has not moved for STALE means its system is gone:
+#: FRESH, a turn of the hypervisor's loop (1 s), the longest a write in
+#: flight may still take, and a second to spare.
+STALE = FRESH + 1.0 + MAX_PATH_DEADLINE + 1.0
 SETTLE = 1.5 * DEADLINE  # between writing a claim and reading it back
 
 
@@ -87,21 +91,32 @@ def _read_id(path: str) -> str:
         return ""
 
 
-#: This machine, this boot: a record from here is judged by its pid at once
-#: (a hostname is no identity: clones and containers share them).
+#: This machine, this boot (a hostname is no identity: clones share them).
 MACHINE = f"{_read_id('/etc/machine-id')}/{_read_id('/proc/sys/kernel/random/boot_id')}"
 
 
-def _hypervisor_runs(pid, run_dir) -> bool:
-    """Is pid a pyhv hypervisor of run_dir (its command line says so)?"""
+def _pid_ns() -> int:
     try:
-        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-    except (OSError, ValueError, TypeError):
-        return False
-    text = b" ".join(args)
-    return b"pyhv" in text and (b"pyhv.daemon" in text or b"up" in args) and (
-        not run_dir or os.path.basename(str(run_dir)).encode() in text)  # fmt: skip
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _start_time(pid) -> str | None:
+    """When process pid started (field 22 of /proc/PID/stat), or None."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+
+
+def _judged_here(rec: dict) -> bool:
+    """Can this process tell at once whether the record's hypervisor runs?
+    Only on the same machine and boot (a machine-id of its own), in the same
+    pid namespace (containers share a kernel's boot id, not its pids)."""
+    return (bool(_read_id("/etc/machine-id")) and rec.get("machine") == MACHINE
+            and rec.get("pid_ns") == _pid_ns() and rec.get("pid_start") is not None)  # fmt: skip
 
 
 def _holder(rec: dict) -> str:
@@ -115,8 +130,8 @@ def live_holder(d: NbdDevice, rec: dict | None, me: dict | None) -> str | None:
         return None
     if me is not None and rec.get("system") == me["system"]:
         return None
-    if rec.get("machine") == MACHINE and MACHINE != "/":
-        return _holder(rec) if _hypervisor_runs(rec.get("pid"), rec.get("run_dir")) else None
+    if _judged_here(rec):  # its hypervisor runs if that very process does
+        return _holder(rec) if _start_time(rec.get("pid")) == rec["pid_start"] else None
     beat = rec.get("beat")
     time.sleep(STALE)  # another host: is it beating?
     again = read_record(d)
@@ -155,7 +170,8 @@ class Claims:
 
     def __init__(self, run_dir: str):
         self.me = {"system": uuid.uuid4().hex, "host": socket.gethostname(), "machine": MACHINE,
-                   "run_dir": os.path.abspath(run_dir), "pid": os.getpid()}  # fmt: skip
+                   "run_dir": os.path.abspath(run_dir), "pid": os.getpid(),
+                   "pid_start": _start_time(os.getpid()), "pid_ns": _pid_ns()}  # fmt: skip
         self.held: dict[str, _Held] = {}
         self.mu = threading.Lock()
 
@@ -247,10 +263,12 @@ class Claims:
         return [i for i, h in list(self.held.items()) if now - h.last_ok > FRESH]
 
     def _reconnect(self, h: _Held) -> None:
+        failed = h.conn.uri if h.conn is not None else None
         if h.conn is not None:
             h.conn.close()
             h.conn = None
-        for uri in h.dev.uris:
+        # the path that failed last (a dead link costs a whole connect timeout)
+        for uri in sorted(h.dev.uris, key=lambda u: u == failed):
             try:
                 h.conn = NbdDevice(uri, h.dev.tls_psk, connect_s=DEADLINE, deadline_s=DEADLINE)
                 return

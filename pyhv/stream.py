@@ -90,6 +90,7 @@ class Stream:
         self.closing: "ServiceLink | None" = None  # a lost path's service, until it answers CLOSE
         self.fenced = False  # its device's claim was taken by another system: no more paging
         self.changed: Callable[[Stream], None] | None = None  # told of every state change
+        self.gate: Callable[[], bool] | None = None  # False: hold every request back now
 
     # --- state ------------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class Stream:
     def pump(self) -> None:
         """Send what is queued, if the stream flows."""
         svc = self.service
-        if svc is None or self.state not in FLOWING:
+        if svc is None or self.state not in FLOWING or (self.gate and not self.gate()):
             return
         while self.queued:
             req = self.queued.popleft()

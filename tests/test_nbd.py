@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import textwrap
 import time
 
@@ -332,3 +333,51 @@ def test_an_export_removed_can_be_added_again_under_another_id(host, system, tmp
     p = system.pyhv("device", "add", "spare2", h.uri(spare), "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["device"]["claim"]["lost"] is False
+
+
+def test_a_system_whose_claim_was_taken_never_pages_there_again(host, system, tmp_path):
+    """Another system overwrote the claim: the stream is fenced, and stays
+    so when its service dies and is started again (restart = true)."""
+    from pyhv.claim import read_record, write_record
+    from pyhv.nbd import NbdDevice
+
+    h = host()
+    srv = h.nbdkit(["file", f"file={image(tmp_path)}"])
+    system.up(nbd_config(h.uri(srv), service_extra="timeout = 2\nrestart = true"))
+    assert finish(system.workload("p1", "write", "--generation", "12"))[0] == 0
+    with NbdDevice(h.uri(srv)) as d:  # what another system taking the export writes
+        write_record(d, {**read_record(d), "system": "intruder", "nonce": "intruder",
+                         "machine": "elsewhere/boot", "pid": 1})  # fmt: skip
+    st = system.wait_for(lambda st: st["devices"][0]["claim"]["lost"]
+                         and st["partitions"][0]["stream"] == "SUSPENDED", "fenced")  # fmt: skip
+    outs = st["partitions"][0]["page_outs"]
+    writer = system.workload("p1", "write", "--generation", "13")
+    time.sleep(1.0)
+    os.kill(system.service("vios1")["pid"], signal.SIGKILL)
+    system.wait_for(lambda st: st["paging_services"][0]["starts"] == 2, "the service restarted")
+    time.sleep(2.0)
+    p = system.status()["partitions"][0]
+    assert p["page_outs"] == outs and p["stream"] == "SUSPENDED"
+    writer.kill()
+
+
+def test_a_foreground_system_is_known_alive_by_its_process(host, tmp_path):
+    """`pyhv up` in the foreground, its run directory from PYHV_RUN_DIR: a
+    second system on this machine must still see it runs."""
+    h = host()
+    srv = h.nbdkit(["file", f"file={image(tmp_path)}"])
+    (tmp_path / "cfg.toml").write_text(nbd_config(h.uri(srv)))
+    run_a = tmp_path / "a"
+    a = subprocess.Popen([PY, "-m", "pyhv", "up", "-c", str(tmp_path / "cfg.toml")],
+                         env=dict(os.environ, PYHV_RUN_DIR=str(run_a)),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (run_a / "control.sock").exists():
+            assert a.poll() is None and time.monotonic() < deadline, "system a did not start"
+            time.sleep(0.1)
+        p = pyhv("up", "-c", tmp_path / "cfg.toml", "--run-dir", tmp_path / "b", "--detach")
+        assert_one_line_error(p, "in use by", str(run_a))
+    finally:
+        a.send_signal(signal.SIGTERM)
+        a.wait(60)

@@ -301,6 +301,7 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
             if svc.sock is not None:
                 svc.close(kill=True)
                 svc.state = "stopped"
+                self.closed_without_answer(svc)
         self.done = True
 
     def _finish(self) -> None:
@@ -338,6 +339,8 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         self.by_name[part.name] = part
         self.by_index[part.index] = part
         part.stream.changed = self._stream_changed
+        if dev.kind == "nbd":  # no request goes to a device this system may not hold
+            part.stream.gate = lambda s=part.stream: not self.held_back(s)
         if cfg.snapshot and cfg.prefetch:
             self.warm_from_snapshot(part)
         return part

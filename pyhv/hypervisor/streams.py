@@ -13,12 +13,13 @@ stream goes next.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import time
 
-from pyhv import wire
+from pyhv import claim, wire
 from pyhv.stream import ABORTED, COMPLETED, ENABLED, FLOWING, INVALID, RESUMED, SUSPENDED, \
     SUSPENDING, Request, ServiceLink, Stream  # fmt: skip
 
@@ -26,6 +27,10 @@ log = logging.getLogger("pyhv.hypervisor")
 
 RETRY_PATH_S = 1.0  # while no path to a device works, each is tried again this often
 RETRY_PATH_FIRST_S = 0.1  # ... the first time (a server restarted, a connection reset)
+#: An OPEN that fails so waits for a path; any other failure (an export now
+#: too small, a key the server refuses) is the device's, and is said once.
+PATH_ERRORS = {errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
+               errno.ECONNREFUSED, errno.ECONNRESET, errno.ESHUTDOWN, errno.EPIPE}
 
 
 class PagingServices:
@@ -56,8 +61,11 @@ class PagingServices:
                       "stays stopped", stream.name, stream.device_spec["id"])  # fmt: skip
             stream.set_state(SUSPENDED)
             return
-        if stream.path_wait and stream.device_spec["id"] in self.claims.stale():
-            self.later(RETRY_PATH_S, lambda: self._retry_paths(stream))  # (its claim first)
+        if self.held_back(stream):  # its claim first
+            stream.path_wait = True
+            if stream.state != SUSPENDED:
+                stream.set_state(SUSPENDED)
+            self.later(RETRY_PATH_S, lambda: self._retry_paths(stream))
             return
         for name in stream.paging:
             svc = self.services[name]
@@ -138,8 +146,21 @@ class PagingServices:
 
         svc.send(stream, Request(wire.OP_CLOSE, 0, 0, None, closed, control=True))
 
+    def held_back(self, stream: Stream) -> bool:
+        """May this stream not go to any service now?  Its old service has
+        not answered CLOSE yet, or its device's claim is lost or stale (a
+        system fences itself: pyhv.claim)."""
+        if stream.closing is not None or stream.fenced:
+            return True
+        dev_id = stream.device_spec["id"]
+        return stream.device_spec["kind"] == "nbd" and (
+            dev_id in self.claims.stale() or dev_id in self.claims.lost())  # fmt: skip
+
     def bind(self, stream: Stream, svc: ServiceLink) -> None:
         """Open the partition's device on svc; the stream flows once it is open."""
+        if self.held_back(stream):  # (every way to a service goes through place's gates)
+            self.place(stream)
+            return
         if not svc.running:
             self.place(stream, avoid=svc)
             return
@@ -154,8 +175,9 @@ class PagingServices:
                           stream.name, svc.name, stream.device_spec["id"],
                           os.strerror(-status))  # fmt: skip
                 stream.service = None
-                if stream.device_spec["kind"] == "nbd" and stream.state != INVALID:
-                    stream.path_wait = True  # (not at start: `up` says why and stops)
+                if (stream.device_spec["kind"] == "nbd" and stream.state != INVALID
+                        and -status in PATH_ERRORS):  # (not at start: `up` says why and stops)
+                    stream.path_wait = True
                 if not stream.path_wait:
                     stream.set_state(ABORTED)
                 stream.open_failed.add(svc.name)
@@ -173,7 +195,7 @@ class PagingServices:
         spec = dict(stream.device_spec)
         spec["path"] = spec.pop("paths", {}).get(svc.name, spec["path"])
         if spec["kind"] == "nbd":  # a command unanswered this long: the path is lost
-            spec["path_timeout"] = svc.cfg.timeout / 2
+            spec["path_timeout"] = min(svc.cfg.timeout / 2, claim.MAX_PATH_DEADLINE)
         svc.send(stream, Request(wire.OP_OPEN, 0, 0, json.dumps(spec).encode(), opened,
                                  control=True, fds=[stream.memfd]))  # fmt: skip
 
@@ -187,10 +209,7 @@ class PagingServices:
         detected = time.monotonic()  # failover time counts from here, fencing included
         streams = svc.streams()
         svc.close(kill=True)  # fencing: it can never complete an old write later
-        for stream in self.streams():  # a CLOSE after a lost path that never came back
-            if stream.closing is svc:
-                stream.closing = None
-                self.place(stream)
+        self.closed_without_answer(svc)
         if svc.state == "stopping" or self.stopping:
             svc.state = "stopped"
         else:
@@ -205,6 +224,14 @@ class PagingServices:
         if svc.state == "dead" and svc.cfg.restart and not self.stopping:
             log.info("paging service %s: restarting (restart = true)", svc.name)
             self.start_service(svc)
+
+    def closed_without_answer(self, svc: ServiceLink) -> None:
+        """svc is gone (fenced, or stopped): a CLOSE it had not answered after
+        a lost path never will be; nothing of it runs any more."""
+        for stream in self.streams():
+            if stream.closing is svc:
+                stream.closing = None
+                self.place(stream)
 
     def start_service(self, svc: ServiceLink) -> None:
         svc.start()
@@ -258,6 +285,7 @@ class PagingServices:
             if left[0] <= 0:
                 if svc.sock is not None:
                     svc.close(kill=False)
+                self.closed_without_answer(svc)
                 svc.state = "stopped"
                 log.info("paging service %s: stopped", svc.name)
                 if then:  # once the streams that moved flow again on their other service
