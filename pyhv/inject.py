@@ -161,13 +161,13 @@ class FaultyDevice:
         for pid in (st["nbdfuse"], st["nbdkit"]):
             _kill(pid, signal.SIGTERM)
         for pid in (st["nbdfuse"], st["nbdkit"]):
-            _wait(lambda pid=pid: not _alive(pid), f"process {pid} to exit", timeout=5)
+            _wait(lambda pid=pid: not alive(pid), f"process {pid} to exit", timeout=5)
         for path in (self.dir / STATE, self.socket, self.read_trigger, self.write_trigger,
                      self.dir / "nbdkit.pid"):  # fmt: skip
             path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Is pid a live process (not a zombie)?"""
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -129,6 +129,8 @@ import threading
 import time
 from urllib.parse import quote
 
+from pyhv.inject import alive as _alive
+
 #: Namespaces are called NS_PREFIX + "<pid>-<n>".
 NS_PREFIX = "pyhv-sh-"
 #: Root-side veths are called VETH_PREFIX + "<pid>-<k>" (at most 15 characters).
@@ -220,15 +222,6 @@ def _pick_subnet() -> ipaddress.IPv4Network:
             _subnets.add(net)
             return net
     raise HostError("no free 10.X.Y.0/24 subnet: every one overlaps an address or route")
-
-
-def _alive(pid: int) -> bool:
-    """Is pid a live process (not a zombie)?"""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _die_with_parent():
