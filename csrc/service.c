@@ -565,8 +565,13 @@ long pyhv_svc_serve(struct pyhv_svc *s, uint8_t *buf, size_t cap, int *flags_out
  * that finished last polls a moment for the next before sleeping (one at a
  * time: several polling threads would take the CPUs from the workers).
  * End-of-file (the hypervisor is gone) ends the threads; the main loop sees
- * the same on the stream socket.  Anything but a READ the engine would send
- * is answered EINVAL. */
+ * the same on the stream socket.  A frame shorter than a header (an empty
+ * one included, which reads like end-of-file) is not the engine's: the
+ * channel is shut down, which ends every fast thread at once and shows the
+ * hypervisor the channel closed (it fails the service over), rather than
+ * one thread ending and the channel left open with fewer and then none to
+ * answer it.  Anything else but a READ the engine would send is answered
+ * EINVAL. */
 static void *fast_thread(void *arg)
 {
 	struct pyhv_svc *s = arg;
@@ -594,13 +599,13 @@ static void *fast_thread(void *arg)
 			__atomic_store_n(&s->fast_spinning, 0, __ATOMIC_RELEASE);
 			spinning = 0;
 		}
-		if (n <= 0)
+		if (n < (ssize_t)HDR) {
+			shutdown(s->fast, SHUT_RDWR); /* (wakes the others: they read EOF) */
 			break;
+		}
 		last = now_ns();
 		struct frame_hdr h;
-		memcpy(&h, j.hdr, n < (ssize_t)HDR ? (size_t)n : HDR);
-		if (n < (ssize_t)HDR)
-			break; /* not the hypervisor's engine: stop serving it */
+		memcpy(&h, j.hdr, HDR);
 		pthread_rwlock_rdlock(&s->fast_lock);
 		if (h.op == OP_READ && !(m.msg_flags & MSG_TRUNC) && hot(s, &h, (size_t)n - HDR))
 			run_job(s, &j, s->fast);

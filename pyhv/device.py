@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import struct
 
 from pyhv.uffd import PAGE_SIZE, blkdev_size, punch_hole
@@ -71,12 +72,20 @@ class PagingDevice:
 
     def open_snapshot(self, path: str) -> None:
         """The snapshot's memory file (pyhv.snapshot), O_DIRECT where the
-        filesystem allows it."""
+        filesystem allows it.  A regular file: opened O_NONBLOCK, for a FIFO
+        there would hold the service in open() until someone wrote to it."""
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            self.snapfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            self.snapfd = os.open(path, flags | os.O_DIRECT)
         except OSError:
-            self.snapfd = os.open(path, os.O_RDONLY)
-        self.snap_pages = os.fstat(self.snapfd).st_size // PAGE_SIZE
+            self.snapfd = os.open(path, flags)
+        st = os.fstat(self.snapfd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self.snapfd)
+            self.snapfd = -1
+            raise OSError(errno.EINVAL, f"snapshot {path} is not a regular file")
+        os.set_blocking(self.snapfd, True)
+        self.snap_pages = st.st_size // PAGE_SIZE
 
     def close(self) -> None:
         if self.nbd is not None:

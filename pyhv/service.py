@@ -108,11 +108,11 @@ class PagingService:
         its pages from there."""
         if len(fds) != 1:
             raise OSError(errno.EINVAL, "OPEN carries the partition's memory as one fd")
-        spec = json.loads(bytes(self.view[:payload]))
+        spec = open_spec(bytes(self.view[:payload]))
         dev = PagingDevice(spec["id"], spec["path"], spec["kind"], spec["size"], spec["direct"],
                            tls_psk=spec.get("tls_psk"), deadline=spec.get("path_timeout", 0.0))
-        dev.open()
         try:  # (a stream opened again is replaced at once: a READ never finds it closed)
+            dev.open()
             if spec.get("snapshot"):
                 dev.open_snapshot(spec["snapshot"])
             self.engine.stream_set(stream, dev.fd, dev.pages, fds[0], int(spec["memory"]),
@@ -156,6 +156,41 @@ class PagingService:
     def op_query(self, stream, slot, count, payload, fds):
         dev = self.device(stream)
         return json.dumps(dev.query(self.engine.stream_errors(stream))).encode()
+
+
+def open_spec(data: bytes) -> dict:
+    """OPEN's payload, checked: an OSError (EINVAL) for anything the device
+    cannot be opened from, never another exception (which would end the
+    service, and with it every stream it serves)."""
+    def bad(why: str):
+        return OSError(errno.EINVAL, f"OPEN: {why}")
+
+    try:
+        spec = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise bad("the payload is not JSON") from None
+    if not isinstance(spec, dict):
+        raise bad("the payload is not a JSON object")
+    for key, types in (("id", str), ("path", str), ("kind", str), ("size", int),
+                       ("direct", bool), ("memory", int)):  # fmt: skip
+        v = spec.get(key)
+        if not isinstance(v, types) or (types is int and (isinstance(v, bool) or v <= 0)):
+            raise bad(f"{key} {v!r:.80} is missing or not a {types.__name__}"
+                      + (" > 0" if types is int else ""))  # fmt: skip
+    if spec["kind"] not in ("file", "block", "nbd"):
+        raise bad(f"kind {spec['kind']!r:.80} is no device type")
+    for key in ("snapshot", "tls_psk"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise bad(f"{key} {spec[key]!r:.80} is not a path")
+    for key in ("path", "snapshot", "tls_psk"):
+        if "\0" in (spec.get(key) or ""):
+            raise bad(f"{key} holds a NUL byte")
+    t = spec.get("path_timeout", 0.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+        raise bad(f"path_timeout {t!r:.80} is not a number of seconds")
+    if spec["size"] >= 1 << 63 or spec["memory"] >= 1 << 63:
+        raise bad("size or memory is too large")
+    return spec
 
 
 def main(argv=None) -> int:

@@ -252,7 +252,8 @@ class ControlRoom:
             log.warning("control: %s refused: %s", op, e)
             self.reply(c, {"ok": False, "refused": True, "error": str(e)})
             return
-        except (wire.ProtocolError, KeyError, TypeError, ValueError) as e:
+        except (wire.ProtocolError, KeyError, TypeError, ValueError, OverflowError) as e:
+            # (OverflowError: int() of a JSON Infinity, or a float too large)
             self._close_fds(fds)  # (before the answer: the sender may count on it)
             log.warning("control: bad request %r: %s", op, e)
             self.reply(c, {"ok": False, "error": f"bad request: {e}"})
