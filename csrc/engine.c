@@ -88,6 +88,10 @@
 #define REF_SEEN 2   /* written since it was armed */
 #define REF_ARMED 4  /* write-protected for this: its next write is a WP fault */
 #define REF_MASK 7
+/* While a page is FILLING, its REF_* bits (which mean nothing off the
+ * queues) hold what it was before (PRIOR_*): what recovery after a crash
+ * gives it back. */
+enum { PRIOR_UNTOUCHED, PRIOR_LOANED, PRIOR_POISONED, PRIOR_ON_DEVICE, PRIOR_SNAPSHOT };
 #define STAMP_SHIFT 3
 #define STAMPS 31 /* eviction epochs told apart (5 bits) */
 #define PREFETCH_MIN 8	   /* read-ahead window: first */
@@ -207,7 +211,10 @@ struct pyhv_eng_part {
 	uint32_t zero_ahead;
 	double written_share;
 	uint64_t page_in_count;
-	struct pyhv_eng_counters c;
+	struct pyhv_eng_counters *c; /* in the table's header: they outlive a crash too */
+	int table_fd; /* the memfd the page table lives in (see struct table_hdr) */
+	void *table;
+	size_t table_size;
 };
 
 struct pyhv_eng {
@@ -523,7 +530,7 @@ static uint32_t install_clean(struct pyhv_eng_part *p, uint32_t n)
 	if (p->written_share <= GUESS_WRITTEN)
 		return n;
 	uint32_t clean = p->page_in_count % GUESS_PROBE == 0;
-	p->c.installed_writable += n - clean;
+	p->c->installed_writable += n - clean;
 	return clean;
 }
 
@@ -534,7 +541,7 @@ static void enqueue(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page)
 	uint8_t st = p->age[page] >> STAMP_SHIFT;
 	p->age[page] &= ~REF_MASK;
 	if (st && (e->epoch + STAMPS - (st - 1)) % STAMPS < EPOCHS) {
-		p->c.refaults++;
+		p->c->refaults++;
 		if (ring_push(&p->active, (uint32_t)page) == 0)
 			return;
 	}
@@ -554,6 +561,17 @@ static int in_memory(struct pyhv_eng_part *p, uint64_t page)
 static uint8_t at_rest(struct pyhv_eng_part *p, uint64_t page)
 {
 	return p->slot[page] ? ON_DEVICE : SNAPSHOT;
+}
+
+/* The page (at rest) is being filled: FILLING, its prior state noted
+ * first (see PRIOR_*). */
+static void set_filling(struct pyhv_eng_part *p, uint64_t page)
+{
+	static const uint8_t prior[NSTATES] = {[LOANED] = PRIOR_LOANED, [POISONED] = PRIOR_POISONED,
+					       [ON_DEVICE] = PRIOR_ON_DEVICE,
+					       [SNAPSHOT] = PRIOR_SNAPSHOT};
+	p->age[page] = (uint8_t)((p->age[page] & ~REF_MASK) | prior[p->state[page]]);
+	p->state[page] = FILLING;
 }
 
 /* Does page follow prev in one READ (both on the device in neighbouring
@@ -641,6 +659,11 @@ static void install(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t page, 
 	 * found mapped, IO_EXISTS); a worker forking right now (IO_AGAIN) is
 	 * woken and faults again, and the next one is tried. */
 	struct eng_worker *installer = NULL;
+	/* The table calls it resident before any worker can see it: a crash in
+	 * between leaves a page the table calls resident (kept if it is in the
+	 * memory), never one mapped that the table calls FILLING (which
+	 * recovery reads again over what a worker may have written). */
+	p->state[page] = clean ? CLEAN : DIRTY;
 	for (struct waiter *q = x ? x->head : NULL; q && !installer; q = q->next) {
 		int r = read ? op_map(e, q->w, page, 1, clean) : op_zero(e, q->w, page);
 		if (r == IO_OK || r == IO_EXISTS)
@@ -686,6 +709,8 @@ static void install_run(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t fi
 			uint32_t n, int clean)
 {
 	struct eng_worker *installer = NULL;
+	for (uint32_t k = 0; k < n; k++) /* (resident in the table first: see install) */
+		p->state[first + k] = clean ? CLEAN : DIRTY;
 	for (int i = 0; i < p->nworkers && !installer;) {
 		struct eng_worker *w = p->workers[i];
 		int r = op_map(e, w, first, n, clean);
@@ -868,7 +893,7 @@ static int gather_add(struct pyhv_eng *e, struct pyhv_eng_part *p, struct gather
 		release_frames(e, 1);
 		return -1;
 	}
-	p->state[page] = FILLING;
+	set_filling(p, page);
 	if (!g->k)
 		g->run = page;
 	g->k++;
@@ -902,7 +927,7 @@ static void prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first
 		if (!at_rest_state(p->state[page]) || gather_add(e, p, &g, page))
 			break;
 		p->readahead_end = (int64_t)page + 1;
-		p->c.prefetched++;
+		p->c->prefetched++;
 	}
 	gather_send(e, p, &g);
 }
@@ -936,8 +961,8 @@ static void zero_ahead(struct pyhv_eng *e, struct pyhv_eng_part *p, struct eng_w
 		p->resident++;
 		enqueue(e, p, first + k);
 	}
-	p->c.first_touches += done;
-	p->c.zeroed_ahead += done;
+	p->c->first_touches += done;
+	p->c->zeroed_ahead += done;
 	p->zero_ahead_end = (int64_t)(first + done);
 	if (done < n)
 		release_frames(e, n - done);
@@ -1011,15 +1036,15 @@ static void read_done(struct pyhv_eng *e, struct pyhv_eng_chan *ch, struct rreq 
 		return;
 	}
 	if (status == 0) {
-		p->c.page_ins += r->n;
+		p->c->page_ins += r->n;
 		if (r->snap)
-			p->c.snapshot_reads += r->n;
+			p->c->snapshot_reads += r->n;
 		install_read(e, p, r->first, r->n);
 	} else if (r->n > 1) { /* which page has the error: one by one */
 		for (uint32_t k = 0; k < r->n; k++)
 			page_in_run(e, p, r->first + k, 1);
 	} else { /* a machine check: Python records it, then pyhv_eng_poison */
-		p->c.read_errors++;
+		p->c->read_errors++;
 		post(e, PYHV_EV_READ_FAILED, -status, p, r->first, 0);
 	}
 	free(r);
@@ -1105,12 +1130,12 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 	}
 	uint64_t page = (addr - w->base) / PG;
 	uint8_t st = p->state[page];
-	p->c.faults++;
+	p->c->faults++;
 	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
-		p->c.wp_faults++;
+		p->c->wp_faults++;
 		if ((st == CLEAN || st == DIRTY) && (p->age[page] & REF_ARMED)) {
 			p->age[page] = (p->age[page] & ~REF_ARMED) | REF_SEEN; /* in use */
-			p->c.write_refs++;
+			p->c->write_refs++;
 		}
 		if (st == CLEAN || st == DIRTY) {
 			if (st == CLEAN) { /* its copy on the device is stale from now on */
@@ -1138,10 +1163,10 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 			return;
 		}
 		x->poisoned = st == POISONED;
-		p->state[page] = FILLING;
+		set_filling(p, page);
 		int read = at_rest_state(st);
 		if (!read)
-			p->c.first_touches++;
+			p->c->first_touches++;
 		if (try_take(e)) {
 			fill(e, p, page, read);
 			if (read) {
@@ -1179,11 +1204,11 @@ static void fault(struct pyhv_eng *e, struct eng_worker *w, uint64_t addr, uint6
 	} else if ((flags & UFFD_PAGEFAULT_FLAG_MINOR) || in_memory(p, page)) {
 		/* resident, not mapped by this worker yet (MINOR), or mapped
 		 * meanwhile (an install raced with the fault): map it here */
-		p->c.minor_faults++;
+		p->c->minor_faults++;
 		op_map(e, w, page, 1, st == CLEAN);
 	} else { /* resident by the table, gone from the memfd: a worker removed it
 		  * (MADV_REMOVE): it reads zeros now */
-		p->c.removed_by_worker++;
+		p->c->removed_by_worker++;
 		p->state[page] = DIRTY;
 		op_zero(e, w, page);
 	}
@@ -1623,28 +1648,92 @@ void pyhv_eng_pool_resize(struct pyhv_eng *e, uint64_t pages, uint64_t reserve)
 
 /* --- partitions --------------------------------------------------------------------- */
 
+/* The page table lives in a memfd of its own, mapped shared: the
+ * supervisor keeps a copy of the fd (pyhv.supervisor), so a hypervisor that
+ * crashes leaves its partitions' tables behind for the next one, with no I/O
+ * a fault.  Pages of it never written cost no memory (as calloc's did). */
+#define TABLE_MAGIC 0x316c627476687970ull /* "pyhvtbl1" */
+struct table_hdr {
+	uint64_t magic, pages, slots;
+	uint64_t off_state, off_slot, off_crc, off_age, off_map, size;
+	struct pyhv_eng_counters c;
+};
+#define ALIGN_PG(x) (((x) + PG - 1) / PG * PG)
+
+static void table_layout(struct table_hdr *h, uint64_t pages, uint64_t slots)
+{
+	h->magic = TABLE_MAGIC;
+	h->pages = pages;
+	h->slots = slots;
+	h->off_state = ALIGN_PG(sizeof(*h));
+	h->off_slot = h->off_state + ALIGN_PG(pages);
+	h->off_crc = h->off_slot + ALIGN_PG(4 * pages);
+	h->off_age = h->off_crc + ALIGN_PG(4 * pages);
+	h->off_map = h->off_age + ALIGN_PG(pages);
+	h->size = h->off_map + ALIGN_PG(slots ? slots : 1);
+}
+
+/* Map the table: a new memfd (fd < 0), or one a crashed hypervisor left
+ * (its layout must be this partition's).  0 or -errno. */
+static int table_map(struct pyhv_eng_part *p, int fd, uint64_t pages, uint64_t slots)
+{
+	struct table_hdr want;
+	table_layout(&want, pages, slots);
+	int own = fd < 0;
+	if (own) {
+		fd = memfd_create("pyhv-table", MFD_CLOEXEC);
+		if (fd < 0)
+			return -errno;
+		if (ftruncate(fd, (off_t)want.size) < 0) {
+			int r = -errno;
+			close(fd);
+			return r;
+		}
+	} else {
+		struct table_hdr have;
+		if (pread(fd, &have, sizeof(have), 0) != (ssize_t)sizeof(have))
+			return -EINVAL;
+		if (have.magic != TABLE_MAGIC || have.pages != pages || have.slots != slots ||
+		    have.size != want.size || have.off_map != want.off_map)
+			return -EINVAL; /* another partition's, or another layout */
+	}
+	void *t = mmap(NULL, want.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (t == MAP_FAILED) {
+		int r = -errno;
+		if (own)
+			close(fd);
+		return r;
+	}
+	struct table_hdr *h = t;
+	if (own)
+		*h = want;
+	p->table = t;
+	p->table_size = want.size;
+	p->table_fd = fd;
+	p->c = &h->c;
+	p->state = (uint8_t *)t + h->off_state;
+	p->slot = (uint32_t *)((uint8_t *)t + h->off_slot);
+	p->crc = (uint32_t *)((uint8_t *)t + h->off_crc);
+	p->age = (uint8_t *)t + h->off_age;
+	p->slot_map = (uint8_t *)t + h->off_map;
+	return 0;
+}
+
 struct pyhv_eng_part *pyhv_eng_part_new(struct pyhv_eng *e, uint32_t stream, uint64_t pages,
-					uint64_t slots, int memfd, uint64_t hv_base)
+					uint64_t slots, int memfd, uint64_t hv_base, int table_fd,
+					int *err)
 {
 	struct pyhv_eng_part *p = calloc(1, sizeof(*p));
+	*err = ENOMEM;
 	if (!p)
 		return NULL;
-	/* calloc of a large size maps zero pages: untouched pages of the
-	 * table cost no memory (slot holds slot + 1 for that reason) */
-	p->state = calloc(pages, 1);
-	p->slot = calloc(pages, sizeof(*p->slot));
-	p->crc = calloc(pages, sizeof(*p->crc));
-	p->age = calloc(pages, 1);
-	p->slot_map = calloc(slots ? slots : 1, 1);
-	if (!p->state || !p->slot || !p->crc || !p->age || !p->slot_map) {
-		free(p->state);
-		free(p->slot);
-		free(p->crc);
-		free(p->age);
-		free(p->slot_map);
+	int r = table_map(p, table_fd, pages, slots);
+	if (r) {
+		*err = -r;
 		free(p);
 		return NULL;
 	}
+	*err = 0;
 	p->stream = stream;
 	p->pages = pages;
 	p->slots = slots;
@@ -1661,6 +1750,162 @@ struct pyhv_eng_part *pyhv_eng_part_new(struct pyhv_eng *e, uint32_t stream, uin
 	e->parts = p;
 	pthread_mutex_unlock(&e->mu);
 	return p;
+}
+
+int pyhv_eng_part_table_fd(struct pyhv_eng_part *p)
+{
+	return p->table_fd;
+}
+
+/* Which pages the memfd holds (swapped out ones too): present[page] = 1. */
+static int memfd_pages(int fd, uint64_t pages, uint8_t *present)
+{
+	off_t end = (off_t)(pages * PG), at = 0;
+	while (at < end) {
+		off_t data = lseek(fd, at, SEEK_DATA);
+		if (data < 0)
+			return errno == ENXIO ? 0 : -errno;
+		off_t hole = lseek(fd, data, SEEK_HOLE);
+		if (hole < 0)
+			return -errno;
+		for (off_t q = data / PG; q < (hole + PG - 1) / PG && q < (off_t)pages; q++)
+			present[q] = 1;
+		at = hole;
+	}
+	return 0;
+}
+
+static void punch_page(struct pyhv_eng_part *p, uint64_t page)
+{
+	fallocate(p->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(page * PG), PG);
+}
+
+/* After a crash: the table a dead hypervisor left (mapped by
+ * pyhv_eng_part_new) is made true of the memory again, page by page, from
+ * what the memfd holds now (nobody else writes it: the paging services of
+ * the dead hypervisor are gone).  The rules, by the state the table says:
+ *   resident (DIRTY, CLEAN): kept if in the memory; else a worker removed it
+ *     (MADV_REMOVE), or a zero fill was not mapped yet: zeros (UNTOUCHED)
+ *   FILLING a zero fill: what is in the memory is the page (zeros, or what
+ *     the worker wrote since): kept (DIRTY); else back to what it was
+ *   FILLING a page-in: no worker maps it yet (the table says resident
+ *     before any may: see install), its READ may be half done: punched and
+ *     back at rest, read again at the next fault
+ *   PAGING_OUT in the memory: its WRITE was not done (the service punches
+ *     only after a whole write): kept, dirty, its slot freed
+ *   PAGING_OUT gone from the memory: written, but the CRC32 went with the
+ *     reply: it stays PAGING_OUT (faults wait) and goes to confirm[] for
+ *     Python to confirm from the device (a WRITE flagged RETRY); with no
+ *     slot it cannot be found: a machine check (POISONED)
+ *   at rest (ON_DEVICE, SNAPSHOT) but in the memory: a stale copy, punched
+ *   UNTOUCHED, LOANED in the memory: zeros filled ahead, maybe written: kept
+ * The slot map is rebuilt from the slots pages hold (bad slots get another
+ * chance), the victim queues from the resident pages, the pool's frames
+ * taken for them.  Returns how many pages went to confirm (room for every
+ * page), or -errno; out[]: kept resident, read again, page-outs kept, stale
+ * copies dropped, lost. */
+int64_t pyhv_eng_part_recover(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t *confirm,
+			      uint64_t *out)
+{
+	memset(out, 0, 5 * sizeof(*out));
+	uint8_t *present = calloc(p->pages ? p->pages : 1, 1);
+	if (!present)
+		return -ENOMEM;
+	int r = memfd_pages(p->memfd, p->pages, present);
+	if (r) {
+		free(present);
+		return r;
+	}
+	static const uint8_t was[] = {[PRIOR_UNTOUCHED] = UNTOUCHED, [PRIOR_LOANED] = LOANED,
+				      [PRIOR_POISONED] = POISONED, [PRIOR_ON_DEVICE] = ON_DEVICE,
+				      [PRIOR_SNAPSHOT] = SNAPSHOT};
+	pthread_mutex_lock(&e->mu);
+	int64_t nconfirm = 0;
+	for (uint64_t page = 0; page < p->pages; page++) {
+		uint8_t st = p->state[page], in = present[page];
+		uint8_t prior = p->age[page] & REF_MASK;
+		switch (st) {
+		case DIRTY:
+			release_slot(p, page);
+			/* fallthrough */
+		case CLEAN:
+			if (!in) {
+				release_slot(p, page);
+				p->state[page] = UNTOUCHED;
+			}
+			break;
+		case UNTOUCHED:
+		case LOANED:
+			if (in)
+				p->state[page] = DIRTY;
+			break;
+		case FILLING:
+			if (prior >= sizeof(was))
+				prior = PRIOR_UNTOUCHED; /* (cannot be) */
+			if (prior == PRIOR_ON_DEVICE || prior == PRIOR_SNAPSHOT) {
+				if (in)
+					punch_page(p, page);
+				p->state[page] = prior == PRIOR_ON_DEVICE && !p->slot[page] ? POISONED
+											    : was[prior];
+				out[1]++;
+			} else {
+				p->state[page] = in ? DIRTY : was[prior];
+			}
+			break;
+		case PAGING_OUT:
+			if (in) {
+				release_slot(p, page);
+				p->state[page] = DIRTY;
+				out[2]++;
+			} else if (p->slot[page]) {
+				confirm[nconfirm++] = (uint32_t)page;
+			} else {
+				p->state[page] = POISONED;
+			}
+			break;
+		case ON_DEVICE:
+		case SNAPSHOT:
+			if (in) {
+				punch_page(p, page);
+				out[3]++;
+			}
+			if (st == ON_DEVICE && !p->slot[page])
+				p->state[page] = POISONED; /* (cannot be) */
+			break;
+		default:
+			break;
+		}
+		uint8_t now = p->state[page];
+		out[4] += now == POISONED && st != POISONED;
+		if (now == CLEAN || now == DIRTY) {
+			p->age[page] &= ~REF_MASK;
+			p->resident++;
+			out[0]++;
+			if (ring_push(&p->inactive, (uint32_t)page))
+				e->g.enomem++;
+		} else if (now != ON_DEVICE && now != PAGING_OUT) {
+			release_slot(p, page); /* (nothing else at rest holds a slot) */
+		}
+	}
+	memset(p->slot_map, SLOT_FREE, p->slots);
+	for (uint64_t page = 0; page < p->pages; page++) {
+		uint32_t sl = p->slot[page];
+		if (sl && sl - 1 < p->slots)
+			p->slot_map[sl - 1] = SLOT_USED;
+		else if (sl)
+			p->slot[page] = 0;
+	}
+	for (int64_t i = 0; i < nconfirm; i++)
+		if (!pending_new(e, p, confirm[i]))
+			e->g.enomem++; /* (its faults wake and fault again) */
+	e->used += p->resident + (uint64_t)nconfirm;
+	if (e->used > e->high_water)
+		e->high_water = e->used;
+	if (e->used + e->reserve > e->pool_pages)
+		want_frames(e);
+	pthread_mutex_unlock(&e->mu);
+	free(present);
+	return nconfirm;
 }
 
 static void take_back(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_eng_chan *ch);
@@ -1708,11 +1953,8 @@ static void part_release(struct pyhv_eng *e, struct pyhv_eng_part *p)
 	ring_free(&p->inactive);
 	ring_free(&p->active);
 	free(p->workers);
-	free(p->state);
-	free(p->slot);
-	free(p->crc);
-	free(p->age);
-	free(p->slot_map);
+	munmap(p->table, p->table_size);
+	close(p->table_fd);
 	free(p);
 }
 
@@ -1729,7 +1971,7 @@ void pyhv_eng_part_free(struct pyhv_eng *e, struct pyhv_eng_part *p)
 void pyhv_eng_part_stats(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_eng_stats *out)
 {
 	pthread_mutex_lock(&e->mu);
-	out->c = p->c;
+	out->c = *p->c;
 	out->resident = p->resident;
 	out->active = p->active.count;
 	out->inactive = p->inactive.count;
@@ -1866,7 +2108,7 @@ int64_t pyhv_eng_expire_reads(struct pyhv_eng *e, struct pyhv_eng_part *p, uint6
 			uint64_t page = r->first + k;
 			struct pending *x = pending_find(e, p, page);
 			if (x && x->head) {
-				p->c.read_errors++;
+				p->c->read_errors++;
 				post(e, PYHV_EV_READ_FAILED, ETIMEDOUT, p, page, 0);
 				pages++;
 			} else {
@@ -1980,7 +2222,7 @@ static void arm_pages(struct pyhv_eng *e, struct pyhv_eng_part *p, struct ring *
 			if (w->alive)
 				i++;
 		}
-		p->c.armed += arm->count;
+		p->c->armed += arm->count;
 	}
 	ring_free(arm);
 }
@@ -2052,7 +2294,7 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 		if ((p->age[page] & REF_SEEN) && !force) { /* written since: in use, to the active queue */
 			arm_page(p, &arm, page);
 			ring_push(&p->active, page);
-			p->c.promoted++;
+			p->c->promoted++;
 			continue;
 		}
 		if (st == DIRTY && !allow_dirty) {
@@ -2118,7 +2360,7 @@ int pyhv_eng_evict(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t n, int 
 	}
 	if (nc) {
 		note_written(p, 0, nc);
-		p->c.clean_drops += nc;
+		p->c->clean_drops += nc;
 		release_frames(e, nc);
 	}
 	pthread_mutex_unlock(&e->mu);
@@ -2192,7 +2434,7 @@ int pyhv_eng_discard(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first
 				  (off_t)(run * PG), (off_t)(k * PG));
 		k = 0;
 	}
-	p->c.loaned += out[0];
+	p->c->loaned += out[0];
 	if (out[0]) {
 		queues_sweep(p);
 		release_frames(e, out[0]);
@@ -2307,7 +2549,7 @@ int64_t pyhv_eng_prefetch_pages(struct pyhv_eng *e, struct pyhv_eng_part *p, con
 			continue;
 		if (gather_add(e, p, &g, page))
 			break;
-		p->c.advised++;
+		p->c->advised++;
 	}
 	gather_send(e, p, &g);
 	pthread_mutex_unlock(&e->mu);
@@ -2338,7 +2580,7 @@ int64_t pyhv_eng_prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t 
 			continue; /* (the READ gathered so far goes at the next page, or the end) */
 		if (gather_add(e, p, &g, page))
 			break;
-		p->c.advised++;
+		p->c->advised++;
 		started++;
 	}
 	gather_send(e, p, &g);
@@ -2401,7 +2643,7 @@ void pyhv_eng_written(struct pyhv_eng *e, struct pyhv_eng_part *p, const uint32_
 		p->state[page] = ON_DEVICE;
 		wake_pending(e, pending_take(e, p, page));
 	}
-	p->c.page_outs += n;
+	p->c->page_outs += n;
 	release_frames(e, n);
 	pthread_mutex_unlock(&e->mu);
 }

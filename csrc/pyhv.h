@@ -165,7 +165,11 @@ int64_t pyhv_eng_shortfall(struct pyhv_eng *e, uint64_t coming);
 void pyhv_eng_pool(struct pyhv_eng *e, struct pyhv_eng_pool *out);
 void pyhv_eng_pool_resize(struct pyhv_eng *e, uint64_t pages, uint64_t reserve);
 struct pyhv_eng_part *pyhv_eng_part_new(struct pyhv_eng *e, uint32_t stream, uint64_t pages,
-					uint64_t slots, int memfd, uint64_t hv_base);
+					uint64_t slots, int memfd, uint64_t hv_base, int table_fd,
+					int *err);
+int pyhv_eng_part_table_fd(struct pyhv_eng_part *p);
+int64_t pyhv_eng_part_recover(struct pyhv_eng *e, struct pyhv_eng_part *p, uint32_t *confirm,
+			      uint64_t *out);
 void pyhv_eng_part_free(struct pyhv_eng *e, struct pyhv_eng_part *p);
 void pyhv_eng_part_stats(struct pyhv_eng *e, struct pyhv_eng_part *p, struct pyhv_eng_stats *out);
 void pyhv_eng_part_load(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t *out);

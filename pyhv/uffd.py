@@ -363,11 +363,33 @@ class Engine:
 
     # --- partitions -----------------------------------------------------------------
 
-    def part_new(self, stream: int, pages: int, slots: int, memfd: int, hv_base: int):
-        h = lib.pyhv_eng_part_new(self._e, stream, pages, slots, memfd, hv_base)
+    def part_new(self, stream: int, pages: int, slots: int, memfd: int, hv_base: int,
+                 table_fd: int = -1):  # fmt: skip
+        """A partition's page table: new, or (table_fd) the one a crashed
+        hypervisor left, which part_recover then makes true again."""
+        h = lib.pyhv_eng_part_new(self._e, stream, pages, slots, memfd, hv_base, table_fd,
+                                  self._err)  # fmt: skip
         if h == ffi.NULL:
-            raise OSError(errno.ENOMEM, "cannot allocate the page table")
+            e = self._err[0]
+            raise OSError(e, f"the page table: {os.strerror(e)}"
+                          + (" (not this partition's)" if e == errno.EINVAL else ""))  # fmt: skip
         return h
+
+    def part_table_fd(self, h) -> int:
+        """The memfd the page table lives in (the partition's, not to close)."""
+        return lib.pyhv_eng_part_table_fd(h)
+
+    RECOVERED = ("kept_resident", "read_again", "page_outs_kept", "stale_dropped", "lost")
+
+    def part_recover(self, h, pages: int) -> tuple[list[int], dict]:
+        """After a crash (csrc/engine.c says how): the pages whose page-out
+        must be confirmed from the device, and counts of what was done."""
+        confirm = ffi.new("uint32_t[]", max(pages, 1))
+        out = ffi.new("uint64_t[5]")
+        n = lib.pyhv_eng_part_recover(self._e, h, confirm, out)
+        if n < 0:
+            raise OSError(-n, os.strerror(-n), "page table recovery")
+        return list(confirm[0:n]), dict(zip(self.RECOVERED, out))
 
     def part_snapshot(self, h, crcs) -> None:
         """Every page of a fresh partition is in its snapshot, with these CRC32s."""
