@@ -1368,6 +1368,22 @@ struct pyhv_eng_worker *pyhv_eng_worker_claim(struct pyhv_eng *e, uint64_t id, u
 	return (struct pyhv_eng_worker *)w;
 }
 
+/* The worker's uffd (the engine's: for the supervisor to keep a copy of). */
+int pyhv_eng_worker_fd(struct pyhv_eng_worker *handle)
+{
+	return ((struct eng_worker *)handle)->uffd;
+}
+
+/* Forked children are named from (1 << 40) + last + 1 on: after a crash, past
+ * the ones the last hypervisor named. */
+void pyhv_eng_fork_ids_from(struct pyhv_eng *e, uint64_t last)
+{
+	pthread_mutex_lock(&e->mu);
+	if (last > e->forks)
+		e->forks = last;
+	pthread_mutex_unlock(&e->mu);
+}
+
 /* Is the worker's process still there?  0 yes, ESRCH no (its memory is
  * gone: a forked child that exited, or exec'd, before its first fault). */
 int pyhv_eng_worker_probe(struct pyhv_eng *e, struct pyhv_eng_worker *handle)

@@ -41,9 +41,12 @@ int pyhv_mincore(uint64_t start, uint64_t len, unsigned char *vec);
 int64_t pyhv_fs_magic(int fd);
 
 /* Worker watchdog: a thread that ends the process with _exit(status) when
- * fd reports end-of-file or an error (the hypervisor is gone). */
+ * fd reports end-of-file or an error (the hypervisor is gone), unless a new
+ * hypervisor takes it back within recovery_s (csrc/watchdog.c). */
 struct pyhv_watchdog;
-struct pyhv_watchdog *pyhv_watchdog_start(int fd, int status);
+struct pyhv_watchdog *pyhv_watchdog_start(int fd, int status, const char *path, const char *msg,
+					  int uffd, double recovery_s);
+int pyhv_watchdog_rejoins(struct pyhv_watchdog *w);
 int pyhv_watchdog_stop(struct pyhv_watchdog *w);
 
 /* Machine checks (csrc/mce.c).  The hypervisor writes a record for every
@@ -183,6 +186,8 @@ struct pyhv_eng_worker *pyhv_eng_worker_add(struct pyhv_eng *e, struct pyhv_eng_
 					    int *err);
 struct pyhv_eng_worker *pyhv_eng_worker_claim(struct pyhv_eng *e, uint64_t id, uint64_t *base_out);
 int pyhv_eng_worker_probe(struct pyhv_eng *e, struct pyhv_eng_worker *w);
+int pyhv_eng_worker_fd(struct pyhv_eng_worker *w);
+void pyhv_eng_fork_ids_from(struct pyhv_eng *e, uint64_t last);
 int pyhv_eng_discard(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n,
 		     uint64_t *out);
 int64_t pyhv_eng_prefetch(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t first, uint64_t n,

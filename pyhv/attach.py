@@ -5,8 +5,12 @@ Steps: connect to the hypervisor's control socket, ask to attach (the reply
 carries the partition's memfd), map it shared, open a userfaultfd, register
 the mapping for MISSING and WP faults, send the uffd over, and wait for the
 acknowledgement before touching anything.  Then a C watchdog thread watches
-the connection: if the hypervisor dies, this process exits with
-:data:`EXIT_HYPERVISOR_LOST` instead of hanging in a fault or reading zeros.
+the connection.  If the hypervisor dies, its supervisor starts a new one
+(pyhv.supervisor), which keeps this worker's uffd and the partition's memory
+and page table: the watchdog connects to it and rejoins (a fault meanwhile
+simply waits).  If none comes within the system's recovery_timeout (or it
+runs without restart), this process exits with :data:`EXIT_HYPERVISOR_LOST`
+instead of hanging in a fault or reading zeros.
 
 fork() keeps working: the kernel gives the child a userfaultfd of its own
 (UFFD_FEATURE_EVENT_FORK), which the hypervisor takes, so the child shares
@@ -30,11 +34,13 @@ error log, reports, and stops this worker with SIGBUS (exit status 135).
 from __future__ import annotations
 
 import atexit
+import json
 import mmap
 import os
 import socket
 import sys
 import threading
+import time
 
 from pyhv import uffd, wire
 
@@ -94,28 +100,51 @@ class _Session:
         self.lock = threading.Lock()  # ... one request at a time on it
 
     def request(self, msg: dict, answer: bool = True) -> dict | None:
-        """Send a request on the second connection; its answer, if it has one."""
+        """Send a request on the second connection; its answer, if it has
+        one.  If the hypervisor went away meanwhile, the request goes once
+        more to the one that takes this worker back (each of these requests
+        may be done twice)."""
         with self.lock:
+            rejoins = self.watchdog.rejoins if self.watchdog else 0
             try:
-                if self.requests is None:
-                    self.requests = wire.connect(self.path, timeout=None)
-                wire.send_control(self.requests, msg)
-                if not answer:
-                    return None
-                reply, fds = wire.recv_control(self.requests)
-            except OSError as e:
-                self._close_requests()
-                raise AttachError(f"{msg['op']}: the hypervisor cannot be reached: {e}") from None
-            wire.close_fds(fds)
-            if reply is None:
-                self._close_requests()
-                raise AttachError(f"{msg['op']}: the hypervisor closed the connection")
-            return reply
+                return self._request(msg, answer)
+            except AttachError:
+                deadline = time.monotonic() + self.recovery
+                while self.watchdog and self.watchdog.rejoins == rejoins:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+                return self._request(msg, answer)
+
+    def _request(self, msg: dict, answer: bool) -> dict | None:
+        try:
+            if self.requests is None:
+                self.requests = wire.connect(self.path, timeout=None)
+            wire.send_control(self.requests, msg)
+            if not answer:
+                return None
+            reply, fds = wire.recv_control(self.requests)
+        except OSError as e:
+            self._close_requests()
+            raise AttachError(f"{msg['op']}: the hypervisor cannot be reached: {e}") from None
+        wire.close_fds(fds)
+        if reply is None:
+            self._close_requests()
+            raise AttachError(f"{msg['op']}: the hypervisor closed the connection")
+        return reply
 
     def _close_requests(self) -> None:
         if self.requests is not None:
             self.requests.close()
             self.requests = None
+
+    recovery: float = 0.0  # seconds a new hypervisor may take to come (0: exit at once)
+
+    def watch(self) -> None:
+        """(Re)start the watchdog on the connection."""
+        msg = json.dumps({"op": "rejoin", "partition": self.partition, "worker": self.worker})
+        self.watchdog = uffd.Watchdog(self.sock.fileno(), EXIT_HYPERVISOR_LOST,
+                                      (self.path, msg, self.uffd, self.recovery))  # fmt: skip
 
     def adopt(self) -> None:
         """In a forked child: become a worker of the partition of its own."""
@@ -142,7 +171,7 @@ class _Session:
         uffd.mce_remove(self.base)
         uffd.mce_add(self.base, len(self.mem), sock.fileno(), self.mcelog, self.partition,
                      isolation_partition=self.isolation == "partition")  # fmt: skip
-        self.watchdog = uffd.Watchdog(sock.fileno(), EXIT_HYPERVISOR_LOST)
+        self.watch()
 
 
 def _after_fork_in_child() -> None:
@@ -222,13 +251,14 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
         isolation = granted.get("isolation", "process")
         uffd.mce_add(base, len(mem), sock.fileno(), mcelog, partition,
                      isolation_partition=isolation == "partition")  # fmt: skip
-        watchdog = uffd.Watchdog(sock.fileno(), EXIT_HYPERVISOR_LOST)
-        session = _Session(sock, mem, uffd_fd, watchdog, granted.get("worker"), partition)
+        session = _Session(sock, mem, uffd_fd, None, granted.get("worker"), partition)
         session.mcelog = mcelog
         session.base = base
         session.ident = ident
         session.isolation = isolation
         session.path = path
+        session.recovery = float(granted.get("recovery_timeout", 0.0))
+        session.watch()
         _sessions[id(mem)] = session
         ok = True
         return mem
@@ -260,7 +290,7 @@ def detach(mem: mmap.mmap) -> None:
     try:
         mem.close()  # munmap: the registration goes with the mapping
     except BufferError:
-        s.watchdog = uffd.Watchdog(s.sock.fileno(), EXIT_HYPERVISOR_LOST)
+        s.watch()
         raise BufferError("detach: release every memoryview of the partition's memory "
                           "first") from None  # fmt: skip
     del _sessions[id(mem)]

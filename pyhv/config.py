@@ -192,6 +192,7 @@ class PartitionConfig:
 
 
 POLL_US = 300  # default [hypervisor] poll_us
+RECOVERY_TIMEOUT = 30.0  # default [hypervisor] recovery_timeout, seconds
 
 
 @dataclasses.dataclass
@@ -204,6 +205,10 @@ class Config:
     # microseconds for the next one before they sleep: a fault or reply that
     # arrives meanwhile costs no wake-up of a sleeping CPU (0: never poll)
     poll_us: int = POLL_US
+    # a supervisor restarts a hypervisor that crashed (pyhv.supervisor), and
+    # its workers wait this long for it before they exit 70
+    restart: bool = True
+    recovery_timeout: float = RECOVERY_TIMEOUT
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -220,6 +225,8 @@ class Config:
                                      else Path(x["path"])}) for x in d["devices"]],  # fmt: skip
             partitions=[PartitionConfig(**p) for p in d["partitions"]],
             poll_us=d.get("poll_us", POLL_US),
+            restart=d.get("restart", True),
+            recovery_timeout=d.get("recovery_timeout", RECOVERY_TIMEOUT),
         )
 
 
@@ -504,11 +511,19 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
     hv = doc.get("hypervisor", {})
     if not isinstance(hv, dict):
         raise ConfigError("[hypervisor] must be a table")
-    _unknown_keys(hv, {"poll_us"}, "[hypervisor]")
+    _unknown_keys(hv, {"poll_us", "restart", "recovery_timeout"}, "[hypervisor]")
     poll_us = hv.get("poll_us", POLL_US)
     if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= 100_000:
         raise ConfigError("[hypervisor] poll_us must be a whole number of microseconds, "
                           "0 to 100000")  # fmt: skip
+    hv_restart = hv.get("restart", True)
+    if not isinstance(hv_restart, bool):
+        raise ConfigError("[hypervisor] restart must be true or false")
+    recovery = hv.get("recovery_timeout", RECOVERY_TIMEOUT)
+    if (isinstance(recovery, bool) or not isinstance(recovery, (int, float))
+            or not math.isfinite(recovery) or not 0.5 <= recovery <= 3600):  # fmt: skip
+        raise ConfigError("[hypervisor] recovery_timeout must be a number of seconds from 0.5 "
+                          "to 3600")  # fmt: skip
 
     services = []
     for entry in _table_list(doc, "paging_service"):
@@ -554,7 +569,8 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
         raise ConfigError(f"the pool ({human_size(pool_size)}) and the partitions' metadata "
                           f"({human_size(need - pool_size)}) need more memory than this machine "
                           f"can give ({human_size(available)} available)")  # fmt: skip
-    return Config(pool_size, services, devices, [PartitionConfig(**p) for p in parts], poll_us)
+    return Config(pool_size, services, devices, [PartitionConfig(**p) for p in parts], poll_us,
+                  hv_restart, float(recovery))  # fmt: skip
 
 
 def assign_device(p: dict, devices: dict[str, DeviceConfig], taken: dict[str, str]) -> DeviceConfig:

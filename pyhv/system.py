@@ -69,14 +69,21 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
             json.dump(config.to_dict(), f, indent=1)
     except OSError as e:
         raise Fail(f"cannot use run directory {run_dir}: {e.strerror}", EXIT_USAGE) from None
+    # with restart, a supervisor (this process in the foreground) runs the
+    # hypervisor and starts a new one if it crashes (pyhv.supervisor)
     if not detach:
+        if config.restart:
+            from pyhv import supervisor
+
+            return supervisor.main(["--run-dir", run_dir])
         from pyhv import hypervisor
 
         return hypervisor.main(["--run-dir", run_dir])
     r, w = os.pipe()
+    entry = "pyhv.supervisor" if config.restart else "pyhv.daemon"
     with open(os.path.join(run_dir, LOG_FILE), "ab") as logf:
         proc = subprocess.Popen(
-            module_command("pyhv.daemon", "--run-dir", run_dir, "--ready-fd", str(w)),
+            module_command(entry, "--run-dir", run_dir, "--ready-fd", str(w)),
             pass_fds=[w], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
             start_new_session=True, cwd=run_dir,
         )  # fmt: skip
@@ -165,20 +172,31 @@ def wait_workers(procs: list) -> int:
 
 
 def stop_system(run_dir: str, timeout: float = 30.0) -> dict:
-    """Shut the system down in order; returns what the hypervisor stopped."""
+    """Shut the system down in order; returns what the hypervisor stopped
+    (once it and its supervisor, which holds the devices' locks, are gone)."""
+    from pyhv.supervisor import SUPERVISOR_PID_FILE
+
+    try:
+        with open(os.path.join(run_dir, SUPERVISOR_PID_FILE)) as f:
+            supervisor = int(f.read().strip())
+    except (OSError, ValueError):
+        supervisor = None
     reply = control(run_dir, {"op": "shutdown"})
-    pid = reply.get("pid")
     deadline = time.monotonic() + timeout
-    while pid and time.monotonic() < deadline:
+    for pid in (reply.get("pid"), supervisor):
+        if pid and not _wait_gone(pid, deadline):
+            raise Fail(f"the hypervisor (pid {pid}) did not stop within {timeout:.0f}s")
+    return reply
+
+
+def _wait_gone(pid: int, deadline: float) -> bool:
+    """Wait until process pid has exited (or is a zombie); False at the deadline."""
+    while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return reply
-        if os.path.exists(f"/proc/{pid}/status"):
             with open(f"/proc/{pid}/status") as f:
                 if "State:\tZ" in f.read():
-                    return reply
+                    return True
+        except FileNotFoundError:
+            return True
         time.sleep(0.05)
-    if pid:
-        raise Fail(f"the hypervisor (pid {pid}) did not stop within {timeout:.0f}s")
-    return reply
+    return False

@@ -225,10 +225,14 @@ def address_of(buf, writable: bool = True) -> int:
 
 
 class Watchdog:
-    """A C thread that ends this process with ``_exit(status)`` when fd hits EOF."""
+    """A C thread that ends this process with ``_exit(status)`` when fd hits
+    EOF, or with `rejoin` (control socket path, message, uffd or -1, seconds)
+    first waits that long for a new hypervisor to take the worker back."""
 
-    def __init__(self, fd: int, status: int):
-        w = lib.pyhv_watchdog_start(fd, status)
+    def __init__(self, fd: int, status: int, rejoin: tuple | None = None):
+        path, msg, ufd, seconds = rejoin or (None, None, -1, 0.0)
+        w = lib.pyhv_watchdog_start(fd, status, path.encode() if path else ffi.NULL,
+                                    msg.encode() if msg else ffi.NULL, ufd, seconds)  # fmt: skip
         if w == ffi.NULL:
             e = ffi.errno
             raise OSError(e, os.strerror(e), "watchdog")
@@ -242,6 +246,11 @@ class Watchdog:
     def abandon(self) -> None:
         """In a forked child: the thread stayed in the parent; forget it."""
         self._w = None
+
+    @property
+    def rejoins(self) -> int:
+        """How many times a new hypervisor took this worker back."""
+        return lib.pyhv_watchdog_rejoins(self._w) if self._w is not None else 0
 
 
 class ServiceEngine:
@@ -496,6 +505,16 @@ class Engine:
         started = _check(lib.pyhv_eng_prefetch(self._e, h, first, n, nxt), "prefetch")
         return started, nxt[0]
 
+    def worker_fd(self, w) -> int:
+        """The worker's uffd (the engine's: not to close)."""
+        return lib.pyhv_eng_worker_fd(w)
+
+    FORK_IDS = 1 << 40  # forked children's ids start past this
+
+    def fork_ids_from(self, last: int) -> None:
+        """Name forked children past `last` (after a crash: past the old ones)."""
+        lib.pyhv_eng_fork_ids_from(self._e, max(0, last - self.FORK_IDS))
+
     def worker_remove(self, w) -> None:
         lib.pyhv_eng_worker_remove(self._e, w)
 
@@ -590,8 +609,9 @@ class MceLog:
     """The hypervisor's side of a partition's error log: a memfd that every
     worker maps read-only, holding the newest MCE_RECORDS records."""
 
-    def __init__(self, name: str):
-        self.fd = memfd(f"pyhv-mcelog-{name}", MCE_LOG_SIZE)
+    def __init__(self, name: str, fd: int = -1):
+        """A new log, or (fd) the one a crashed hypervisor left."""
+        self.fd = fd if fd >= 0 else memfd(f"pyhv-mcelog-{name}", MCE_LOG_SIZE)
         self.map = mmap.mmap(self.fd, MCE_LOG_SIZE, mmap.MAP_SHARED)
         self.log = ffi.cast("struct pyhv_mce_log *", address_of(self.map))
 

@@ -119,12 +119,15 @@ class System:
                 p.wait()
         if (self.run_dir / "control.sock").exists():
             pyhv("shutdown", "--run-dir", self.run_dir, timeout=60)
-        pidfile = self.run_dir / "hypervisor.pid"
-        if pidfile.exists():  # shutdown failed or the daemon was killed: leave nothing behind
-            try:
-                os.kill(int(pidfile.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+        # shutdown failed or the daemon was killed: leave nothing behind (the
+        # supervisor first, or it starts another hypervisor)
+        for name in ("supervisor.pid", "hypervisor.pid"):
+            pidfile = self.run_dir / name
+            if pidfile.exists():
+                try:
+                    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
 
 
 @pytest.fixture

@@ -191,7 +191,9 @@ def test_grandchildren_fault_through_the_hypervisor_in_any_pid_namespace(system,
 
 
 def test_machine_checks_and_hypervisor_loss_work_in_a_forked_child(system, tmp_path):
-    system.up(config_text(pool="1MiB", partitions=[("p1", "8MiB")]))
+    # (no restart: the hypervisor's loss is final; tests/test_recovery.py has the other case)
+    system.up(config_text(pool="1MiB", partitions=[("p1", "8MiB")],
+                          extra="[hypervisor]\nrestart = false\n"))  # fmt: skip
     assert finish(system.workload("p1", "write", "--generation", "1"))[0] == 0
     p = system.pyhv("inject", "corrupt", "--partition", "p1", "--json")
     assert p.returncode == 0, p.stderr

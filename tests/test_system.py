@@ -160,7 +160,9 @@ WORKER_READS_FOREVER = textwrap.dedent("""
 
 
 def test_worker_stops_when_the_hypervisor_is_killed(system):
-    system.up(config_text(pool="2MiB", partitions=[("p1", "16MiB")]))
+    """With no restart (tests/test_recovery.py has the supervised case)."""
+    system.up(config_text(pool="2MiB", partitions=[("p1", "16MiB")],
+                          extra="[hypervisor]\nrestart = false\n"))  # fmt: skip
     assert finish(system.workload("p1", "write", "--generation", "1"))[0] == 0
     services = [s["pid"] for s in system.status()["paging_services"]]
     reader = system.run("p1", PY, "-c", WORKER_READS_FOREVER)

@@ -131,6 +131,7 @@ class ControlRoom:
             **self.worker_handlers(),
             "snapshot": self.op_snapshot,
             **self.migration_handlers(),
+            "rejoin": self.op_rejoin,
         }
 
     def on_accept(self, mask: int) -> None:
@@ -244,7 +245,7 @@ class ControlRoom:
         try:
             if handler is None:
                 raise wire.ProtocolError(f"unknown op {op!r}")
-            if fds and op != "register":
+            if fds and op not in ("register", "rejoin"):
                 raise wire.ProtocolError(f"{op} carries no file descriptors")
             reply, reply_fds = handler(c, msg, fds)
         except Refused as e:
@@ -266,6 +267,7 @@ class ControlRoom:
             return
         if reply is not None:
             self.reply(c, reply, reply_fds)
+        self.save_config()  # (if the operation changed it)
 
     def reply(self, c: "Control", reply: dict, fds=()) -> None:
         """Answer without ever blocking the loop: what the peer does not take
@@ -370,6 +372,7 @@ class ControlRoom:
         return {"ok": True, "worker": w.id, "size": part.cfg.memory, "page_size": PAGE_SIZE,
                 "features": uffd.feature_mask(uffd.WORKER_FEATURES),
                 "isolation": part.cfg.isolation, "mcelog_size": uffd.MCE_LOG_SIZE,
+                "recovery_timeout": self.recovery_timeout,
                 }, (part.memfd, part.mcelog.fd)  # fmt: skip
 
     def op_register(self, conn, msg, fds):
@@ -395,6 +398,8 @@ class ControlRoom:
             raise wire.ProtocolError(f"its userfaultfd failed at once: {e.strerror}") from None
         fds.pop()  # the engine's now: it closes it when the worker goes
         w.base = base
+        w.ident = ident
+        self.keep_worker(w)
         log.info("partition %s: worker %d (pid %d) attached", w.partition.name, w.id, w.pid)
         return {"ok": True}, ()
 
@@ -441,6 +446,7 @@ class ControlRoom:
         if w.eng is not None:
             self.engine.worker_remove(w.eng)  # (it closes the uffd)
             w.eng = None
+            self.unkeep(f"w/{w.id}")
 
     def op_slots(self, conn, msg, fds):
         """Where a partition's pages are on its device (for fault injection)."""

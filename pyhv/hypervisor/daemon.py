@@ -13,6 +13,7 @@ The Hypervisor is assembled from its rooms, each a file of this package:
 * workers       forked children adopted, loans (discard, pressure), advice
 * suspend       suspend and resume, holding a partition still for a snapshot
 * migrate       export and import through a shared paging device
+* recovery      surviving a crash: what the supervisor keeps, taking over
 * vcp           control-point operations (pool, partitions, devices, services)
 * partition     a partition: memory, page table handle, device slots
 * daemon        this file: the loop, start and stop, signals, deadlines
@@ -49,8 +50,10 @@ from pyhv.hypervisor.machine_check import MachineChecks
 from pyhv.hypervisor.partition import Partition, Worker
 from pyhv.hypervisor.streams import PagingServices
 from pyhv.hypervisor.migrate import MigrationRoom
+from pyhv.hypervisor.recovery import RecoveryRoom, restart_counts
 from pyhv.hypervisor.suspend import SuspendRoom
 from pyhv.hypervisor.workers import PROBE_EVERY, WorkerRoom
+from pyhv.supervisor import kept_items
 from pyhv.stream import ABORTED, COMPLETED, FLOWING, Request, ServiceLink, Stream
 from pyhv.uffd import PAGE_SIZE
 from pyhv.hypervisor.vcp import Refused
@@ -63,10 +66,18 @@ LOG_FILE = "hypervisor.log"
 
 
 class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerRoom, SuspendRoom,
-                 MigrationRoom):  # fmt: skip
-    def __init__(self, run_dir: str, config: Config):
+                 MigrationRoom, RecoveryRoom):  # fmt: skip
+    def __init__(self, run_dir: str, config: Config, keeper: socket.socket | None = None,
+                 kept: dict | None = None, restarts: int = 0):  # fmt: skip
+        """keeper: the socket to the supervisor (None: not supervised);
+        kept and restarts: what it kept, after a crash (pyhv.hypervisor.recovery)."""
         self.run_dir = run_dir
         self.config = config
+        self.keeper = keeper
+        self.kept = dict(kept or {})
+        self.restarts = restarts
+        self.recovered: dict = {}
+        self.awaiting_rejoin: set[Worker] = set()
         self.sel = selectors.DefaultSelector()
         self.timers: list = []  # (when, action): run once time.monotonic() passes when
         pool_pages = config.pool_size // PAGE_SIZE
@@ -124,6 +135,11 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         self.sel.register(self._wake_r, selectors.EVENT_READ, self.on_signal)
         self.engine.start()
         self.sel.register(self.engine.notify_fd, selectors.EVENT_READ, self.on_engine)
+        for part in self.partitions:
+            self.keep_partition(part)
+        if self.restarts:
+            self.recover()
+        self.save_config()
         path = os.path.join(self.run_dir, CONTROL_SOCKET)
         if os.path.exists(path):
             os.unlink(path)
@@ -153,7 +169,9 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         flags = os.O_RDONLY | os.O_CLOEXEC
         if dev.kind == "file":
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        fd = os.open(dev.path, flags, 0o600)
+        fd = self.take_kept(f"d/{dev.id}")  # (after a crash: the lock the supervisor held)
+        if fd < 0:
+            fd = os.open(dev.path, flags, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -163,12 +181,14 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
             log.warning("device %s: %s cannot be locked (%s); not guarded against another "
                         "system", dev.id, dev.path, e.strerror)  # fmt: skip
         self.locks[dev.id] = fd
+        self.keep(f"d/{dev.id}", fd)
 
     def unlock_device(self, dev) -> None:
         if dev.kind == "nbd":
             self.claims.release(dev.id)
         fd = self.locks.pop(dev.id, None)
         if fd is not None:
+            self.unkeep(f"d/{dev.id}")
             os.close(fd)
 
     def _started(self) -> None:
@@ -180,6 +200,7 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
             self._ready()
 
     def _ready(self) -> None:
+        self.tell_supervisor("ready")
         if self.ready_fd >= 0:
             os.write(self.ready_fd, b"ready\n")
             os.close(self.ready_fd)
@@ -245,6 +266,7 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        self.save_config()  # (an operation that ended meanwhile may have changed it)
         self._check_partial(now)
         if now >= self.next_slot_retry:  # slots that failed a write are tried again
             for part in self.partitions:
@@ -278,6 +300,7 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
             return
         log.info("hypervisor: shutting down")
         self.stopping = True
+        self.tell_supervisor("stopping")
         if self.listener is not None:
             self.sel.unregister(self.listener)
             self.listener.close()
@@ -333,7 +356,8 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
     # --- partitions ------------------------------------------------------------
 
     def _new_partition(self, cfg, dev) -> Partition:
-        part = Partition(self.next_index, cfg, dev, self.engine)
+        part = Partition(self.next_index, cfg, dev, self.engine,
+                         lambda what: self.take_kept(f"p/{cfg.name}/{what}"))  # fmt: skip
         self.next_index += 1
         self.partitions.append(part)
         self.by_name[part.name] = part
@@ -347,6 +371,7 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
 
     def add_partition(self, cfg, dev) -> Partition:
         part = self._new_partition(cfg, dev)
+        self.keep_partition(part)
         log.info("partition %s: added (%d pages, device %s, paging %s)", part.name, part.pages,
                  dev.id, ", ".join(cfg.paging))  # fmt: skip
         self.place(part.stream)
@@ -363,6 +388,7 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         self.partitions.remove(part)
         del self.by_name[part.name]
         del self.by_index[part.index]
+        self.unkeep(prefix=f"p/{part.name}/")
         part.close()
         log.info("partition %s: removed", part.name)
 
@@ -390,6 +416,7 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
             "partitions": parts,
             "paging_services": [s.status() for s in self.services.values()],
             "devices": [vcp.device_row(self, d) for d in self.devices.values()],
+            "hypervisor": restart_counts(self),
         }
 
 
@@ -397,6 +424,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pyhv-hypervisor")
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--ready-fd", type=int, default=-1)
+    ap.add_argument("--keeper-fd", type=int, default=-1)  # the supervisor's socket
+    ap.add_argument("--restarts", type=int, default=0)  # > 0: take over from a crashed one
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
@@ -405,7 +434,13 @@ def main(argv=None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with open(os.path.join(args.run_dir, "config.json")) as f:
         config = Config.from_dict(json.load(f))
-    hv = Hypervisor(os.path.abspath(args.run_dir), config)
+    keeper, kept, restarts = None, {}, 0
+    if args.keeper_fd >= 0:
+        keeper = socket.socket(fileno=args.keeper_fd)
+        keeper.setblocking(True)
+        if args.restarts:
+            kept, restarts = kept_items(keeper)
+    hv = Hypervisor(os.path.abspath(args.run_dir), config, keeper, kept, restarts)
     try:
         hv.start(args.ready_fd)
     except (OSError, Refused) as e:

@@ -66,7 +66,7 @@ class Worker:
     a pidfd for signals, its control connection, and once it registered its
     userfaultfd, the engine's handle of it (the engine owns the uffd)."""
 
-    __slots__ = ("id", "pid", "pidfd", "partition", "conn", "eng", "alive", "base", "tid")
+    __slots__ = ("id", "pid", "pidfd", "partition", "conn", "eng", "alive", "base", "tid", "ident")
 
     def __init__(self, wid: int, pid: int, partition: "Partition", conn):
         self.id = wid
@@ -78,6 +78,7 @@ class Worker:
         self.alive = True
         self.base = 0  # where it maps the memory
         self.tid = 0  # a forked child's first faulting thread, in its own pid namespace
+        self.ident = 0  # its identity page (pyhv.attach)
 
 
 def device_spec(dev) -> dict:
@@ -89,24 +90,35 @@ def device_spec(dev) -> dict:
 
 
 class Partition:
-    def __init__(self, index: int, cfg, device, engine: uffd.Engine):
+    def __init__(self, index: int, cfg, device, engine: uffd.Engine, kept=None):
+        """kept(what): the fd a crashed hypervisor left for this partition's
+        "mem", "log" or "table" (-1: none; pyhv.hypervisor.recovery)."""
         self.index = index  # its stream's id on the wire, and the engine's name for it
         self.cfg = cfg
         self.name = cfg.name
         self.pages = cfg.pages
         self.device = device
         self.engine = engine
-        self.memfd = uffd.memfd(f"pyhv-{cfg.name}", cfg.memory)
+        fds = {k: kept(k) if kept else -1 for k in ("mem", "log", "table")}
+        if fds["mem"] < 0:  # (a table without its memory means nothing)
+            for fd in (fds["log"], fds["table"]):
+                if fd >= 0:
+                    os.close(fd)
+            fds["log"] = fds["table"] = -1
+        self.recovered = fds["mem"] >= 0
+        self.memfd = fds["mem"] if self.recovered else uffd.memfd(f"pyhv-{cfg.name}", cfg.memory)
         # The hypervisor's own view, read-only, never touched: mincore() on it
         # tells whether a page is in the memfd (reading a hole would fill it).
         self.mem = mmap.mmap(self.memfd, cfg.memory, mmap.MAP_SHARED, mmap.PROT_READ)
         self.base = uffd.address_of(self.mem, writable=False)
-        self.eng = engine.part_new(index, self.pages, device.pages, self.memfd, self.base)
+        self.eng = engine.part_new(index, self.pages, device.pages, self.memfd, self.base,
+                                   fds["table"])  # fmt: skip
         spec = {**device_spec(device), "memory": cfg.memory}
         if cfg.snapshot:
             spec["snapshot"] = os.path.join(cfg.snapshot, "memory", "data.ninja")
-            engine.part_snapshot(self.eng, snapshot_crcs(cfg.snapshot, self.pages))
-        self.mcelog = uffd.MceLog(cfg.name)
+            if fds["table"] < 0:  # (a table kept knows already)
+                engine.part_snapshot(self.eng, snapshot_crcs(cfg.snapshot, self.pages))
+        self.mcelog = uffd.MceLog(cfg.name, fds["log"])
         self.workers: dict[int, Worker] = {}
         self.stream = Stream(index, cfg.name, spec, list(cfg.paging), self.memfd)
         self.evicting = 0  # page-outs of this partition in flight or queued

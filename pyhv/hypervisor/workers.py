@@ -98,6 +98,9 @@ class WorkerRoom:
         w = Worker(child_id, 0, part, None)
         w.eng = handle
         w.base = base
+        parent = self.workers_by_id.get(parent_id)
+        w.ident = parent.ident if parent is not None else 0
+        self.keep_worker(w)  # (a crash now must not close its uffd: its faults would read holes)
         part.workers[w.id] = w
         self.workers_by_id[w.id] = w
         part.counters["forks"] += 1
@@ -122,6 +125,7 @@ class WorkerRoom:
             return  # (gone: the probe finds it)
         self.unidentified.discard(w)
         w.pid = pid
+        self.keep_worker(w)  # (named now)
         if w.partition.state != "active":  # born while its partition is being suspended
             try:
                 signal.pidfd_send_signal(w.pidfd, signal.SIGSTOP)

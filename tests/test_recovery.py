@@ -1,0 +1,207 @@
+"""Partitions that survive a crash of their hypervisor (issue 14): kill -9
+of the hypervisor under a worker that writes and verifies every page; a
+supervisor starts a new one, which takes over the partitions' memory, page
+tables, devices and workers (pyhv.supervisor, pyhv.hypervisor.recovery)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from conftest import PY, config_text, finish
+
+# A worker that goes round after round: every page of its stripe written
+# with (partition, page, round), in a shuffled order, then every page
+# verified; it prints each round and exits 1 at the first page that is not
+# what it wrote.
+ROUNDS = """
+import os, random, sys, pyhv
+from pyhv.pattern import page_pattern
+from pyhv.uffd import PAGE_SIZE as P
+rounds = int(sys.argv[1])
+mem = pyhv.attach()
+view = memoryview(mem)
+me, n = int(os.environ["PYHV_WORKER"]), int(os.environ["PYHV_WORKERS"])
+pages = list(range(me, len(mem) // P, n))
+rng = random.Random(me)
+for r in range(1, rounds + 1):
+    rng.shuffle(pages)
+    for page in pages:
+        view[page * P:(page + 1) * P] = page_pattern("p1", page, r)
+    rng.shuffle(pages)
+    for page in pages:
+        if view[page * P:(page + 1) * P] != page_pattern("p1", page, r):
+            print("MISMATCH round", r, "page", page, flush=True)
+            sys.exit(1)
+    print("round", r, flush=True)
+print("verified", len(pages) * rounds, flush=True)
+"""
+
+
+def hypervisor_back(system, pid_before: int, timeout: float = 60.0) -> dict:
+    """Wait for a new hypervisor (another pid) to answer; its status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if system.pid != pid_before:
+                st = system.status_now()
+                if st.get("ok"):
+                    return st
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("no new hypervisor came")
+
+
+def wait_line(p: subprocess.Popen, prefix: str) -> str:
+    while True:
+        line = p.stdout.readline()
+        assert line, f"worker ended before {prefix!r}: {p.stderr.read() if p.poll() is not None else ''}"
+        if line.startswith(prefix):
+            return line
+
+
+def test_three_kills_under_verifying_workers(system):
+    system.up(config_text(pool="2MiB", partitions=[("p1", "16MiB")],
+                          extra="[hypervisor]\nrecovery_timeout = 60\n"))  # fmt: skip
+    p = system.run("p1", PY, "-c", ROUNDS, "6", workers=2)
+    for k in range(1, 4):
+        wait_line(p, f"round {k}")  # (the other worker is somewhere in its round too)
+        time.sleep(0.2 * k)  # a different moment of a round each time
+        old = system.pid
+        os.kill(old, signal.SIGKILL)
+        st = hypervisor_back(system, old)
+        assert st["hypervisor"]["restarts"] == k
+    rc, out, err = finish(p, timeout=300)
+    assert rc == 0, (out, err)
+    assert "MISMATCH" not in out
+    verified = [int(line.split()[1]) for line in out.splitlines() if line.startswith("verified")]
+    assert sum(verified) == 4096 * 6, out  # every page of 16 MiB, six rounds
+    st = system.status()
+    part = st["partitions"][0]
+    assert st["hypervisor"]["restarts"] == 3
+    assert part["machine_checks"] == 0
+    assert part["page_outs"] > 4096 and part["page_ins"] > 0  # (the engine's counters live on)
+
+
+def test_page_in_and_page_out_in_flight_at_the_kill(system):
+    """The paging service is stopped while a worker pages: READs and WRITEs
+    wait in flight; the hypervisor is killed then.  The new one reads again
+    what was being read and keeps (or confirms from the device) what was
+    being written; every page verifies."""
+    system.up(config_text(pool="2MiB", partitions=[("p1", "16MiB")],
+                          extra="[hypervisor]\nrecovery_timeout = 60\n"))  # fmt: skip
+    p = system.run("p1", PY, "-c", ROUNDS, "3")
+    wait_line(p, "round 1")
+    svc = system.status()["paging_services"][0]["pid"]
+    os.kill(svc, signal.SIGSTOP)
+    # a smaller pool: dirty pages are written out (to the stopped service)
+    shrink = subprocess.Popen([PY, "-m", "pyhv", "pool", "resize", "1MiB", "--run-dir",
+                               str(system.run_dir)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 30  # until a page-in and a page-out are in flight
+    while time.monotonic() < deadline:
+        part = system.status_now()["partitions"][0]
+        counts = part["pages_by_state"]
+        if counts.get("filling") and counts.get("paging_out"):
+            break
+        time.sleep(0.02)
+    assert counts.get("filling") and counts.get("paging_out"), counts
+    old = system.pid
+    os.kill(old, signal.SIGKILL)
+    shrink.wait(30)
+    st = hypervisor_back(system, old)
+    rec = st["hypervisor"]["recovered"]
+    assert rec["read_again"] >= 1, rec
+    assert rec["page_outs_kept"] + rec["page_outs_confirmed"] >= 1, rec
+    assert rec["workers"] == 1 and rec["lost"] == 0, rec
+    rc, out, err = finish(p, timeout=300)
+    assert rc == 0, (out, err)
+    assert "verified 12288" in out
+    assert not os.path.exists(f"/proc/{svc}")  # the stopped service was reaped, not left
+
+
+def test_no_hypervisor_within_recovery_timeout_is_exit_70(system):
+    system.up(config_text(pool="2MiB", partitions=[("p1", "8MiB")],
+                          extra="[hypervisor]\nrecovery_timeout = 1\n"))  # fmt: skip
+    p = system.run("p1", PY, "-c", ROUNDS, "1000")
+    wait_line(p, "round 1")
+    sup = int((system.run_dir / "supervisor.pid").read_text())
+    os.kill(sup, signal.SIGKILL)  # nobody to start a new one
+    t0 = time.monotonic()
+    os.kill(system.pid, signal.SIGKILL)
+    rc, out, err = finish(p, timeout=30)
+    assert rc == 70, (out, err)
+    assert "MISMATCH" not in out
+    assert time.monotonic() - t0 >= 0.9  # it waited (about) recovery_timeout first
+
+
+def test_page_outs_done_but_unanswered_are_confirmed_from_the_device(system):
+    """The hypervisor is stopped (SIGSTOP) while it evicts: its service
+    writes the pages out and punches them, and the answers wait unread; then
+    it is killed.  Those pages are in no memory: the new hypervisor confirms
+    them from the device (their CRC32 read back, as after a failover), and
+    every page verifies."""
+    system.up(config_text(pool="2MiB", partitions=[("p1", "16MiB")],
+                          extra="[hypervisor]\nrecovery_timeout = 60\n"))  # fmt: skip
+    p = system.run("p1", PY, "-c", ROUNDS, "12")
+    wait_line(p, "round 1")
+    confirmed = 0
+    for k in range(1, 11):
+        old = system.pid
+        os.kill(old, signal.SIGSTOP)
+        time.sleep(0.3)  # (the service finishes what it has)
+        os.kill(old, signal.SIGKILL)
+        rec = hypervisor_back(system, old)["hypervisor"]["recovered"]
+        assert rec["lost"] == 0, rec
+        confirmed += rec["page_outs_confirmed"]
+        if confirmed:
+            break
+        time.sleep(0.3)
+    assert confirmed, "no page-out was caught between its write and its answer in 10 kills"
+    os.kill(p.pid, 0)
+    rc, out, err = finish(p, timeout=600)
+    assert rc == 0, (out, err)
+    assert "verified 49152" in out
+    assert system.status()["partitions"][0]["machine_checks"] == 0
+
+
+FORKS = """
+import os, sys, pyhv
+from pyhv.pattern import page_pattern
+from pyhv.uffd import PAGE_SIZE as P
+mem = pyhv.attach()
+view = memoryview(mem)
+n = len(mem) // P
+pid = os.fork()
+if pid == 0:  # the child pages the whole memory, round after round
+    for r in range(1, 7):
+        for page in range(n):
+            view[page * P:(page + 1) * P] = page_pattern("p1", page, r)
+        for page in range(n):
+            if view[page * P:(page + 1) * P] != page_pattern("p1", page, r):
+                print("MISMATCH", r, page, flush=True)
+                os._exit(1)
+        print("round", r, flush=True)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_a_forked_child_survives_a_kill(system):
+    """A worker's child faults through a uffd only the hypervisor had (it
+    came with the fork event): the supervisor kept it, the child waits and
+    rejoins, and its pages verify."""
+    system.up(config_text(pool="2MiB", partitions=[("p1", "8MiB")],
+                          extra="[hypervisor]\nrecovery_timeout = 60\n"))  # fmt: skip
+    p = system.run("p1", PY, "-c", FORKS)
+    wait_line(p, "round 2")
+    old = system.pid
+    os.kill(old, signal.SIGKILL)
+    assert hypervisor_back(system, old)["hypervisor"]["recovered"]["workers"] == 2
+    rc, out, err = finish(p, timeout=300)
+    assert rc == 0 and "child exit 0" in out, (out, err)
+    assert "MISMATCH" not in out
