@@ -77,8 +77,16 @@ def cmd_run(args) -> int:
 
 def format_status(st: dict) -> str:
     pool = st["pool"]
+    hv = st.get("hypervisor", {})
+    if hv.get("supervised"):
+        restarts = (f"supervised, {_count(hv['restarts'], 'restart')} after a crash"
+                    + (f", {hv['awaiting_rejoin']} workers awaited" if hv["awaiting_rejoin"]
+                       else ""))  # fmt: skip
+    else:
+        restarts = "not supervised (no restart)"
     lines = [
-        f"hypervisor pid {st['pid']}  {st['state']}  up {st['uptime']:.0f}s  run dir {st['run_dir']}",
+        f"hypervisor pid {st['pid']}  {st['state']}  up {st['uptime']:.0f}s  run dir {st['run_dir']}"
+        f"  {restarts}",
         f"pool {human_size(pool['size_bytes'])}: {pool['resident_pages']}/{pool['pages']} pages "
         f"resident (high water {pool['frames_high_water']}), {pool['fault_waiters']} faults "
         "waiting for a frame",

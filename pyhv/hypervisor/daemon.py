@@ -438,6 +438,7 @@ def main(argv=None) -> int:
     if args.keeper_fd >= 0:
         keeper = socket.socket(fileno=args.keeper_fd)
         keeper.setblocking(True)
+        keeper.set_inheritable(False)  # (a paging service must not hold it open)
         if args.restarts:
             kept, restarts = kept_items(keeper)
     hv = Hypervisor(os.path.abspath(args.run_dir), config, keeper, kept, restarts)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 
 from pyhv import uffd, wire
@@ -161,8 +162,13 @@ class RecoveryRoom:
         if pid:
             try:
                 w.pidfd = os.pidfd_open(pid)
+                # (a partition suspended at the crash is active again: its
+                # workers go on, and fault their pages back in)
+                signal.pidfd_send_signal(w.pidfd, signal.SIGCONT)
             except OSError:  # gone meanwhile: its uffd goes with it
                 os.close(fd)
+                if w.pidfd >= 0:
+                    os.close(w.pidfd)
                 self.unkeep(f"w/{wid}")
                 return 0
         try:
