@@ -263,11 +263,11 @@ FIELD_VALUES = {
     "path": dirs, "tls_psk": dirs, "io_timeout": ints_like, "dir": dirs,
     "pages": st.lists(ints_like, max_size=5) | ints_like | json_values,
     "page": ints_like, "seq": ints_like, "base": ints_like, "ident": ints_like,
-    "offset": ints_like, "length": ints_like,
+    "offset": ints_like, "length": ints_like, "worker": ints_like,
 }  # fmt: skip
 
 # the fields each op's handler reads (pyhv/hypervisor: control.py, vcp.py,
-# workers.py, machine_check.py, suspend.py, migrate.py)
+# workers.py, machine_check.py, suspend.py, migrate.py, recovery.py)
 OP_FIELDS = {
     "status": [], "attach": ["partition"], "register": ["base", "ident"],
     "partition": ["name"], "mce": ["page", "seq"], "errors": [], "slots": ["partition", "pages"],
@@ -282,13 +282,13 @@ OP_FIELDS = {
     "adopt": [], "discard": ["partition", "offset", "length"],
     "prefetch": ["partition", "offset", "length"], "pressure": ["partition"],
     "snapshot": ["partition", "dir"], "partition_export": ["name", "dir"],
-    "partition_import": ["dir", "as"],
+    "partition_import": ["dir", "as"], "rejoin": ["partition", "worker"],
 }  # fmt: skip
 EXCLUDED_OPS = {"shutdown"}
 FORBIDDEN = {"p2", "vios1", "pgdev0", "pgdev1"}
 P1_OK = {"status", "partition", "slots", "snapshot", "attach", "register", "mce", "adopt",
          "discard", "prefetch", "pressure", "partition_list", "device_list", "service_list",
-         "errors"}  # fmt: skip
+         "errors", "rejoin"}  # fmt: skip
 
 
 def known_ops() -> set[str]:
@@ -346,7 +346,7 @@ def allowed(msg) -> bool:
 
 
 WORKER_OPS = ["attach", "register", "mce", "adopt", "discard", "prefetch", "pressure", "slots",
-              "snapshot", "partition"]  # (reached past their first check once attached to p1)
+              "snapshot", "partition", "rejoin"]  # (reached past their first check once attached)
 
 
 @st.composite
@@ -629,7 +629,8 @@ def test_control_survives_a_worker_s_requests(control, daemon_fds, msgs, pieces)
 
 @fuzz(150)
 @given(msg=control_messages | st.sampled_from([{"op": "register", "base": 0, "ident": PAGE},
-                                                {"op": "register"}]),
+                                                {"op": "register"},
+                                                {"op": "rejoin", "partition": "p1", "worker": 1}]),
        raw=st.none() | blobs, kinds=st.lists(st.sampled_from(FD_KINDS), min_size=1, max_size=4),
        attach=st.booleans())
 def test_control_survives_fds(control, daemon_fds, msg, raw, kinds, attach):

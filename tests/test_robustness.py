@@ -148,13 +148,14 @@ def test_a_device_in_a_missing_directory_is_a_config_error(tmp_path):
     assert p.returncode == 2 and "nodir" in p.stderr and "does not exist" in p.stderr
 
 
-def memfd_pages(pid: int) -> int:
-    """Pages really held by the hypervisor's partition memfds (st_blocks):
-    the pool bound checked against the kernel, not our own counter."""
+def memfd_pages(pid: int, partition: str = "p1") -> int:
+    """Pages really held by a partition's memory memfd (st_blocks): the pool
+    bound checked against the kernel, not our own counter. (Not its page
+    table's or its error log's memfds, which are not the pool's.)"""
     blocks = {}  # by inode: mmap keeps a second fd of each memfd
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:pyhv-"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == f"/memfd:pyhv-{partition} (deleted)":
                 st = os.stat(f"/proc/{pid}/fd/{fd}")
                 blocks[st.st_ino] = st.st_blocks
         except FileNotFoundError:
