@@ -231,9 +231,26 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
         base = uffd.address_of(mem)
         ident = mmap.mmap(-1, uffd.PAGE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         ident.madvise(getattr(mmap, "MADV_WIPEONFORK", 18))  # (Linux: 18)
-        uffd_fd = uffd.open_uffd(nonblock=True)
+        try:
+            uffd_fd = uffd.open_uffd(nonblock=True)
+        except PermissionError:
+            raise AttachError(f"attach to partition {partition!r}: this user may not open a "
+                              "userfaultfd (it needs read-write access to /dev/userfaultfd, "
+                              "which an admin grants: see the README)") from None  # fmt: skip
         features = reply["features"]
-        offered, _ = uffd.api(uffd_fd, features)
+        try:
+            offered, _ = uffd.api(uffd_fd, features)
+        except PermissionError:
+            # Fork events need CAP_SYS_PTRACE: without it, the children of
+            # this worker do not inherit the memory at all (MADV_DONTFORK),
+            # for a child's mapping the hypervisor cannot see would read
+            # pages paged out as zeros.  A child attaches on its own.
+            features &= ~uffd.FEATURES["EVENT_FORK"]
+            os.close(uffd_fd)
+            uffd_fd = -1
+            uffd_fd = uffd.open_uffd(nonblock=True)
+            offered, _ = uffd.api(uffd_fd, features)
+            mem.madvise(mmap.MADV_DONTFORK)
         missing = [n for n in uffd.WORKER_FEATURES if not offered & uffd.FEATURES[n]]
         if missing:
             raise AttachError(f"this kernel's userfaultfd lacks {', '.join(missing)}")

@@ -76,6 +76,10 @@ def cmd_run(args) -> int:
 
 
 def format_status(st: dict) -> str:
+    if st.get("restricted"):  # (a user's view: its own partitions)
+        return "\n".join([
+            f"hypervisor pid {st['pid']}  {st['state']}  up {st['uptime']:.0f}s  run dir "
+            f"{st['run_dir']}  (your partitions only)", "", *_partition_rows(st["partitions"])])
     pool = st["pool"]
     hv = st.get("hypervisor", {})
     if hv.get("supervised"):
@@ -91,22 +95,27 @@ def format_status(st: dict) -> str:
         f"resident (high water {pool['frames_high_water']}), {pool['fault_waiters']} faults "
         "waiting for a frame",
         "",
-        f"{'PARTITION':<12}{'MEMORY':>9}{'RESIDENT':>10}{'FAULTS':>10}{'PAGE-INS':>10}"
-        f"{'PAGE-OUTS':>11}{'DROPS':>8}{'LOANED':>8}{'WORKERS':>9}  DEVICE",
+        *_partition_rows(st["partitions"]),
+        "",
     ]
-    for p in st["partitions"]:
-        lines.append(
-            f"{p['name']:<12}{human_size(p['memory_bytes']):>9}{p['resident_pages']:>10}"
-            f"{p['faults']:>10}{p['page_ins']:>10}{p['page_outs']:>11}{p['clean_drops']:>8}"
-            f"{p['loaned_pages']:>8}{len(p['workers']):>9}  {p['device']}"
-        )
-    lines.append("")
     lines += format_services(st["paging_services"]).splitlines()
     waiting = [p for p in st["partitions"] if p.get("service") is None]
     for p in waiting:
         lines.append(f"  partition {p['name']}: stream {p['stream']}, no paging service "
                      f"(paging waits for {', '.join(p['paging'])})")
     return "\n".join(lines)
+
+
+def _partition_rows(partitions: list[dict]) -> list[str]:
+    lines = [f"{'PARTITION':<12}{'MEMORY':>9}{'RESIDENT':>10}{'FAULTS':>10}{'PAGE-INS':>10}"
+             f"{'PAGE-OUTS':>11}{'DROPS':>8}{'LOANED':>8}{'WORKERS':>9}  DEVICE"]
+    for p in partitions:
+        lines.append(
+            f"{p['name']:<12}{human_size(p['memory_bytes']):>9}{p['resident_pages']:>10}"
+            f"{p['faults']:>10}{p['page_ins']:>10}{p['page_outs']:>11}{p['clean_drops']:>8}"
+            f"{p['loaned_pages']:>8}{len(p['workers']):>9}  {p['device']}"
+        )
+    return lines
 
 
 def format_services(services: list[dict]) -> str:
@@ -154,6 +163,8 @@ def _op(args, msg: dict, timeout: float = 120.0) -> dict:
 
 def _emit(args, reply: dict, text: str) -> int:
     print(json.dumps(reply, indent=2) if args.json else text)
+    for w in reply.get("warnings", ()):
+        print(f"pyhv: warning: {w}", file=sys.stderr)
     return 0
 
 
@@ -220,7 +231,8 @@ def cmd_partition(args) -> int:
         snap = os.path.abspath(args.from_snapshot) if args.from_snapshot else None
         r = _op(args, {"op": "partition_add", "name": args.name, "memory": args.memory,
                        "paging": _names(args.paging), "device": args.device,
-                       "snapshot": snap, "prefetch": not args.no_prefetch})  # fmt: skip
+                       "snapshot": snap, "prefetch": not args.no_prefetch,
+                       "owner": args.owner, "group": args.group})  # fmt: skip
         return _emit(args, r, format_partitions([r["partition"]]))
     if args.action == "export":
         r = _op(args, {"op": "partition_export", "name": args.name,
@@ -501,6 +513,8 @@ def build_parser() -> Parser:
                    help="its pages come from this snapshot (pyhv snapshot save) on first touch")
     q.add_argument("--no-prefetch", action="store_true",
                    help="with --from-snapshot: do not read its working set ahead")
+    q.add_argument("--owner", metavar="USER", help="a user who may run workers in it")
+    q.add_argument("--group", metavar="GROUP", help="a group whose members may run workers in it")
     json_opt(q)
     q = psub.add_parser("remove", help="deactivate a partition with no live worker")
     q.add_argument("name")

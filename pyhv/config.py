@@ -14,6 +14,7 @@ import stat
 import tomllib
 from pathlib import Path
 
+from pyhv import owners
 from pyhv.uffd import PAGE_SIZE
 
 _UNITS = {
@@ -185,6 +186,8 @@ class PartitionConfig:
     weight: int = 128
     snapshot: str | None = None  # a snapshot directory its pages come from (read-only)
     prefetch: bool = True  # ... with its working set read ahead
+    owner: str | None = None  # a user who may run workers in it (besides root)
+    group: str | None = None  # ... and a group whose members may
 
     @property
     def pages(self) -> int:
@@ -209,6 +212,8 @@ class Config:
     # its workers wait this long for it before they exit 70
     restart: bool = True
     recovery_timeout: float = RECOVERY_TIMEOUT
+    # members of this group may use the control point as root does
+    admin_group: str | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -227,6 +232,7 @@ class Config:
             poll_us=d.get("poll_us", POLL_US),
             restart=d.get("restart", True),
             recovery_timeout=d.get("recovery_timeout", RECOVERY_TIMEOUT),
+            admin_group=d.get("admin_group"),
         )
 
 
@@ -464,7 +470,7 @@ def parse_partition(entry: dict, service_names: list[str], base: Path | None = N
     name = _name(entry, "name", "[[partition]]")
     where = f"partition {name!r}"
     _unknown_keys(entry, {"name", "memory", "paging", "device", "isolation", "weight", "snapshot",
-                          "prefetch"}, where)  # fmt: skip
+                          "prefetch", "owner", "group"}, where)  # fmt: skip
     if "memory" not in entry:
         raise ConfigError(f"{where}: memory is required")
     memory = parse_pages(entry["memory"], f"{where}: memory")
@@ -495,8 +501,23 @@ def parse_partition(entry: dict, service_names: list[str], base: Path | None = N
     prefetch = entry.get("prefetch", True)
     if not isinstance(prefetch, bool):
         raise ConfigError(f"{where}: prefetch must be true or false")
+    owner = _account(entry, "owner", owners.user_id, "user", where)
+    group = _account(entry, "group", owners.group_id, "group", where)
     return dict(name=name, memory=memory, paging=list(paging), device=device,
-                isolation=isolation, weight=weight, snapshot=snapshot, prefetch=prefetch)
+                isolation=isolation, weight=weight, snapshot=snapshot, prefetch=prefetch,
+                owner=owner, group=group)
+
+
+def _account(entry: dict, key: str, lookup, what: str, where: str) -> str | None:
+    """A user or group name that exists here, or None if not given."""
+    v = entry.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{where}: {key} must be a {what} name")
+    if lookup(v) is None:
+        raise ConfigError(f"{where}: {key} {v!r} is no {what} on this machine")
+    return v
 
 
 def parse_config(doc: dict, run_dir: Path) -> Config:
@@ -511,7 +532,8 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
     hv = doc.get("hypervisor", {})
     if not isinstance(hv, dict):
         raise ConfigError("[hypervisor] must be a table")
-    _unknown_keys(hv, {"poll_us", "restart", "recovery_timeout"}, "[hypervisor]")
+    _unknown_keys(hv, {"poll_us", "restart", "recovery_timeout", "admin_group"}, "[hypervisor]")
+    admin_group = _account(hv, "admin_group", owners.group_id, "group", "[hypervisor]")
     poll_us = hv.get("poll_us", POLL_US)
     if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= 100_000:
         raise ConfigError("[hypervisor] poll_us must be a whole number of microseconds, "
@@ -570,7 +592,7 @@ def parse_config(doc: dict, run_dir: Path) -> Config:
                           f"({human_size(need - pool_size)}) need more memory than this machine "
                           f"can give ({human_size(available)} available)")  # fmt: skip
     return Config(pool_size, services, devices, [PartitionConfig(**p) for p in parts], poll_us,
-                  hv_restart, float(recovery))  # fmt: skip
+                  hv_restart, float(recovery), admin_group)  # fmt: skip
 
 
 def assign_device(p: dict, devices: dict[str, DeviceConfig], taken: dict[str, str]) -> DeviceConfig:

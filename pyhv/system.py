@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 
-from pyhv import wire
+from pyhv import owners, wire
 from pyhv._spawn import module_command
 from pyhv.config import load_config
 from pyhv.hypervisor import CONTROL_SOCKET, LOG_FILE, PID_FILE
@@ -63,9 +64,14 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
     if pid is not None:
         raise Fail(f"a hypervisor is already running in {run_dir} (pid {pid})", EXIT_USAGE)
     check_locks(config)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
+    for part in config.partitions:  # (they can attach once an admin grants it)
+        warning = owners.uffd_warning(part.name, part.owner, part.group)
+        if warning:
+            print(f"pyhv: warning: {warning}", file=sys.stderr)
+    try:  # root's: the hypervisor opens the way to its socket as far as owners need
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        with open(os.open(os.path.join(run_dir, "config.json"),
+                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(config.to_dict(), f, indent=1)
     except OSError as e:
         raise Fail(f"cannot use run directory {run_dir}: {e.strerror}", EXIT_USAGE) from None
@@ -81,7 +87,8 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
         return hypervisor.main(["--run-dir", run_dir])
     r, w = os.pipe()
     entry = "pyhv.supervisor" if config.restart else "pyhv.daemon"
-    with open(os.path.join(run_dir, LOG_FILE), "ab") as logf:
+    with open(os.open(os.path.join(run_dir, LOG_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                      0o600), "ab") as logf:
         proc = subprocess.Popen(
             module_command(entry, "--run-dir", run_dir, "--ready-fd", str(w)),
             pass_fds=[w], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -182,6 +189,8 @@ def stop_system(run_dir: str, timeout: float = 30.0) -> dict:
     except (OSError, ValueError):
         supervisor = None
     reply = control(run_dir, {"op": "shutdown"})
+    if not reply.get("ok"):
+        raise Fail(reply.get("error", "refused"), EXIT_USAGE)
     deadline = time.monotonic() + timeout
     for pid in (reply.get("pid"), supervisor):
         if pid and not _wait_gone(pid, deadline):

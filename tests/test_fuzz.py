@@ -264,6 +264,8 @@ FIELD_VALUES = {
     "pages": st.lists(ints_like, max_size=5) | ints_like | json_values,
     "page": ints_like, "seq": ints_like, "base": ints_like, "ident": ints_like,
     "offset": ints_like, "length": ints_like, "worker": ints_like,
+    "owner": names | st.sampled_from(["root", "nobody", "daemon"]),
+    "group": names | st.sampled_from(["root", "nogroup", "daemon"]),
 }  # fmt: skip
 
 # the fields each op's handler reads (pyhv/hypervisor: control.py, vcp.py,
@@ -272,7 +274,8 @@ OP_FIELDS = {
     "status": [], "attach": ["partition"], "register": ["base", "ident"],
     "partition": ["name"], "mce": ["page", "seq"], "errors": [], "slots": ["partition", "pages"],
     "pool_resize": ["size"],
-    "partition_add": ["name", "memory", "paging", "device", "snapshot", "prefetch"],
+    "partition_add": ["name", "memory", "paging", "device", "snapshot", "prefetch", "owner",
+                      "group"],
     "partition_remove": ["name"], "partition_list": [], "partition_suspend": ["name"],
     "partition_resume": ["name", "prefetch"],
     "device_add": ["id", "path", "size", "services", "tls_psk", "io_timeout", "direct"],

@@ -39,7 +39,7 @@ PIECES_TIMEOUT = 5.0  # seconds a long request may take to arrive whole
 class Control:
     """A control connection: a control-point client, or a worker's for life."""
 
-    __slots__ = ("sock", "out", "worker", "pieces", "queued")
+    __slots__ = ("sock", "out", "worker", "pieces", "queued", "peer")
 
     def __init__(self, sock: socket.socket):
         self.sock: socket.socket | None = sock
@@ -48,6 +48,7 @@ class Control:
         self.worker: Worker | None = None
         self.pieces = wire.Assembler(wire.MAX_REQUEST)  # a long request coming in
         self.queued = 0  # bytes in out
+        self.peer = None  # its credentials (pyhv.hypervisor.access), when first asked
 
 
 UFFD_LINK = "anon_inode:[userfaultfd]"  # what /proc/self/fd/N reads for a userfaultfd
@@ -75,7 +76,10 @@ def prove_uffd(fd: int, pid: int, base: int, part: Partition) -> None:
     except (IndexError, ValueError):
         raise wire.ProtocolError("its userfaultfd has had no UFFDIO_API handshake") from None
     want = uffd.feature_mask(uffd.WORKER_FEATURES)
-    if features != want:  # exactly: an event feature would queue messages nobody reads
+    # exactly: an event feature would queue messages nobody reads (a worker
+    # without CAP_SYS_PTRACE may not have fork events: its memory is not
+    # inherited by its children, pyhv.attach)
+    if features not in (want, want & ~uffd.FEATURES["EVENT_FORK"]):
         raise wire.ProtocolError(f"its userfaultfd has features {features:#x}, attach asked for "
                                  f"{want:#x}")  # fmt: skip
     size = part.cfg.memory
@@ -247,6 +251,7 @@ class ControlRoom:
                 raise wire.ProtocolError(f"unknown op {op!r}")
             if fds and op not in ("register", "rejoin"):
                 raise wire.ProtocolError(f"{op} carries no file descriptors")
+            self.authorize(c, op, msg)
             reply, reply_fds = handler(c, msg, fds)
         except Refused as e:
             self._close_fds(fds)
@@ -329,7 +334,14 @@ class ControlRoom:
         self._close_conn(c)
 
     def op_status(self, conn, msg, fds):
-        return self.status(), ()
+        st = self.status()
+        if self.is_admin(conn):
+            return st, ()
+        # a user sees the partitions it may use, and nothing of the rest
+        mine = self.visible(conn, [p["name"] for p in st["partitions"]])
+        return {"ok": True, "pid": st["pid"], "state": st["state"], "uptime": st["uptime"],
+                "run_dir": st["run_dir"], "restricted": True,
+                "partitions": [p for p in st["partitions"] if p["name"] in mine]}, ()  # fmt: skip
 
     def op_shutdown(self, conn, msg, fds):
         reply = {"ok": True, "pid": os.getpid(), "partitions": [p.name for p in self.partitions],

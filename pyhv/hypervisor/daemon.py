@@ -43,6 +43,7 @@ from pyhv import uffd, wire
 from pyhv.claim import ClaimError, Claims
 from pyhv.hypervisor import vcp
 from pyhv.config import Config
+from pyhv.hypervisor.access import AccessRoom
 from pyhv.hypervisor import victims
 from pyhv.hypervisor.control import ControlRoom
 from pyhv.hypervisor.engine import EngineSide
@@ -66,7 +67,7 @@ LOG_FILE = "hypervisor.log"
 
 
 class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerRoom, SuspendRoom,
-                 MigrationRoom, RecoveryRoom):  # fmt: skip
+                 MigrationRoom, RecoveryRoom, AccessRoom):  # fmt: skip
     def __init__(self, run_dir: str, config: Config, keeper: socket.socket | None = None,
                  kept: dict | None = None, restarts: int = 0):  # fmt: skip
         """keeper: the socket to the supervisor (None: not supervised);
@@ -144,6 +145,7 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         if os.path.exists(path):
             os.unlink(path)
         self.listener = wire.listen(path)
+        self.share_run_dir()
         self.sel.register(self.listener, selectors.EVENT_READ, self.on_accept)
         with open(os.path.join(self.run_dir, PID_FILE), "w") as f:
             f.write(f"{os.getpid()}\n")

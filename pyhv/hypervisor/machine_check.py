@@ -73,7 +73,8 @@ class MachineChecks:
 
     def _save_error(self, record: dict) -> None:
         try:
-            with open(os.path.join(self.run_dir, ERROR_LOG), "a") as f:
+            with open(os.open(os.path.join(self.run_dir, ERROR_LOG),
+                              os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             log.error("hypervisor: cannot append to the error log: %s", e.strerror)
@@ -101,4 +102,5 @@ class MachineChecks:
         return None, ()
 
     def op_errors(self, conn, msg, fds):
-        return {"ok": True, "errors": self.errors}, ()
+        mine = self.visible(conn, {r["partition"] for r in self.errors})
+        return {"ok": True, "errors": [r for r in self.errors if r["partition"] in mine]}, ()

@@ -104,7 +104,8 @@ class MigrationRoom:
             meta = {"format": FORMAT, "version": VERSION,
                     "partition": {"name": part.name, "memory": part.cfg.memory,
                                   "paging": part.cfg.paging, "isolation": part.cfg.isolation,
-                                  "weight": part.cfg.weight, "snapshot": part.cfg.snapshot},
+                                  "weight": part.cfg.weight, "snapshot": part.cfg.snapshot,
+                                  "owner": part.cfg.owner, "group": part.cfg.group},
                     "device": {"id": dev.id, "size": dev.size, "direct": dev.direct,
                                "path": (dev.uris if len(dev.uris) > 1 else dev.uris[0])
                                if dev.kind == "nbd" else str(Path(dev.path).resolve()),
@@ -160,7 +161,8 @@ class MigrationRoom:
         if not nbd_dev and not os.path.exists(dv["path"]):
             raise Refused(f"import of {d}: its device {dv['path']} cannot be reached from here")
         try:  # (every field as `partition add` would check it)
-            entry = {k: p.get(k) for k in ("memory", "isolation", "weight", "snapshot")
+            entry = {k: p.get(k) for k in ("memory", "isolation", "weight", "snapshot", "owner",
+                                           "group")
                      if p.get(k) is not None}  # fmt: skip
             pc = parse_partition({**entry, "name": name, "paging": services, "prefetch": False},
                                  list(self.services), Path("/"))  # fmt: skip

@@ -16,7 +16,7 @@ import errno
 import mmap
 import os
 
-from pyhv import uffd
+from pyhv import owners, uffd
 from pyhv.slots import SlotHealth
 from pyhv.stream import Stream
 from pyhv.uffd import PAGE_SIZE
@@ -97,6 +97,7 @@ class Partition:
         self.cfg = cfg
         self.name = cfg.name
         self.pages = cfg.pages
+        self.owner_uid, self.group_gid = owners.partition_ids(cfg)  # who else may use it
         self.device = device
         self.engine = engine
         fds = {k: kept(k) if kept else -1 for k in ("mem", "log", "table")}

@@ -106,9 +106,12 @@ class RecoveryRoom:
                 tuple(self.devices), tuple(self.services))  # fmt: skip
         if mark == getattr(self, "_config_mark", None):
             return
+        if self.listener is not None:
+            self.share_run_dir()  # (a partition with an owner came or went)
         path = os.path.join(self.run_dir, CONFIG_FILE)
         try:
-            with open(path + ".new", "w") as f:
+            with open(os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                      "w") as f:
                 json.dump(self._config_now(), f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())

@@ -19,7 +19,7 @@ import os
 from pyhv.config import ConfigError, DeviceConfig, PartitionConfig, assign_device, \
     available_memory, check_metadata, check_pool_size, format_size, parse_device, parse_pages, \
     parse_partition  # fmt: skip
-from pyhv import wire
+from pyhv import owners, wire
 from pyhv.hypervisor import victims
 from pyhv.hypervisor.partition import CLEAN, DIRTY
 from pyhv.stream import FLOWING
@@ -138,8 +138,8 @@ def pool_resize(hv, conn, msg):
 
 def partition_add(hv, conn, msg):
     _no_stop(hv)
-    entry = {k: msg[k] for k in ("name", "memory", "paging", "device", "snapshot", "prefetch")
-             if msg.get(k) is not None}  # fmt: skip
+    entry = {k: msg[k] for k in ("name", "memory", "paging", "device", "snapshot", "prefetch",
+                                 "owner", "group") if msg.get(k) is not None}  # fmt: skip
     p = _config_errors(parse_partition, entry, list(hv.services))
     if p["name"] in hv.by_name:
         raise Refused(f"partition {p['name']!r} exists already")
@@ -158,7 +158,9 @@ def partition_add(hv, conn, msg):
             hv.reply(conn, {"ok": False, "refused": True, "error": f"partition {part.name!r}: "
                             f"device {dev.id!r} cannot be opened by {', '.join(s.paging)}"})
         else:
-            hv.reply(conn, {"ok": True, "partition": part.status()})
+            warning = owners.uffd_warning(part.name, part.cfg.owner, part.cfg.group)
+            hv.reply(conn, {"ok": True, "partition": part.status(),
+                            **({"warnings": [warning]} if warning else {})})  # fmt: skip
 
     hv.after(lambda: part.stream.state in ("ENABLED", "RESUMED") or part.stream.service is None,
              opened)  # fmt: skip
@@ -205,7 +207,8 @@ def partition_resume(hv, conn, msg):
 
 
 def partition_list(hv, conn, msg):
-    return {"ok": True, "partitions": [p.status() for p in hv.partitions]}
+    mine = hv.visible(conn, [p.name for p in hv.partitions])
+    return {"ok": True, "partitions": [p.status() for p in hv.partitions if p.name in mine]}
 
 
 # --- devices -----------------------------------------------------------------------------------
