@@ -52,6 +52,9 @@ class Sampler:
             raise
         if not st.get("ok"):
             raise Fail(f"hypervisor in {self.run_dir}: {st.get('error', 'status refused')}")
+        if st.get("restricted"):  # (a user's view has no pool, services or devices)
+            raise Fail("pyhv top and stat show the whole system: they are for root and the "
+                       "admin group (pyhv status shows your partitions)", EXIT_USAGE)  # fmt: skip
         now = time.monotonic()
         prev = self._prev if self._prev and self._prev[1]["pid"] == st["pid"] else None
         self._prev, self.status = (now, st), st

@@ -215,6 +215,8 @@ def test_owners_run_workers_and_nobody_else_does(system, accounts):
     assert [x["name"] for x in st["partitions"]] == ["p1"]
     assert "pool" not in st and "paging_services" not in st and "devices" not in st
     assert "your partitions only" in cli_as(alice, system, "status").stdout
+    p = cli_as(alice, system, "stat", "-n", "1")
+    assert p.returncode == 2 and "for root" in p.stderr and "Traceback" not in p.stderr
     assert raw_as(bob, system, {"op": "status"})["partitions"][0]["name"] == "p2"
     nobody = pwd.getpwnam("nobody")
     assert raw_as(nobody, system, {"op": "status"})["partitions"] == []
