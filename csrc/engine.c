@@ -726,13 +726,14 @@ static void install_run(struct pyhv_eng *e, struct pyhv_eng_part *p, uint64_t fi
 		}
 		installer = w;
 	}
-	if (!installer) {
+	if (!installer) { /* back at rest in the table before the memory is
+			   * punched: a crash in between reads them again */
+		for (uint32_t k = 0; k < n; k++)
+			p->state[first + k] = at_rest(p, first + k);
 		fallocate(p->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(first * PG),
 			  (off_t)n * PG);
-		for (uint32_t k = 0; k < n; k++) {
+		for (uint32_t k = 0; k < n; k++)
 			pending_free(e, pending_take(e, p, first + k));
-			p->state[first + k] = at_rest(p, first + k);
-		}
 		release_frames(e, n);
 		return;
 	}

@@ -161,9 +161,10 @@ class _Session:
         sock = wire.connect(self.path, timeout=30)
         wire.send_control(sock, {"op": "adopt", "partition": self.partition})
         reply, fds = wire.recv_control(sock)
-        wire.close_fds(fds)
-        if not reply or not reply.get("ok"):
+        if not reply or not reply.get("ok") or len(fds) != 1:
+            wire.close_fds(fds)
             raise AttachError((reply or {}).get("error", "the hypervisor refused the child"))
+        self.uffd = fds[0]  # its own (held: its faults wait on it if the hypervisor dies)
         sock.setblocking(True)
         self.sock.close()  # the parent's connection: its copy here only
         self.sock = sock

@@ -102,7 +102,7 @@ def _pid_ns() -> int:
         return 0
 
 
-def _start_time(pid) -> str | None:
+def start_time(pid) -> str | None:
     """When process pid started (field 22 of /proc/PID/stat), or None."""
     try:
         with open(f"/proc/{int(pid)}/stat") as f:
@@ -131,7 +131,7 @@ def live_holder(d: NbdDevice, rec: dict | None, me: dict | None) -> str | None:
     if me is not None and rec.get("system") == me["system"]:
         return None
     if _judged_here(rec):  # its hypervisor runs if that very process does
-        return _holder(rec) if _start_time(rec.get("pid")) == rec["pid_start"] else None
+        return _holder(rec) if start_time(rec.get("pid")) == rec["pid_start"] else None
     beat = rec.get("beat")
     time.sleep(STALE)  # another host: is it beating?
     again = read_record(d)
@@ -171,7 +171,7 @@ class Claims:
     def __init__(self, run_dir: str):
         self.me = {"system": uuid.uuid4().hex, "host": socket.gethostname(), "machine": MACHINE,
                    "run_dir": os.path.abspath(run_dir), "pid": os.getpid(),
-                   "pid_start": _start_time(os.getpid()), "pid_ns": _pid_ns()}  # fmt: skip
+                   "pid_start": start_time(os.getpid()), "pid_ns": _pid_ns()}  # fmt: skip
         self.held: dict[str, _Held] = {}
         self.mu = threading.Lock()
 

@@ -35,6 +35,7 @@ import argparse
 import ctypes
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -72,7 +73,10 @@ class Supervisor:
         """One message from the hypervisor; False at its end-of-file."""
         try:
             msg, fds = wire.recv_control(self.sock)
-        except (OSError, wire.ProtocolError) as e:
+        except wire.ProtocolError as e:  # one message lost (its fds closed), not the socket
+            log.error("supervisor: keeper socket: a message lost: %s", e)
+            return True
+        except OSError as e:
             log.error("supervisor: keeper socket: %s", e)
             return False
         if msg is None:
@@ -176,8 +180,12 @@ class Supervisor:
             f.write(f"{os.getpid()}\n")
         try:
             while True:
-                self.spawn()
-                status = self.wait_hypervisor()
+                try:
+                    self.spawn()
+                    status = self.wait_hypervisor()
+                except OSError as e:  # (out of fds or processes: the workers exit 70)
+                    log.error("supervisor: cannot run a hypervisor: %s; giving up", e)
+                    return 1
                 reaped = self.reap_orphans()
                 if self.stopping or status == 0 or not self.was_ready:
                     return status  # (stopped, or it could not start: that would repeat)
@@ -219,6 +227,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    # it keeps one fd a worker and four a partition, as many as the hypervisor has
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return Supervisor(os.path.abspath(args.run_dir), args.ready_fd).run()
 
 

@@ -29,10 +29,10 @@ class Fail(Exception):
         self.code = code
 
 
-def running_pid(run_dir: str) -> int | None:
-    """The pid of a live hypervisor in run_dir, or None."""
+def _live_pid(path: str) -> int | None:
+    """The pid in a pid file, if that process lives."""
     try:
-        with open(os.path.join(run_dir, PID_FILE)) as f:
+        with open(path) as f:
             pid = int(f.read().strip())
     except (OSError, ValueError):
         return None
@@ -42,7 +42,21 @@ def running_pid(run_dir: str) -> int | None:
         return None
     except PermissionError:
         pass
-    return pid if os.path.exists(os.path.join(run_dir, CONTROL_SOCKET)) else None
+    return pid
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def running_pid(run_dir: str) -> int | None:
+    """The pid of a live hypervisor in run_dir, or None."""
+    pid = _live_pid(os.path.join(run_dir, PID_FILE))
+    return pid if pid and os.path.exists(os.path.join(run_dir, CONTROL_SOCKET)) else None
 
 
 def control(run_dir: str, msg: dict, timeout: float = 30.0) -> dict:
@@ -63,6 +77,10 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
     pid = running_pid(run_dir)
     if pid is not None:
         raise Fail(f"a hypervisor is already running in {run_dir} (pid {pid})", EXIT_USAGE)
+    pid = _live_pid(os.path.join(run_dir, "supervisor.pid"))
+    if pid is not None and b"pyhv" in _cmdline(pid):  # (between a crash and the next hypervisor)
+        raise Fail(f"a supervisor is running in {run_dir} (pid {pid}): its hypervisor is being "
+                   "restarted", EXIT_USAGE)  # fmt: skip
     check_locks(config)
     for part in config.partitions:  # (they can attach once an admin grants it)
         warning = owners.uffd_warning(part.name, part.owner, part.group)

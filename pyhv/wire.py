@@ -162,7 +162,7 @@ def send_control(sock: socket.socket, msg: dict, fds: list[int] = (),
 def recv_piece(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One control message as it came, and its fds; ProtocolError if it is
     longer than a piece can be (its fds are closed)."""
-    data, fds, flags, _ = socket.recv_fds(sock, CHUNK + 2, MAX_FDS)
+    data, fds, flags, _ = socket.recv_fds(sock, CHUNK + 2, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > CHUNK + 1:
         close_fds(fds)
         raise ProtocolError("message too large")

@@ -96,6 +96,10 @@ def test_page_in_and_page_out_in_flight_at_the_kill(system):
     p = system.run("p1", PY, "-c", ROUNDS, "3")
     wait_line(p, "round 1")
     svc = system.status()["paging_services"][0]["pid"]
+    deadline = time.monotonic() + 60  # a moment most of the pool is dirty (the worker writes)
+    while system.status_now()["partitions"][0]["pages_by_state"].get("dirty", 0) < 384:
+        assert time.monotonic() < deadline, "the pool was never mostly dirty"
+        time.sleep(0.01)
     os.kill(svc, signal.SIGSTOP)
     # a smaller pool: dirty pages are written out (to the stopped service)
     shrink = subprocess.Popen([PY, "-m", "pyhv", "pool", "resize", "1MiB", "--run-dir",
@@ -139,32 +143,41 @@ def test_no_hypervisor_within_recovery_timeout_is_exit_70(system):
 
 
 def test_page_outs_done_but_unanswered_are_confirmed_from_the_device(system):
-    """The hypervisor is stopped (SIGSTOP) while it evicts: its service
-    writes the pages out and punches them, and the answers wait unread; then
-    it is killed.  Those pages are in no memory: the new hypervisor confirms
-    them from the device (their CRC32 read back, as after a failover), and
-    every page verifies."""
+    """Page-outs queue at a stopped paging service; the hypervisor is
+    stopped (SIGSTOP) and the service let go: it writes the pages out and
+    punches them, and its answers wait unread; then the hypervisor is
+    killed.  Those pages are in no memory: the new hypervisor confirms them
+    from the device (their CRC32 read back, as after a failover), and every
+    page verifies."""
     system.up(config_text(pool="2MiB", partitions=[("p1", "16MiB")],
                           extra="[hypervisor]\nrecovery_timeout = 60\n"))  # fmt: skip
-    p = system.run("p1", PY, "-c", ROUNDS, "12")
+    p = system.run("p1", PY, "-c", ROUNDS, "6")
     wait_line(p, "round 1")
-    confirmed = 0
-    for k in range(1, 11):
-        old = system.pid
-        os.kill(old, signal.SIGSTOP)
-        time.sleep(0.3)  # (the service finishes what it has)
-        os.kill(old, signal.SIGKILL)
-        rec = hypervisor_back(system, old)["hypervisor"]["recovered"]
-        assert rec["lost"] == 0, rec
-        confirmed += rec["page_outs_confirmed"]
-        if confirmed:
-            break
-        time.sleep(0.3)
-    assert confirmed, "no page-out was caught between its write and its answer in 10 kills"
-    os.kill(p.pid, 0)
+    svc = system.status()["paging_services"][0]["pid"]
+    deadline = time.monotonic() + 60  # a moment most of the pool is dirty (the worker writes)
+    while system.status_now()["partitions"][0]["pages_by_state"].get("dirty", 0) < 384:
+        assert time.monotonic() < deadline, "the pool was never mostly dirty"
+        time.sleep(0.01)
+    os.kill(svc, signal.SIGSTOP)
+    # a smaller pool: dirty pages are written out (to the stopped service)
+    shrink = subprocess.Popen([PY, "-m", "pyhv", "pool", "resize", "1MiB", "--run-dir",
+                               str(system.run_dir)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 30  # until page-outs wait at the service
+    while not system.status_now()["partitions"][0]["pages_by_state"].get("paging_out"):
+        assert time.monotonic() < deadline, "no page-out went to the stopped service"
+        time.sleep(0.02)
+    old = system.pid
+    os.kill(old, signal.SIGSTOP)
+    os.kill(svc, signal.SIGCONT)
+    time.sleep(0.5)  # (the service writes what it has, and punches it)
+    os.kill(old, signal.SIGKILL)
+    shrink.wait(30)
+    rec = hypervisor_back(system, old)["hypervisor"]["recovered"]
+    assert rec["lost"] == 0 and rec["page_outs_confirmed"] >= 1, rec
     rc, out, err = finish(p, timeout=600)
     assert rc == 0, (out, err)
-    assert "verified 49152" in out
+    assert "verified 24576" in out
     assert system.status()["partitions"][0]["machine_checks"] == 0
 
 
@@ -205,3 +218,58 @@ def test_a_forked_child_survives_a_kill(system):
     rc, out, err = finish(p, timeout=300)
     assert rc == 0 and "child exit 0" in out, (out, err)
     assert "MISMATCH" not in out
+
+
+# a child writes every page once, then reads them all back, round after round
+CHILD_READS = """
+import os, sys, pyhv
+from pyhv.pattern import page_pattern
+from pyhv.uffd import PAGE_SIZE as P
+mem = pyhv.attach()
+view = memoryview(mem)
+n = len(mem) // P
+if os.fork() == 0:
+    for page in range(n):
+        view[page * P:(page + 1) * P] = page_pattern("p1", page, 1)
+    r = 0
+    while True:
+        r += 1
+        for page in range(n):
+            if view[page * P:(page + 1) * P] != page_pattern("p1", page, 1):
+                print("MISMATCH", r, page, flush=True)
+                os._exit(1)
+        print("read", r, flush=True)
+os.wait()
+"""
+
+
+def test_a_forked_child_with_no_hypervisor_exits_70_and_reads_no_zeros(system):
+    """With no supervisor to keep its uffd, a child's faults still wait (it
+    holds its own copy, from adopt) and its watchdog stops it with 70:
+    never a page on the device read as zeros."""
+    system.up(config_text(pool="1MiB", partitions=[("p1", "8MiB")],
+                          extra="[hypervisor]\nrecovery_timeout = 2\n"))  # fmt: skip
+    p = system.run("p1", PY, "-c", CHILD_READS)
+    wait_line(p, "read 1")
+    os.kill(int((system.run_dir / "supervisor.pid").read_text()), signal.SIGKILL)
+    os.kill(system.pid, signal.SIGKILL)
+    rc, out, err = finish(p, timeout=60)  # (its output closed: the child is gone too)
+    assert "MISMATCH" not in out, out  # (a page read as zeros would be one)
+    assert rc == 70, (out, err)  # (the parent's watchdog, before it hears of the child)
+
+
+def test_a_rejoin_outside_a_takeover_is_refused(system):
+    """Only a worker the crashed hypervisor had, and not yet back, may
+    rejoin, from its own process: a rejoin naming a live worker, or a
+    forked child's id, is refused, and the workers go on."""
+    from pyhv import wire
+
+    system.up(config_text(pool="2MiB", partitions=[("p1", "8MiB")]))
+    p = system.run("p1", PY, "-c", FORKS)
+    wait_line(p, "round 1")
+    for wid in [1, 2, 3, 1 << 40, (1 << 40) + 1, (1 << 40) + 2]:  # (the worker, its child)
+        r = wire.request(str(system.run_dir / "control.sock"),
+                         {"op": "rejoin", "partition": "p1", "worker": wid})  # fmt: skip
+        assert not r["ok"] and "not awaited" in r["error"], (wid, r)
+    rc, out, err = finish(p, timeout=300)
+    assert rc == 0 and "child exit 0" in out and "MISMATCH" not in out, (out, err)

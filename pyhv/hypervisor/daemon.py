@@ -90,8 +90,17 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         self.by_index: dict[int, Partition] = {}  # by stream id, as the engine names them
         self.workers_by_id: dict[int, Worker] = {}
         self.next_index = 0
+        self.lost: list[str] = []  # partitions a crash took (not kept whole)
         for p in config.partitions:
-            self._new_partition(p, self.devices[p.device])
+            if restarts and not all(f"p/{p.name}/{k}" in self.kept for k in ("mem", "table")):
+                self._lose(p.name, "its memory and page table were not kept")
+                continue
+            try:
+                self._new_partition(p, self.devices[p.device])
+            except Exception as e:  # (a kept table that is no table: this one, not all)
+                if not restarts:
+                    raise
+                self._lose(p.name, f"its kept page table cannot be used ({e})")
         self.locks: dict[str, int] = {}  # device id -> fd holding its flock
         self.claims = Claims(run_dir)  # devices on NBD servers: their claims (pyhv.claim)
         self.expiring = False  # a partition with io_timeout waits for a path
@@ -356,6 +365,15 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
                 self.shutdown()
 
     # --- partitions ------------------------------------------------------------
+
+    def _lose(self, name: str, why: str) -> None:
+        """After a crash, a partition that cannot be taken over: it is not
+        made anew (an empty table would read its pages on the device as
+        zeros); its workers are refused and exit 70, its device is left as
+        it is, and the config no longer has it."""
+        log.error("partition %s: lost in the crash: %s; not recovered (its workers exit 70, "
+                  "its device is left as it was)", name, why)  # fmt: skip
+        self.lost.append(name)
 
     def _new_partition(self, cfg, dev) -> Partition:
         part = Partition(self.next_index, cfg, dev, self.engine,

@@ -31,6 +31,7 @@ import signal
 import socket
 
 from pyhv import uffd, wire
+from pyhv.claim import start_time
 from pyhv.hypervisor.partition import Worker
 from pyhv.hypervisor.workers import peer_pid
 
@@ -77,7 +78,7 @@ class RecoveryRoom:
         if w.eng is not None:
             self.keep(f"w/{w.id}", self.engine.worker_fd(w.eng),
                       {"partition": w.partition.name, "pid": w.pid, "base": w.base,
-                       "ident": w.ident})  # fmt: skip
+                       "ident": w.ident, "start": start_time(w.pid) if w.pid else None})  # fmt: skip
 
     def take_kept(self, key: str) -> int:
         """A kept fd for this hypervisor to use (-1: none)."""
@@ -148,7 +149,7 @@ class RecoveryRoom:
             log.warning("hypervisor: %s kept by the supervisor belongs to nothing now", key)
             os.close(self.kept.pop(key)[0])
             self.unkeep(key)
-        self.recovered = {**totals, "workers": workers}
+        self.recovered = {**totals, "workers": workers, "partitions_lost": list(self.lost)}
         log.warning("hypervisor: took over after a crash (restart %d): %s", self.restarts,
                     ", ".join(f"{k} {v}" for k, v in self.recovered.items()))  # fmt: skip
         self.later(self.config.recovery_timeout + 1.0, self._rejoin_deadline)
@@ -165,6 +166,8 @@ class RecoveryRoom:
         if pid:
             try:
                 w.pidfd = os.pidfd_open(pid)
+                if meta.get("start") and start_time(pid) != meta["start"]:  # its pid reused
+                    raise ProcessLookupError
                 # (a partition suspended at the crash is active again: its
                 # workers go on, and fault their pages back in)
                 signal.pidfd_send_signal(w.pidfd, signal.SIGCONT)
@@ -176,6 +179,11 @@ class RecoveryRoom:
                 return 0
         try:
             uffd.wake(fd, base, part.cfg.memory)  # faults the dead hypervisor had read
+            if ident:  # (and a child's identifying fault)
+                try:
+                    uffd.wake(fd, ident, uffd.PAGE_SIZE)
+                except OSError:
+                    pass
             w.eng = self.engine.worker_add(part.eng, fd, base, wid, pid, ident)
         except OSError as e:
             log.error("partition %s: worker %d (pid %d) cannot be taken back: %s", part.name,
@@ -206,15 +214,14 @@ class RecoveryRoom:
         wid = msg.get("worker")
         w = self.workers_by_id.get(wid) if isinstance(wid, int) else None
         pid = peer_pid(conn.sock)
-        if (w is None or w.partition.name != msg.get("partition") or w.conn is not None
-                or conn.worker is not None):  # fmt: skip
-            return {"ok": False, "error": f"worker {wid!r} is not known here"}, ()
-        if w.pid and w.pid != pid:
+        # Only a worker the crashed hypervisor had, named (a forked child not
+        # named yet has no watchdog to rejoin with: it adopts when it first
+        # faults), and only from its own process.
+        if (w is None or w not in self.awaiting_rejoin or w.partition.name != msg.get("partition")
+                or w.conn is not None or conn.worker is not None or not w.pid):  # fmt: skip
+            return {"ok": False, "error": f"worker {wid!r} is not awaited here"}, ()
+        if w.pid != pid:
             return {"ok": False, "error": f"worker {wid} is process {w.pid}, not {pid}"}, ()
-        if not w.pid:  # a forked child not named yet: its connection names it
-            self._identified(w, pid)
-            if not w.pid:
-                return {"ok": False, "error": f"process {pid} cannot be watched"}, ()
         conn.worker = w
         w.conn = conn
         self.awaiting_rejoin.discard(w)

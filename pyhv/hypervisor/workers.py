@@ -161,8 +161,13 @@ class WorkerRoom:
             return {"ok": False, "error": f"process {pid} is no forked worker"}, ()
         w.conn = conn
         conn.worker = w
+        self.awaiting_rejoin.discard(w)  # (a child a crashed hypervisor had not named)
+        # its own copy of its uffd (the engine's): while no hypervisor runs
+        # its faults wait on it, and its watchdog rejoins with it, never
+        # left to read a hole of the memfd when the last other copy closes
         return {"ok": True, "worker": w.id, "partition": w.partition.name,
-                "isolation": w.partition.cfg.isolation}, ()  # fmt: skip
+                "isolation": w.partition.cfg.isolation}, (
+                    (self.engine.worker_fd(w.eng),) if w.eng is not None else ())  # fmt: skip
 
     # --- requests from workers ----------------------------------------------------------
 
