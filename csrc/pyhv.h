@@ -23,6 +23,7 @@ struct pyhv_fault {
 };
 
 int pyhv_uffd_open(int flags);
+int pyhv_map_fixed(int fd, uint64_t addr, uint64_t len);
 int pyhv_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
 int pyhv_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
 int pyhv_uffd_unregister(int fd, uint64_t start, uint64_t len);

@@ -40,6 +40,22 @@ int pyhv_uffd_open(int flags)
 	return fd >= 0 ? fd : -err;
 }
 
+/* fd mapped shared, read-write, at exactly addr, where nothing is mapped
+ * now (in the child of a worker whose mapping was not inherited:
+ * MADV_DONTFORK).  0, or -errno (-EEXIST: something is there). */
+int pyhv_map_fixed(int fd, uint64_t addr, uint64_t len)
+{
+	void *at = (void *)(uintptr_t)addr;
+	void *got = mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0);
+	if (got == MAP_FAILED)
+		return NEG_ERRNO();
+	if (got != at) { /* (a kernel that takes the flag for a hint) */
+		munmap(got, len);
+		return -EEXIST;
+	}
+	return 0;
+}
+
 /* UFFDIO_API handshake asking for `features`; the kernel's answer (all it
  * supports) goes to *features_out and *ioctls_out.  -EINVAL when a requested
  * feature is missing: probe with features = 0 first on a throwaway fd. */

@@ -18,7 +18,11 @@ the memory and faults through the hypervisor like its parent.  The fork
 hook here (in the child) touches the child's identity page (a private page
 wiped on fork and registered MISSING: its fault tells the hypervisor which
 process the new userfaultfd serves), then opens the child's own
-connection, watchdog and machine-check reporting.
+connection, watchdog and machine-check reporting.  A worker that is not
+root has no fork events (the kernel gives them to CAP_SYS_PTRACE only): its
+memory is MADV_DONTFORK, never held by a child unguarded, and the fork hook
+maps it again in the child, at the same address, as a worker of its own.
+A child that runs no Python fork hook (a fork() in C) has no memory there.
 
 Beyond faults, a worker can give memory back (:func:`discard`, or
 ``madvise(MADV_REMOVE)`` on the memory), ask for a range to be read ahead
@@ -146,9 +150,12 @@ class _Session:
         self.watchdog = uffd.Watchdog(self.sock.fileno(), EXIT_HYPERVISOR_LOST,
                                       (self.path, msg, self.uffd, self.recovery))  # fmt: skip
 
+    forks: bool = True  # its uffd has fork events (else: MADV_DONTFORK, see _worker_uffd)
+
     def adopt(self) -> None:
         """In a forked child: become a worker of the partition of its own."""
-        self.ident[0]  # (its fault names this process to the hypervisor)
+        if self.forks:
+            self.ident[0]  # (its fault names this process to the hypervisor)
         if self.uffd >= 0:  # the parent's: the child's own is the hypervisor's
             os.close(self.uffd)
             self.uffd = -1
@@ -159,12 +166,20 @@ class _Session:
             self.requests.close()  # (the parent's connection: its copy here only)
             self.requests = None
         sock = wire.connect(self.path, timeout=30)
-        wire.send_control(sock, {"op": "adopt", "partition": self.partition})
-        reply, fds = wire.recv_control(sock)
-        if not reply or not reply.get("ok") or len(fds) != 1:
-            wire.close_fds(fds)
-            raise AttachError((reply or {}).get("error", "the hypervisor refused the child"))
-        self.uffd = fds[0]  # its own (held: its faults wait on it if the hypervisor dies)
+        if not self.forks:  # the memory is not here (MADV_DONTFORK): attach anew
+            try:
+                reply, self.uffd, _ = _join(sock, self.partition, self)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            wire.send_control(sock, {"op": "adopt", "partition": self.partition})
+            reply, fds = wire.recv_control(sock)
+            if not reply or not reply.get("ok") or len(fds) != 1:
+                wire.close_fds(fds)
+                sock.close()
+                raise AttachError((reply or {}).get("error", "the hypervisor refused the child"))
+            self.uffd = fds[0]  # its own (held: its faults wait on it if the hypervisor dies)
         sock.setblocking(True)
         self.sock.close()  # the parent's connection: its copy here only
         self.sock = sock
@@ -198,6 +213,85 @@ def _run_dir(run_dir: str | None) -> str:
     return run_dir
 
 
+def _worker_uffd(features: int) -> tuple[int, bool]:
+    """A userfaultfd with the worker features, and whether it has fork
+    events: the kernel gives those to CAP_SYS_PTRACE only, so a worker that
+    is not root has none (its memory is then not inherited: MADV_DONTFORK,
+    and its children attach on their own, in the fork hook)."""
+    fork = uffd.FEATURES["EVENT_FORK"]
+    for want in (features, features & ~fork):
+        try:
+            fd = uffd.open_uffd(nonblock=True)
+        except PermissionError:
+            raise AttachError("this user may not open a userfaultfd (it needs read-write access "
+                              "to /dev/userfaultfd, which an admin grants: see the README)"
+                              ) from None  # fmt: skip
+        try:
+            offered, _ = uffd.api(fd, want)
+        except PermissionError:
+            os.close(fd)
+            if want & fork:
+                continue
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        missing = [n for n in uffd.WORKER_FEATURES if not offered & uffd.FEATURES[n]]
+        if missing:
+            os.close(fd)
+            raise AttachError(f"this kernel's userfaultfd lacks {', '.join(missing)}")
+        return fd, bool(want & fork)
+    raise AttachError("no userfaultfd with the worker features")  # (not reached)
+
+
+def _join(sock, partition: str, child: "_Session | None" = None) -> tuple[dict, int, bool]:
+    """Attach on sock and register a new userfaultfd over the partition's
+    memory: the attach reply (with "mem", "mcelog", "ident" mapped here),
+    the uffd, and whether it has fork events.  A forked child (child: its
+    session) maps the memory again where the session has it."""
+    wire.send_control(sock, {"op": "attach", "partition": partition})
+    reply, fds = wire.recv_control(sock)
+    if not reply or not reply.get("ok") or len(fds) != 2:
+        wire.close_fds(fds)
+        raise AttachError((reply or {}).get("error", "the hypervisor refused to attach"))
+    memfd, logfd = fds
+    made: list = []  # what to close if it fails
+    uffd_fd = -1
+    try:
+        if child is None:
+            mem = Memory(memfd, reply["size"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            made.append(mem)
+            made.append(mmap.mmap(logfd, reply["mcelog_size"], mmap.MAP_SHARED, mmap.PROT_READ))
+            ident = mmap.mmap(-1, uffd.PAGE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            made.append(ident)
+            ident.madvise(getattr(mmap, "MADV_WIPEONFORK", 18))  # (Linux: 18)
+            reply["mem"], reply["mcelog"], reply["ident"] = made
+        else:
+            mem, ident = child.mem, child.ident
+            uffd.map_fixed(memfd, child.base, len(mem))
+        base = uffd.address_of(mem)
+        uffd_fd, forks = _worker_uffd(reply["features"])
+        if not forks:  # no child may hold the memory unguarded
+            mmap.mmap.madvise(mem, mmap.MADV_DONTFORK)
+        uffd.register(uffd_fd, base, len(mem), uffd.MODE_MISSING | uffd.MODE_MINOR | uffd.MODE_WP)
+        ident_at = uffd.address_of(ident)
+        uffd.register(uffd_fd, ident_at, uffd.PAGE_SIZE, uffd.MODE_MISSING)
+        wire.send_control(sock, {"op": "register", "base": base, "ident": ident_at}, [uffd_fd])
+        answer, got = wire.recv_control(sock)
+        wire.close_fds(got)
+        if not answer or not answer.get("ok"):
+            raise AttachError((answer or {}).get("error", "the hypervisor refused the uffd"))
+    except BaseException:
+        if uffd_fd >= 0:
+            os.close(uffd_fd)
+        for m in made:
+            m.close()
+        raise
+    finally:
+        wire.close_fds(fds)
+    return reply, uffd_fd, forks
+
+
 def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mmap:
     """Map the partition's memory; returns a writable buffer of its size.
 
@@ -216,53 +310,9 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
     uffd_fd = -1
     mem = ident = None
     try:
-        wire.send_control(sock, {"op": "attach", "partition": partition})
-        reply, fds = wire.recv_control(sock)
-        if not reply or not reply.get("ok") or len(fds) != 2:
-            wire.close_fds(fds)
-            raise AttachError((reply or {}).get("error", "the hypervisor refused to attach"))
-        memfd, logfd = fds
-        granted = reply
-        try:
-            mem = Memory(memfd, reply["size"], mmap.MAP_SHARED,
-                         mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
-            mcelog = mmap.mmap(logfd, reply["mcelog_size"], mmap.MAP_SHARED, mmap.PROT_READ)
-        finally:
-            wire.close_fds(fds)
+        granted, uffd_fd, forks = _join(sock, partition)
+        mem, mcelog, ident = granted["mem"], granted["mcelog"], granted["ident"]
         base = uffd.address_of(mem)
-        ident = mmap.mmap(-1, uffd.PAGE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        ident.madvise(getattr(mmap, "MADV_WIPEONFORK", 18))  # (Linux: 18)
-        try:
-            uffd_fd = uffd.open_uffd(nonblock=True)
-        except PermissionError:
-            raise AttachError(f"attach to partition {partition!r}: this user may not open a "
-                              "userfaultfd (it needs read-write access to /dev/userfaultfd, "
-                              "which an admin grants: see the README)") from None  # fmt: skip
-        features = reply["features"]
-        try:
-            offered, _ = uffd.api(uffd_fd, features)
-        except PermissionError:
-            # Fork events need CAP_SYS_PTRACE: without it, the children of
-            # this worker do not inherit the memory at all (MADV_DONTFORK),
-            # for a child's mapping the hypervisor cannot see would read
-            # pages paged out as zeros.  A child attaches on its own.
-            features &= ~uffd.FEATURES["EVENT_FORK"]
-            os.close(uffd_fd)
-            uffd_fd = -1
-            uffd_fd = uffd.open_uffd(nonblock=True)
-            offered, _ = uffd.api(uffd_fd, features)
-            mem.madvise(mmap.MADV_DONTFORK)
-        missing = [n for n in uffd.WORKER_FEATURES if not offered & uffd.FEATURES[n]]
-        if missing:
-            raise AttachError(f"this kernel's userfaultfd lacks {', '.join(missing)}")
-        uffd.register(uffd_fd, base, len(mem), uffd.MODE_MISSING | uffd.MODE_MINOR | uffd.MODE_WP)
-        ident_at = uffd.address_of(ident)
-        uffd.register(uffd_fd, ident_at, uffd.PAGE_SIZE, uffd.MODE_MISSING)
-        wire.send_control(sock, {"op": "register", "base": base, "ident": ident_at}, [uffd_fd])
-        reply, fds = wire.recv_control(sock)
-        wire.close_fds(fds)
-        if not reply or not reply.get("ok"):
-            raise AttachError((reply or {}).get("error", "the hypervisor refused the uffd"))
         sock.setblocking(True)
         # the machine-check handler: a poisoned page stops this worker with SIGBUS
         uffd.mce_install()
@@ -276,6 +326,7 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
         session.isolation = isolation
         session.path = path
         session.recovery = float(granted.get("recovery_timeout", 0.0))
+        session.forks = forks
         session.watch()
         _sessions[id(mem)] = session
         ok = True

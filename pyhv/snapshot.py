@@ -81,8 +81,11 @@ def _clear_partials(parent: Path, name: str) -> None:
 
 
 def save(run_dir: str, partition: str, out_dir: str, progress: bool = True) -> dict:
-    import numpy as np
-    import mmap_ninja.numpy as ninja
+    try:
+        import numpy as np
+        import mmap_ninja.numpy as ninja
+    except ImportError as e:  # (the optional extra)
+        raise Fail(f"snapshot: needs numpy and mmap-ninja ({e})", EXIT_USAGE) from None
 
     from pyhv.progress import Progress
 

@@ -100,6 +100,11 @@ def open_uffd(nonblock: bool = True, user_mode_only: bool = False) -> int:
     return _check(lib.pyhv_uffd_open(flags), "userfaultfd")
 
 
+def map_fixed(fd: int, addr: int, length: int) -> None:
+    """fd mapped shared and writable at exactly addr (nothing may be there)."""
+    _check(lib.pyhv_map_fixed(fd, addr, length), "mmap")
+
+
 def api(fd: int, features: int = 0) -> tuple[int, int]:
     """UFFDIO_API handshake; returns the kernel's (features, ioctls) masks."""
     f = ffi.new("uint64_t *")

@@ -4,8 +4,8 @@ refused everything else, by the hypervisor from their credentials
 (SO_PEERCRED), whatever they send.
 
 The users need a way to the interpreter, the package and the run
-directory: directories on the way that others cannot pass (pytest's own
-/tmp/pytest-of-root is 0700; an interpreter under /root) are opened for passage (o+x) for the module's
+directory (made here under /tmp: pytest's own are 0700): directories on
+the way that others cannot pass (an interpreter under /root) are opened for passage (o+x) for the module's
 run and closed again after; /dev/userfaultfd is granted to a group for as
 long, as the README tells an admin to."""
 
@@ -15,17 +15,19 @@ import grp
 import json
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 import pyhv
-from conftest import PY, config_text, finish, pyhv as pyhv_cmd, reports
+from conftest import PY, System, config_text, finish, pyhv as pyhv_cmd, reports
 from test_recovery import ROUNDS, hypervisor_back, wait_line
 
 PREFIX = "pyhvt"
@@ -60,7 +62,7 @@ def _open_for_passage(path: Path, opened: list) -> None:
 
 
 @pytest.fixture(scope="module")
-def accounts(tmp_path_factory):
+def accounts():
     _remove_accounts()  # (what a run that was killed left)
     for g in GROUPS:
         subprocess.run(["groupadd", "--system", _name(g)], check=True)
@@ -77,7 +79,7 @@ def accounts(tmp_path_factory):
         os.chmod("/dev/userfaultfd", 0o660)
         Path(SYSCTL).write_text("0\n")  # (the call alone must not do)
         for p in (Path(PY).parent, Path(os.path.realpath(PY)).parent, Path(sys.base_prefix),
-                  Path(pyhv.__file__).parent, tmp_path_factory.getbasetemp()):  # fmt: skip
+                  Path(pyhv.__file__).parent):  # fmt: skip
             _open_for_passage(p, opened)
         yield {u: pwd.getpwnam(_name(u)) for u in USERS}
     finally:
@@ -87,6 +89,18 @@ def accounts(tmp_path_factory):
         os.chmod("/dev/userfaultfd", dev.st_mode & 0o7777)
         Path(SYSCTL).write_text(sysctl)
         _remove_accounts()
+
+
+@pytest.fixture
+def system():
+    """A system in a run directory of its own under /tmp, which the users
+    can pass (pytest's own temporary directories are root's, 0700)."""
+    run_dir = Path(tempfile.mkdtemp(prefix="pyhv-owners-"))
+    os.chmod(run_dir, 0o711)
+    s = System(run_dir)
+    yield s
+    s.down()
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def as_user(pw) -> dict:
@@ -270,3 +284,38 @@ def test_owners_in_the_config_and_partition_add(system, accounts, tmp_path):
         time.sleep(0.05)
     st = raw_as(accounts["dave"], system, {"op": "status"})
     assert [x["name"] for x in st["partitions"]] == ["px"]
+
+
+FORKS = """
+import os, pyhv
+from pyhv.pattern import page_pattern
+from pyhv.uffd import PAGE_SIZE as P
+mem = pyhv.attach()
+view = memoryview(mem)
+n = len(mem) // P
+for i in range(0, n, 2):
+    view[i * P:(i + 1) * P] = page_pattern("p1", i, 7)
+pid = os.fork()
+if pid == 0:  # it reads its parent's pages and writes the others
+    bad = sum(view[i * P:(i + 1) * P] != page_pattern("p1", i, 7) for i in range(0, n, 2))
+    for i in range(1, n, 2):
+        view[i * P:(i + 1) * P] = page_pattern("p1", i, 7)
+    os._exit(1 if bad else 0)
+_, status = os.waitpid(pid, 0)
+bad = sum(view[i * P:(i + 1) * P] != page_pattern("p1", i, 7) for i in range(n))
+print("child", os.waitstatus_to_exitcode(status), "bad", bad)
+"""
+
+
+def test_an_owners_worker_forks(system, accounts):
+    """An unprivileged worker has no fork events (CAP_SYS_PTRACE): its memory
+    is not inherited unguarded; the fork hook maps it again in the child,
+    which attaches as a worker of its own and pages it (8 MiB, 1 MiB pool)."""
+    up_owned(system)
+    p = subprocess.Popen([PY, "-m", "pyhv", "run", "--run-dir", str(system.run_dir),
+                          "--partition", "p1", "--", PY, "-c", FORKS], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, **as_user(accounts["alice"]))  # fmt: skip
+    rc, out, err = finish(p)
+    assert rc == 0 and out.split() == ["child", "0", "bad", "0"], (out, err)
+    part = system.partition("p1")
+    assert part["page_outs"] > 0 and part["machine_checks"] == 0
