@@ -68,6 +68,9 @@ PATIENCE = 120.0  # seconds a step of the chaos or the end may take before it is
 PROGRESS_EVERY = 256
 
 
+WHY = {70: " (hypervisor lost)", 135: " (machine check)"}
+
+
 class SoakFailure(Exception):
     """Something that should hold did not; the run ends and says this."""
 
@@ -235,7 +238,7 @@ class Soak:
         for w in part.workers:  # (in worker order: stripe i is worker i's)
             ok = w.code == 0 and w.report and "generation" in w.report
             gens.append(str(w.report["generation"]) if ok else "-")
-        cmd = module_command("pyhv.soak", "verify", "--generations", ",".join(gens),
+        cmd = module_command("pyhv.soak", "verify", f"--generations={','.join(gens)}",
                              "--seed", str(self.seed), "--progress", str(PROGRESS_EVERY))  # fmt: skip
         with open(os.path.join(self.run_dir, f"{part.name}.verify.log"), "ab") as log:
             (p,) = system.spawn_workers(self.run_dir, part.name, 1, cmd,
@@ -270,7 +273,8 @@ class Soak:
                     why = (f"worker {w.report.get('worker')} of {part.name}: page "
                            f"{w.report['bad_pages'][0]} did not verify"
                            if w.report and w.report.get("bad_pages") else
-                           f"a worker of {part.name} (pid {w.popen.pid}) exited {w.code}")
+                           f"a worker of {part.name} (pid {w.popen.pid}) exited {w.code}"
+                           + WHY.get(w.code, ""))
                     self.fail(why)  # fmt: skip
                     return
 
@@ -311,12 +315,14 @@ class Soak:
         return {s["name"]: s for s in st["paging_services"] if s["state"] == "running" and s["pid"]}
 
     def _pick_service(self) -> tuple[str, int] | None:
-        """A running paging service whose partner runs too (so a page-in finds one)."""
+        """A running paging service whose partner runs too (so a page-in
+        finds one), one that holds streams if there is one."""
         st = self.status()
         if st is None:
             return None
         running = self._running_services(st)
         names = sorted(n for n in running if partner(n) in running)
+        names = [n for n in names if running[n]["streams"]] or names  # (one that pages)
         if not names:
             return None
         name = self.rng.choice(names)
@@ -552,17 +558,20 @@ class Soak:
             "verifier_exits": dict(sorted(verifiers.items())),
             "seconds": round(time.monotonic() - self.started, 1),
         }
-        r["reason"] = self.failure or self.judge(r)
+        r["reason"] = self.judge(r, self.failure)
         r["ok"] = r["reason"] is None
         return r
 
     @staticmethod
-    def judge(r: dict) -> str | None:
-        """What did not hold, in one line; None if everything did."""
+    def judge(r: dict, failure: str | None) -> str | None:
+        """What did not hold, in one line (a machine check first: it says
+        the most); None if everything did."""
         if r["machine_checks"]:
             e = r["machine_check_records"][0]
             return (f"{r['machine_checks']} machine check(s), the first: partition "
                     f"{e['partition']} page {e['page']} ({e['error']})")
+        if failure:
+            return failure
         bad = {k: n for k, n in r["worker_exits"].items() if k != "0"}
         if bad:
             return f"workers exited {', '.join(f'{k} ({n}x)' for k, n in bad.items())}"
@@ -621,8 +630,7 @@ def format_report(r: dict) -> str:
     pool = r["pool_pages"]
     exits = lambda d: ", ".join(f"{k}: {n}" for k, n in d.items()) or "-"  # noqa: E731
     return "\n".join([
-        f"pyhv soak: {r['partitions']} partitions (+{r['partitions_added']} added and removed "
-        f"under way), {format_size(r['memory_bytes'])} of memory in a "
+        f"pyhv soak: {r['partitions']} partitions (+{r['partitions_added']} added under way), {format_size(r['memory_bytes'])} of memory in a "
         f"{format_size(pool['start'] * PAGE_SIZE)} pool, {r['workers']} workers, "
         f"seed {r['seed']}, {r['duration']:g} s",
         f"  chaos             {chaos}",
