@@ -286,6 +286,9 @@ class Soak:
         owed = list(self.rng.sample(self.kinds, len(self.kinds)))
         owed.remove("partition_add")
         owed.insert(0, "partition_add")  # (something to remove later)
+        if "corrupt" in owed:  # (test only: soon, the run fails then)
+            owed.remove("corrupt")
+            owed.insert(1, "corrupt")
         deadline = self.started + self.duration
         try:
             while not self.stopping.wait(self.rng.uniform(0.5, 1.5) * self.interval):
