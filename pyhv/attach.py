@@ -197,29 +197,75 @@ def _run_dir(run_dir: str | None) -> str:
     return run_dir
 
 
+class _HypervisorGone(Exception):
+    """The hypervisor went away before the attach was done (or is not there)."""
+
+
 def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mmap:
     """Map the partition's memory; returns a writable buffer of its size.
 
     ``partition`` and ``run_dir`` default to ``PYHV_PARTITION`` and
-    ``PYHV_RUN_DIR``, which ``pyhv run`` sets."""
+    ``PYHV_RUN_DIR``, which ``pyhv run`` sets.  A hypervisor that dies
+    during the attach (or is dead when it begins) is waited for, like a
+    worker's watchdog waits, while its supervisor lives: up to the
+    system's recovery_timeout."""
     run_dir = _run_dir(run_dir)
     partition = partition or os.environ.get("PYHV_PARTITION")
     if not partition:
         raise AttachError("no partition: pass partition or set PYHV_PARTITION")
     path = os.path.join(run_dir, "control.sock")
+    deadline = None
+    while True:
+        try:
+            return _attach(partition, path)
+        except _HypervisorGone as e:
+            if deadline is None:
+                deadline = time.monotonic() + _recovery_timeout(run_dir)
+            if time.monotonic() >= deadline or not _supervised(run_dir):
+                raise AttachError(f"no hypervisor at {path}: {e}") from None
+            time.sleep(0.05)
+
+
+def _supervised(run_dir: str) -> bool:
+    """A supervisor runs there (it will start a new hypervisor)."""
+    from pyhv.supervisor import SUPERVISOR_PID_FILE
+
+    try:
+        with open(os.path.join(run_dir, SUPERVISOR_PID_FILE)) as f:
+            os.kill(int(f.read().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _recovery_timeout(run_dir: str) -> float:
+    """The system's recovery_timeout (config.json), else 0."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return float(json.load(f).get("recovery_timeout", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
+
+
+def _attach(partition: str, path: str) -> mmap.mmap:
+    """One attempt; _HypervisorGone if the hypervisor is not there or goes."""
     try:
         sock = wire.connect(path, timeout=30)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise _HypervisorGone(e.strerror) from None
     except OSError as e:
         raise AttachError(f"no hypervisor at {path}: {e.strerror or e}") from None
     ok = False
     uffd_fd = -1
-    mem = ident = None
+    mem = ident = mcelog = None
     try:
         wire.send_control(sock, {"op": "attach", "partition": partition})
         reply, fds = wire.recv_control(sock)
-        if not reply or not reply.get("ok") or len(fds) != 2:
+        if reply is None:
+            raise _HypervisorGone("it closed the connection")
+        if not reply.get("ok") or len(fds) != 2:
             wire.close_fds(fds)
-            raise AttachError((reply or {}).get("error", "the hypervisor refused to attach"))
+            raise AttachError(reply.get("error", "the hypervisor refused to attach"))
         memfd, logfd = fds
         granted = reply
         try:
@@ -243,8 +289,10 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
         wire.send_control(sock, {"op": "register", "base": base, "ident": ident_at}, [uffd_fd])
         reply, fds = wire.recv_control(sock)
         wire.close_fds(fds)
-        if not reply or not reply.get("ok"):
-            raise AttachError((reply or {}).get("error", "the hypervisor refused the uffd"))
+        if reply is None:  # (a new one may keep this uffd: it waits for a rejoin that
+            raise _HypervisorGone("it closed the connection")  # never comes, then drops it)
+        if not reply.get("ok"):
+            raise AttachError(reply.get("error", "the hypervisor refused the uffd"))
         sock.setblocking(True)
         # the machine-check handler: a poisoned page stops this worker with SIGBUS
         uffd.mce_install()
@@ -262,6 +310,8 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
         _sessions[id(mem)] = session
         ok = True
         return mem
+    except (ConnectionResetError, BrokenPipeError) as e:
+        raise _HypervisorGone(e.strerror) from None
     except OSError as e:
         raise AttachError(f"attach to partition {partition!r}: {e}") from None
     finally:
@@ -273,6 +323,8 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
                 mem.close()
             if ident is not None:
                 ident.close()
+            if mcelog is not None:
+                mcelog.close()
 
 
 def detach(mem: mmap.mmap) -> None:

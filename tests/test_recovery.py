@@ -205,3 +205,28 @@ def test_a_forked_child_survives_a_kill(system):
     rc, out, err = finish(p, timeout=300)
     assert rc == 0 and "child exit 0" in out, (out, err)
     assert "MISMATCH" not in out
+
+
+def test_a_worker_that_attaches_while_the_hypervisor_is_down_waits_for_the_next(system):
+    """attach() finds no hypervisor (killed; its supervisor held back so
+    that the new one comes late): it waits for the new one, as a worker's
+    watchdog would, instead of failing."""
+    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")],
+                          extra="[hypervisor]\nrecovery_timeout = 60\n"))  # fmt: skip
+    sup = int((system.run_dir / "supervisor.pid").read_text())
+    old = system.pid
+    os.kill(sup, signal.SIGSTOP)
+    try:
+        os.kill(old, signal.SIGKILL)
+        env = dict(os.environ, PYHV_RUN_DIR=str(system.run_dir), PYHV_PARTITION="p1",
+                   PYHV_WORKER="0", PYHV_WORKERS="1")  # fmt: skip
+        p = subprocess.Popen([PY, "-c", ROUNDS, "2"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+        system.procs.append(p)
+        time.sleep(1.0)  # (it tries meanwhile; before the fix it failed at once)
+    finally:
+        os.kill(sup, signal.SIGCONT)
+    hypervisor_back(system, old)
+    rc, out, err = finish(p, timeout=120)
+    assert rc == 0, (out, err)
+    assert "verified 2048" in out
