@@ -274,9 +274,18 @@ class Soak:
                            f"{w.report['bad_pages'][0]} did not verify"
                            if w.report and w.report.get("bad_pages") else
                            f"a worker of {part.name} (pid {w.popen.pid}) exited {w.code}"
-                           + WHY.get(w.code, ""))
+                           + WHY.get(w.code, self.last_words(part)))
                     self.fail(why)  # fmt: skip
                     return
+
+    def last_words(self, part: Part) -> str:
+        """The last line its workers wrote on stderr (a traceback's), if any."""
+        try:
+            with open(os.path.join(self.run_dir, f"{part.name}.workers.log"), "rb") as f:
+                lines = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return f": {lines[-1][:200]}" if lines else ""
 
     # --- chaos -----------------------------------------------------------------------------
 
