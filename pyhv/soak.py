@@ -169,6 +169,8 @@ class Soak:
         self.skipped = collections.Counter()  # refused or not possible when drawn
         self.events: list[dict] = []
         self.hypervisor_kills = 0
+        self.hypervisor_back: list[float] = []  # seconds from a kill to a new one answering
+        self.fenced = 0  # SIGSTOPs past the timeout: the service was fenced
         self.last_kill = -HYPERVISOR_KILL_GAP
         self.extras = 0
         self.pool_pages: list[int] = []
@@ -377,6 +379,7 @@ class Soak:
                 fenced = False
             except ProcessLookupError:
                 fenced = True  # (hung past its timeout: killed and reaped)
+                self.fenced += 1
         finally:
             os.close(pidfd)
         self._pairs_whole(f"a SIGSTOP of {name}")
@@ -404,6 +407,7 @@ class Soak:
             raise SoakFailure(f"no new hypervisor took the workers back within {PATIENCE:.0f}s "
                               f"of the kill of pid {pid}")  # fmt: skip
         self._pairs_whole("a hypervisor kill")
+        self.hypervisor_back.append(round(back - t0, 3))
         return f"pid {pid}, a new one answered in {back - t0:.2f}s"
 
     def act_pool_resize(self) -> str | None:
@@ -556,6 +560,8 @@ class Soak:
             "failovers": len(self.failovers),
             "hypervisor_kills": self.hypervisor_kills,
             "hypervisor_restarts": restarts,
+            "hypervisor_back_seconds": self.hypervisor_back,
+            "service_stops_fenced": self.fenced,
             "machine_checks": len(errors),
             "machine_check_records": errors[:10],
             "pages": sum(p.pages for p in parts),
@@ -650,9 +656,12 @@ def format_report(r: dict) -> str:
         f"  faults            {r['faults']:>9}  (first touches {r['first_touches']})",
         f"  page-ins          {r['page_ins']:>9}",
         f"  page-outs         {r['page_outs']:>9}  (+{r['clean_drops']} clean pages dropped)",
-        f"  failovers         {r['failovers']:>9}",
+        f"  failovers         {r['failovers']:>9}  ({r['service_stops_fenced']} of them after a "
+        "SIGSTOP past the timeout)",
         f"  hypervisor        {r['hypervisor_kills']:>9}  kills, "
-        f"{r['hypervisor_restarts']} restarts",
+        f"{r['hypervisor_restarts']} restarts"
+        + (f", a new one answered within {max(r['hypervisor_back_seconds']):.2f} s"
+           if r["hypervisor_back_seconds"] else ""),
         f"  machine checks    {r['machine_checks']:>9}",
         f"  pages verified    {r['pages_verified']:>9}  of {r['pages']} (final pass), "
         f"mismatches {r['mismatches']}; {r['pages_verified_in_rounds']} in {r['rounds']} rounds",
