@@ -656,8 +656,8 @@ def format_report(r: dict) -> str:
         f"  faults            {r['faults']:>9}  (first touches {r['first_touches']})",
         f"  page-ins          {r['page_ins']:>9}",
         f"  page-outs         {r['page_outs']:>9}  (+{r['clean_drops']} clean pages dropped)",
-        f"  failovers         {r['failovers']:>9}  ({r['service_stops_fenced']} of them after a "
-        "SIGSTOP past the timeout)",
+        f"  failovers         {r['failovers']:>9}  ({r['service_stops_fenced']} service(s) "
+        "fenced after a SIGSTOP past their timeout)",
         f"  hypervisor        {r['hypervisor_kills']:>9}  kills, "
         f"{r['hypervisor_restarts']} restarts"
         + (f", a new one answered within {max(r['hypervisor_back_seconds']):.2f} s"
