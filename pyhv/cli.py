@@ -643,7 +643,7 @@ def build_parser() -> Parser:
                    "(default 120; longer if not every kind of action was done yet)")
     p.add_argument("--seed", type=int, help="the chaos schedule's (default: a random one, "
                    "printed)")  # fmt: skip
-    p.add_argument("--partitions", type=_above_zero(int, "a count of 2 or more"), default=8,
+    p.add_argument("--partitions", type=_above_zero(int, "a count of 1 or more"), default=8,
                    help="partitions of 2-4 workers each (default 8)")  # fmt: skip
     p.add_argument("--memory", default="8MiB", help="each partition's (default 8MiB); the pool "
                    "is a quarter of them together")  # fmt: skip
