@@ -240,8 +240,8 @@ class Soak:
         for w in part.workers:  # (in worker order: stripe i is worker i's)
             ok = w.code == 0 and w.report and "generation" in w.report
             gens.append(str(w.report["generation"]) if ok else "-")
-        cmd = module_command("pyhv.soak", "verify", f"--generations={','.join(gens)}",
-                             "--seed", str(self.seed), "--progress", str(PROGRESS_EVERY))  # fmt: skip
+        cmd = module_command("pyhv.soak", "verify", f"--generations={','.join(gens)}", "--seed",
+                             str(self.seed), "--progress", str(PROGRESS_EVERY))  # fmt: skip
         with open(os.path.join(self.run_dir, f"{part.name}.verify.log"), "ab") as log:
             (p,) = system.spawn_workers(self.run_dir, part.name, 1, cmd,
                                         stdout=subprocess.PIPE, stderr=log)  # fmt: skip
@@ -648,7 +648,8 @@ def format_report(r: dict) -> str:
     pool = r["pool_pages"]
     exits = lambda d: ", ".join(f"{k}: {n}" for k, n in d.items()) or "-"  # noqa: E731
     return "\n".join([
-        f"pyhv soak: {r['partitions']} partitions (+{r['partitions_added']} added under way), {format_size(r['memory_bytes'])} of memory in a "
+        f"pyhv soak: {r['partitions']} partitions (+{r['partitions_added']} added under way), "
+        f"{format_size(r['memory_bytes'])} of memory in a "
         f"{format_size(pool['start'] * PAGE_SIZE)} pool, {r['workers']} workers, "
         f"seed {r['seed']}, {r['duration']:g} s",
         f"  chaos             {chaos}",
