@@ -19,7 +19,7 @@ def test_a_short_soak_holds():
     p = pyhv(*SHORT, "--seed", "7", "--json", timeout=600)
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)  # (--json alone: the report alone on stdout)
-    assert r["ok"] and r["reason"] is None
+    assert r["ok"] and r["reason"] is None, r
     # every kind of chaos was done, whatever the machine's speed
     assert all(r["chaos"][k] >= 1 for k in KINDS), r["chaos"]
     assert r["hypervisor_restarts"] == r["hypervisor_kills"] == r["chaos"]["hypervisor_kill"]
@@ -46,10 +46,11 @@ def test_a_page_corrupted_on_its_device_fails_the_soak(tmp_path):
     assert errors == [p.stderr.strip().splitlines()[-1]], p.stderr  # one line, the last
     assert "machine check" in errors[0], errors
     r = json.loads(out.read_text())
-    assert not r["ok"] and r["chaos"]["corrupt"] == 1
-    assert r["machine_checks"] >= 1
-    assert r["machine_check_records"][0]["error"] == "checksum"
-    assert "135" in r["worker_exits"]  # (the workers that read such a page)
+    why = (r["reason"], r["chaos_events"], r["machine_check_records"], r["worker_exits"])
+    assert not r["ok"] and r["chaos"]["corrupt"] == 1, why
+    assert r["machine_checks"] >= 1, why
+    assert r["machine_check_records"][0]["error"] == "checksum", why
+    assert "135" in r["worker_exits"], why  # (the workers that read such a page)
 
 
 VERIFY = (PY, "-m", "pyhv.soak", "verify")
