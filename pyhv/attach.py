@@ -213,6 +213,10 @@ def _run_dir(run_dir: str | None) -> str:
     return run_dir
 
 
+class _HypervisorGone(Exception):
+    """The hypervisor went away before the attach was done (or is not there)."""
+
+
 def _worker_uffd(features: int) -> tuple[int, bool]:
     """A userfaultfd with the worker features, and whether it has fork
     events: the kernel gives those to CAP_SYS_PTRACE only, so a worker that
@@ -251,9 +255,12 @@ def _join(sock, partition: str, child: "_Session | None" = None) -> tuple[dict, 
     session) maps the memory again where the session has it."""
     wire.send_control(sock, {"op": "attach", "partition": partition})
     reply, fds = wire.recv_control(sock)
-    if not reply or not reply.get("ok") or len(fds) != 2:
+    if reply is None:
         wire.close_fds(fds)
-        raise AttachError((reply or {}).get("error", "the hypervisor refused to attach"))
+        raise _HypervisorGone("it closed the connection")
+    if not reply.get("ok") or len(fds) != 2:
+        wire.close_fds(fds)
+        raise AttachError(reply.get("error", "the hypervisor refused to attach"))
     memfd, logfd = fds
     made: list = []  # what to close if it fails
     uffd_fd = -1
@@ -279,8 +286,10 @@ def _join(sock, partition: str, child: "_Session | None" = None) -> tuple[dict, 
         wire.send_control(sock, {"op": "register", "base": base, "ident": ident_at}, [uffd_fd])
         answer, got = wire.recv_control(sock)
         wire.close_fds(got)
-        if not answer or not answer.get("ok"):
-            raise AttachError((answer or {}).get("error", "the hypervisor refused the uffd"))
+        if answer is None:  # (a new one may keep this uffd: it waits for a rejoin that
+            raise _HypervisorGone("it closed the connection")  # never comes, then drops it)
+        if not answer.get("ok"):
+            raise AttachError(answer.get("error", "the hypervisor refused the uffd"))
     except BaseException:
         if uffd_fd >= 0:
             os.close(uffd_fd)
@@ -296,19 +305,59 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
     """Map the partition's memory; returns a writable buffer of its size.
 
     ``partition`` and ``run_dir`` default to ``PYHV_PARTITION`` and
-    ``PYHV_RUN_DIR``, which ``pyhv run`` sets."""
+    ``PYHV_RUN_DIR``, which ``pyhv run`` sets.  A hypervisor that dies
+    during the attach (or is dead when it begins) is waited for, like a
+    worker's watchdog waits, while its supervisor lives: up to the
+    system's recovery_timeout."""
     run_dir = _run_dir(run_dir)
     partition = partition or os.environ.get("PYHV_PARTITION")
     if not partition:
         raise AttachError("no partition: pass partition or set PYHV_PARTITION")
     path = os.path.join(run_dir, "control.sock")
+    deadline = None
+    while True:
+        try:
+            return _attach(partition, path)
+        except _HypervisorGone as e:
+            if deadline is None:
+                deadline = time.monotonic() + _recovery_timeout(run_dir)
+            if time.monotonic() >= deadline or not _supervised(run_dir):
+                raise AttachError(f"no hypervisor at {path}: {e}") from None
+            time.sleep(0.05)
+
+
+def _supervised(run_dir: str) -> bool:
+    """A supervisor runs there (it will start a new hypervisor)."""
+    from pyhv.supervisor import SUPERVISOR_PID_FILE
+
+    try:
+        with open(os.path.join(run_dir, SUPERVISOR_PID_FILE)) as f:
+            os.kill(int(f.read().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _recovery_timeout(run_dir: str) -> float:
+    """The system's recovery_timeout (config.json), else 0."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return float(json.load(f).get("recovery_timeout", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
+
+
+def _attach(partition: str, path: str) -> mmap.mmap:
+    """One attempt; _HypervisorGone if the hypervisor is not there or goes."""
     try:
         sock = wire.connect(path, timeout=30)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise _HypervisorGone(e.strerror) from None
     except OSError as e:
         raise AttachError(f"no hypervisor at {path}: {e.strerror or e}") from None
     ok = False
     uffd_fd = -1
-    mem = ident = None
+    mem = ident = mcelog = None
     try:
         granted, uffd_fd, forks = _join(sock, partition)
         mem, mcelog, ident = granted["mem"], granted["mcelog"], granted["ident"]
@@ -331,6 +380,8 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
         _sessions[id(mem)] = session
         ok = True
         return mem
+    except (ConnectionResetError, BrokenPipeError) as e:
+        raise _HypervisorGone(e.strerror) from None
     except OSError as e:
         raise AttachError(f"attach to partition {partition!r}: {e}") from None
     finally:
@@ -342,6 +393,8 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
                 mem.close()
             if ident is not None:
                 ident.close()
+            if mcelog is not None:
+                mcelog.close()
 
 
 def detach(mem: mmap.mmap) -> None:

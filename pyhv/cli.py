@@ -441,6 +441,32 @@ def cmd_demo(args) -> int:
     return demo.run(json_output=args.json)
 
 
+def cmd_soak(args) -> int:
+    """A bounded run under chaos (see pyhv.soak)."""
+    from pyhv import soak
+    from pyhv.config import parse_size
+
+    to_stdout = args.json == "-"
+    r = soak.run(args.duration, args.seed, args.partitions,
+                 parse_size(args.memory, "--memory"), args.interval, args.chaos_corrupt,
+                 args.keep, show=not to_stdout or sys.stderr.isatty())  # fmt: skip
+    if to_stdout:
+        print(json.dumps(r, indent=2))
+    else:
+        print(soak.format_report(r))
+        if args.json:
+            try:
+                with open(args.json, "w") as f:
+                    json.dump(r, f, indent=2)
+            except OSError as e:
+                raise Fail(f"soak: cannot write {args.json}: {e.strerror}") from None
+    if r["run_dir"]:
+        print(f"pyhv: soak: run directory kept: {r['run_dir']}", file=sys.stderr)
+    if not r["ok"]:
+        raise Fail(f"soak: {r['reason']}")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
 
@@ -623,6 +649,27 @@ def build_parser() -> Parser:
                    "scattered, zipf, dataset, lifecycle (suspend, resume, snapshots), nbd "
                    "(the device on an NBD server; these two not in --quick)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("soak", help="a bounded run of a whole system under chaos, every page "
+                       "verified at the end")  # fmt: skip
+    p.add_argument("--duration", type=_above_zero(float, "a number of seconds above 0"),
+                   default=120.0, metavar="SECONDS", help="how long the chaos goes on "
+                   "(default 120; longer if not every kind of action was done yet)")
+    p.add_argument("--seed", type=int, help="the chaos schedule's (default: a random one, "
+                   "printed)")  # fmt: skip
+    p.add_argument("--partitions", type=_above_zero(int, "a count of 1 or more"), default=8,
+                   help="partitions of 2-4 workers each (default 8)")  # fmt: skip
+    p.add_argument("--memory", default="8MiB", help="each partition's (default 8MiB); the pool "
+                   "is a quarter of them together")  # fmt: skip
+    p.add_argument("--interval", type=_above_zero(float, "a number of seconds above 0"),
+                   default=2.0, metavar="SECONDS",
+                   help="mean time between chaos actions (default 2)")  # fmt: skip
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="the report as JSON: into FILE, or alone on stdout")  # fmt: skip
+    p.add_argument("--keep", action="store_true", help="keep the run directory (its logs)")
+    p.add_argument("--chaos-corrupt", action="store_true", help=argparse.SUPPRESS)  # tests:
+    # random bytes over a partition's paged-out pages on its device: the soak must fail
+    p.set_defaults(func=cmd_soak)
 
     p = sub.add_parser("demo", help="run a small system on an embedded config")
     p.add_argument("--json", action="store_true")

@@ -273,3 +273,75 @@ def test_a_rejoin_outside_a_takeover_is_refused(system):
         assert not r["ok"] and "not awaited" in r["error"], (wid, r)
     rc, out, err = finish(p, timeout=300)
     assert rc == 0 and "child exit 0" in out and "MISMATCH" not in out, (out, err)
+
+
+def test_a_worker_that_attaches_while_the_hypervisor_is_down_waits_for_the_next(system):
+    """attach() finds no hypervisor (killed; its supervisor held back so
+    that the new one comes late): it waits for the new one, as a worker's
+    watchdog would, instead of failing."""
+    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")],
+                          extra="[hypervisor]\nrecovery_timeout = 60\n"))  # fmt: skip
+    sup = int((system.run_dir / "supervisor.pid").read_text())
+    old = system.pid
+    os.kill(sup, signal.SIGSTOP)
+    try:
+        os.kill(old, signal.SIGKILL)
+        env = dict(os.environ, PYHV_RUN_DIR=str(system.run_dir), PYHV_PARTITION="p1",
+                   PYHV_WORKER="0", PYHV_WORKERS="1")  # fmt: skip
+        p = subprocess.Popen([PY, "-c", ROUNDS, "2"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+        system.procs.append(p)
+        time.sleep(1.0)  # (it tries meanwhile; before the fix it failed at once)
+    finally:
+        os.kill(sup, signal.SIGCONT)
+    hypervisor_back(system, old)
+    rc, out, err = finish(p, timeout=120)
+    assert rc == 0, (out, err)
+    assert "verified 2048" in out
+
+
+def _service_process(name: str, parent: int) -> int | None:
+    """The pid of paging service `name` started by process `parent`, if any."""
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"pyhv.service" in argv and name.encode() in argv:
+            return int(d)
+    return None
+
+
+def test_a_service_that_hangs_while_the_new_hypervisor_starts_fails_over(system):
+    """The new hypervisor's primary service hangs before it opens the
+    device (stopped as soon as it exists): it is fenced after its timeout
+    and the stream opens on the other service.  The ABORTED stream meanwhile
+    is on its way, not a start-up failure: the system goes on (before, the
+    new hypervisor shut everything down and the workers exited 70)."""
+    system.up(config_text(pool="1MiB", partitions=[("p1", "4MiB")], services=("vios1", "vios2"),
+                          paging=("vios1", "vios2"), service_extra="timeout = 1\n",
+                          extra="[hypervisor]\nrecovery_timeout = 60\n"))  # fmt: skip
+    p = system.run("p1", PY, "-c", ROUNDS, "4")
+    wait_line(p, "round 1")
+    sup = int((system.run_dir / "supervisor.pid").read_text())
+    old = system.pid
+    os.kill(sup, signal.SIGSTOP)
+    os.kill(old, signal.SIGKILL)
+    os.kill(sup, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    svc = None
+    while svc is None and time.monotonic() < deadline:
+        new = int((system.run_dir / "hypervisor.pid").read_text() or 0)
+        svc = _service_process("vios1", new) if new != old else None
+    assert svc, "the new hypervisor started no vios1"
+    os.kill(svc, signal.SIGSTOP)  # (fenced with SIGKILL after its timeout)
+    hypervisor_back(system, old)
+    rc, out, err = finish(p, timeout=300)
+    assert rc == 0, (out, err)
+    assert "verified 4096" in out
+    st = system.status()
+    assert st["state"] == "running" and st["partitions"][0]["service"] == "vios2"
+    assert system.service("vios1")["deaths"] == 1  # (the path was taken: it hung and was fenced)

@@ -162,7 +162,7 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
             svc.start()
         for part in self.partitions:
             self.place(part.stream)
-        self.after(lambda: all(s.state in FLOWING or s.state == ABORTED for s in self.streams()),
+        self.after(lambda: all(s.state in FLOWING or self._unopened(s) for s in self.streams()),
                    self._started)  # fmt: skip
         log.info("hypervisor: pid %d, pool %d pages, %d partitions", os.getpid(), self.pool_pages,
                  len(self.partitions))  # fmt: skip
@@ -202,13 +202,23 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
             self.unkeep(f"d/{dev.id}")
             os.close(fd)
 
+    @staticmethod
+    def _unopened(stream: Stream) -> bool:
+        """Its device could not be opened, and no service is trying now (one
+        ABORTED while its other service opens it, after the first failed or
+        hung, is on its way)."""
+        return stream.state == ABORTED and stream.service is None
+
     def _started(self) -> None:
-        bad = [s for s in self.streams() if s.state == ABORTED]
-        if bad:
+        bad = [s for s in self.streams() if self._unopened(s)]
+        if bad and not self.restarts:
             self._not_ready(f"partition {bad[0].name}: its device cannot be opened by "
                             f"{', '.join(bad[0].paging)} (see the service log)")  # fmt: skip
-        else:
-            self._ready()
+            return
+        for s in bad:  # after a crash, stopping would lose every partition: paging waits
+            log.error("partition %s: its device cannot be opened by %s now; its paging waits "
+                      "for a service (pyhv service start)", s.name, ", ".join(s.paging))  # fmt: skip
+        self._ready()
 
     def _ready(self) -> None:
         self.tell_supervisor("ready")
