@@ -55,6 +55,23 @@ def hypervisor_back(system, pid_before: int, timeout: float = 60.0) -> dict:
     raise AssertionError("no new hypervisor came")
 
 
+def hold_page_outs(system) -> tuple[int, subprocess.Popen]:
+    """Stop the paging service at a moment the 2 MiB pool is mostly dirty,
+    and shrink the pool to 1 MiB: page-outs queue at the stopped service.
+    Its pid, and the resize under way."""
+    svc = system.status()["paging_services"][0]["pid"]
+    deadline = time.monotonic() + 60  # a moment most of the pool is dirty (the worker writes)
+    while system.status_now()["partitions"][0]["pages_by_state"].get("dirty", 0) < 384:
+        assert time.monotonic() < deadline, "the pool was never mostly dirty"
+        time.sleep(0.01)
+    os.kill(svc, signal.SIGSTOP)
+    # a smaller pool: dirty pages are written out (to the stopped service)
+    shrink = subprocess.Popen([PY, "-m", "pyhv", "pool", "resize", "1MiB", "--run-dir",
+                               str(system.run_dir)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    return svc, shrink
+
+
 def wait_line(p: subprocess.Popen, prefix: str) -> str:
     while True:
         line = p.stdout.readline()
@@ -95,16 +112,7 @@ def test_page_in_and_page_out_in_flight_at_the_kill(system):
                           extra="[hypervisor]\nrecovery_timeout = 60\n"))  # fmt: skip
     p = system.run("p1", PY, "-c", ROUNDS, "3")
     wait_line(p, "round 1")
-    svc = system.status()["paging_services"][0]["pid"]
-    deadline = time.monotonic() + 60  # a moment most of the pool is dirty (the worker writes)
-    while system.status_now()["partitions"][0]["pages_by_state"].get("dirty", 0) < 384:
-        assert time.monotonic() < deadline, "the pool was never mostly dirty"
-        time.sleep(0.01)
-    os.kill(svc, signal.SIGSTOP)
-    # a smaller pool: dirty pages are written out (to the stopped service)
-    shrink = subprocess.Popen([PY, "-m", "pyhv", "pool", "resize", "1MiB", "--run-dir",
-                               str(system.run_dir)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
+    svc, shrink = hold_page_outs(system)
     deadline = time.monotonic() + 30  # until a page-in and a page-out are in flight
     while time.monotonic() < deadline:
         part = system.status_now()["partitions"][0]
@@ -153,16 +161,7 @@ def test_page_outs_done_but_unanswered_are_confirmed_from_the_device(system):
                           extra="[hypervisor]\nrecovery_timeout = 60\n"))  # fmt: skip
     p = system.run("p1", PY, "-c", ROUNDS, "6")
     wait_line(p, "round 1")
-    svc = system.status()["paging_services"][0]["pid"]
-    deadline = time.monotonic() + 60  # a moment most of the pool is dirty (the worker writes)
-    while system.status_now()["partitions"][0]["pages_by_state"].get("dirty", 0) < 384:
-        assert time.monotonic() < deadline, "the pool was never mostly dirty"
-        time.sleep(0.01)
-    os.kill(svc, signal.SIGSTOP)
-    # a smaller pool: dirty pages are written out (to the stopped service)
-    shrink = subprocess.Popen([PY, "-m", "pyhv", "pool", "resize", "1MiB", "--run-dir",
-                               str(system.run_dir)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
+    svc, shrink = hold_page_outs(system)
     deadline = time.monotonic() + 30  # until page-outs wait at the service
     while not system.status_now()["partitions"][0]["pages_by_state"].get("paging_out"):
         assert time.monotonic() < deadline, "no page-out went to the stopped service"
