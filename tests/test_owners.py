@@ -136,6 +136,29 @@ def raw_as(pw, system, msg: dict) -> dict:
     return json.loads(p.stdout)
 
 
+# connections held open at once, then each asked for status: how many answer
+HOG = """
+import sys, time
+from pyhv import wire
+
+def connect():
+    while True:
+        try:
+            return wire.connect(sys.argv[1])
+        except BlockingIOError:  # (the backlog is full until the hypervisor accepts)
+            time.sleep(0.01)
+
+socks = [connect() for _ in range(int(sys.argv[2]))]
+answered = 0
+for s in socks:
+    try:
+        wire.send_control(s, {"op": "status"})
+        answered += wire.recv_control(s)[0] is not None
+    except OSError:
+        pass
+print("answered", answered)
+"""
+
 ATTACH = """
 import sys, pyhv
 try:
@@ -235,6 +258,9 @@ def test_owners_run_workers_and_nobody_else_does(system, accounts):
     nobody = pwd.getpwnam("nobody")
     assert raw_as(nobody, system, {"op": "status"})["partitions"] == []
     assert raw_as(nobody, system, {"op": "partition_list"})["partitions"] == []
+    # one user cannot take every connection: it holds 256 at most, root goes on
+    p = run_as(nobody, PY, "-c", HOG, system.run_dir / "control.sock", "300")
+    assert p.returncode == 0 and p.stdout.split() == ["answered", "256"], (p.stdout, p.stderr)
 
 
 def test_an_owners_worker_survives_a_hypervisor_kill(system, accounts):

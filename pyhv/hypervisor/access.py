@@ -16,18 +16,22 @@ as that needs (:meth:`AccessRoom.share_run_dir`).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
 import struct
 
 from pyhv import owners
+from pyhv.hypervisor.control import MAX_CONNECTIONS
 from pyhv.hypervisor.vcp import Refused
 
 log = logging.getLogger("pyhv.hypervisor")
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # (Linux 4.13)
 MAX_PEER_GROUPS = 256  # what one getsockopt reads (CPython's 1024-byte limit)
+USER_CONNECTIONS = 256  # connections one user who is no admin may hold (two a worker)
+ADMIN_RESERVE = 64  # ... and of control.MAX_CONNECTIONS, what users together leave
 
 # op -> the field naming the partition it acts on
 PARTITION_OPS = {"attach": "partition", "rejoin": "partition", "partition": "name",
@@ -62,6 +66,29 @@ class Peer:
 
 class AccessRoom:
     """Mixed into the Hypervisor: the check before every control operation."""
+
+    def admit(self, conn) -> str | None:
+        """Why a new connection is refused, or None: a user who is not an
+        admin holds at most USER_CONNECTIONS, and all of them together
+        leave ADMIN_RESERVE of MAX_CONNECTIONS to the admins."""
+        if self.is_admin(conn):
+            return None
+        uid = self.peer(conn).uid
+        held = getattr(self, "_held", None)
+        if held is None:
+            held = self._held = collections.Counter()
+        if held[uid] >= USER_CONNECTIONS:
+            return f"uid {uid} holds {held[uid]} connections already"
+        if sum(held.values()) >= MAX_CONNECTIONS - ADMIN_RESERVE:
+            return "the connections left are the admins'"
+        held[uid] += 1
+        conn.counted = True
+        return None
+
+    def release(self, conn) -> None:
+        if conn.counted:
+            conn.counted = False
+            self._held[conn.peer.uid] -= 1
 
     def admin_gid(self) -> int | None:
         g = self.config.admin_group

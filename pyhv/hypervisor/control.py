@@ -39,7 +39,7 @@ PIECES_TIMEOUT = 5.0  # seconds a long request may take to arrive whole
 class Control:
     """A control connection: a control-point client, or a worker's for life."""
 
-    __slots__ = ("sock", "out", "worker", "pieces", "queued", "peer")
+    __slots__ = ("sock", "out", "worker", "pieces", "queued", "peer", "counted")
 
     def __init__(self, sock: socket.socket):
         self.sock: socket.socket | None = sock
@@ -49,6 +49,7 @@ class Control:
         self.pieces = wire.Assembler(wire.MAX_REQUEST)  # a long request coming in
         self.queued = 0  # bytes in out
         self.peer = None  # its credentials (pyhv.hypervisor.access), when first asked
+        self.counted = False  # among its user's connections (AccessRoom.admit)
 
 
 UFFD_LINK = "anon_inode:[userfaultfd]"  # what /proc/self/fd/N reads for a userfaultfd
@@ -153,8 +154,13 @@ class ControlRoom:
             log.warning("control: %d connections open already; refusing one", len(self.conns))
             sock.close()
             return
-        sock.setblocking(False)
         c = Control(sock)
+        why = self.admit(c)  # (a user cannot take every connection from the others)
+        if why:
+            log.warning("control: refusing a connection: %s", why)
+            sock.close()
+            return
+        sock.setblocking(False)
         self.conns[sock] = c
         self.sel.register(sock, selectors.EVENT_READ, lambda m, c=c: self.on_conn(c, m))
 
@@ -182,6 +188,7 @@ class ControlRoom:
         except (KeyError, ValueError):
             pass
         self.conns.pop(c.sock, None)
+        self.release(c)
         c.sock.close()
         c.sock = None
         for _, fds in c.out:
