@@ -178,12 +178,16 @@ int pyhv_uffd_read(int fd, struct pyhv_fault *out, int max)
 	return n;
 }
 
+/* A memfd of `size` bytes that nobody can shrink or grow: workers (users
+ * that own a partition among them) get it, and a truncated memfd would
+ * fault the paging services' writes and pin the pool's frames. */
 int pyhv_memfd_new(const char *name, uint64_t size)
 {
-	int fd = memfd_create(name, MFD_CLOEXEC);
+	int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	if (fd < 0)
 		return NEG_ERRNO();
-	if (ftruncate(fd, (off_t)size) < 0) {
+	if (ftruncate(fd, (off_t)size) < 0 ||
+	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
 		int err = errno;
 		close(fd);
 		return -err;

@@ -333,16 +333,23 @@ def _supervised(run_dir: str) -> bool:
     try:
         with open(os.path.join(run_dir, SUPERVISOR_PID_FILE)) as f:
             os.kill(int(f.read().strip()), 0)
+    except PermissionError:  # (root's, and alive: a worker that is not root)
+        return True
     except (OSError, ValueError):
         return False
     return True
 
 
 def _recovery_timeout(run_dir: str) -> float:
-    """The system's recovery_timeout (config.json), else 0."""
+    """The system's recovery_timeout (config.json; the default where this
+    user may not read it), else 0."""
+    from pyhv.config import RECOVERY_TIMEOUT
+
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             return float(json.load(f).get("recovery_timeout", 0.0))
+    except PermissionError:
+        return RECOVERY_TIMEOUT
     except (OSError, ValueError, TypeError, AttributeError):
         return 0.0
 

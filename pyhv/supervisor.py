@@ -177,6 +177,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._forward)
         with open(os.path.join(self.run_dir, SUPERVISOR_PID_FILE), "w") as f:
+            os.fchmod(f.fileno(), 0o644)  # (a worker's attach reads it: a restart under way)
             f.write(f"{os.getpid()}\n")
         try:
             while True:

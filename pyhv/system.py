@@ -88,6 +88,11 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
             print(f"pyhv: warning: {warning}", file=sys.stderr)
     try:  # root's: the hypervisor opens the way to its socket as far as owners need
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        st = os.stat(run_dir)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:  # (another could swap its files)
+            raise Fail(f"run directory {run_dir} is not this user's alone (owner uid "
+                       f"{st.st_uid}, mode {st.st_mode & 0o7777:04o}): use a directory of "
+                       "its own", EXIT_USAGE)  # fmt: skip
         with open(os.open(os.path.join(run_dir, "config.json"),
                           os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(config.to_dict(), f, indent=1)

@@ -5,8 +5,8 @@ anything a client says.
 - root, and members of ``[hypervisor] admin_group``: everything (the
   control point);
 - a partition's ``owner``, and members of its ``group``: its workers
-  (attach, register, rejoin and their requests), its status, slots and
-  snapshots;
+  (attach, register, adopt, rejoin and their requests), its status and
+  slots;
 - anyone: ``status``, ``errors`` and ``partition_list``, showing the
   partitions they may use and nothing else.
 
@@ -34,10 +34,12 @@ USER_CONNECTIONS = 256  # connections one user who is no admin may hold (two a w
 ADMIN_RESERVE = 64  # ... and of control.MAX_CONNECTIONS, what users together leave
 
 # op -> the field naming the partition it acts on
+# (not snapshot: it holds the partition still, against the admins too)
 PARTITION_OPS = {"attach": "partition", "rejoin": "partition", "partition": "name",
-                 "slots": "partition", "snapshot": "partition", "discard": "partition",
-                 "prefetch": "partition", "pressure": "partition"}  # fmt: skip
-# ops on the connection's own worker, which attach (or its parent's) let in
+                 "slots": "partition", "discard": "partition", "prefetch": "partition",
+                 "pressure": "partition"}  # fmt: skip
+# ops on the connection's own worker, which attach let in (adopt checks the
+# child's partition itself: op_adopt)
 WORKER_OPS = {"register", "mce", "adopt"}
 # read-only ops that anyone may send: their answers show what the peer may use
 OPEN_OPS = {"status", "errors", "partition_list"}

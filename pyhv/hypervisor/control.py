@@ -25,7 +25,7 @@ from pyhv.hypervisor import vcp
 from pyhv.hypervisor.partition import Partition, Worker, maps_range
 from pyhv.uffd import PAGE_SIZE
 from pyhv.hypervisor.vcp import Refused
-from pyhv.hypervisor.workers import peer_pid
+from pyhv.hypervisor.workers import peer_pid, proc_status
 
 log = logging.getLogger("pyhv.hypervisor")
 
@@ -158,6 +158,12 @@ class ControlRoom:
         why = self.admit(c)  # (a user cannot take every connection from the others)
         if why:
             log.warning("control: refusing a connection: %s", why)
+            try:  # (best effort: it says why, instead of looking like a crash)
+                sock.setblocking(False)
+                sock.send(wire.encode_control({"ok": False, "error": f"too many connections: "
+                                               f"{why}"})[0])  # fmt: skip
+            except OSError:
+                pass
             sock.close()
             return
         sock.setblocking(False)
@@ -384,6 +390,11 @@ class ControlRoom:
         except OSError as e:
             log.error("partition %s: cannot attach pid %d: pidfd_open: %s", name, pid, e.strerror)
             return {"ok": False, "error": f"the hypervisor cannot attach now: {e.strerror}"}, ()
+        # (the pid is the one the peer had when it connected: a process of
+        # another user now is not the peer, which passed its socket on and went)
+        if (proc_status(pid, "Uid") or [-1, -1])[1] != self.peer(conn).uid:
+            os.close(w.pidfd)
+            return {"ok": False, "error": "the attaching process is gone"}, ()
         conn.worker = w
         self.next_worker += 1
         part.workers[w.id] = w

@@ -157,6 +157,7 @@ class Hypervisor(ControlRoom, EngineSide, PagingServices, MachineChecks, WorkerR
         self.share_run_dir()
         self.sel.register(self.listener, selectors.EVENT_READ, self.on_accept)
         with open(os.path.join(self.run_dir, PID_FILE), "w") as f:
+            os.fchmod(f.fileno(), 0o644)  # (a pid is no secret; a worker's attach reads it)
             f.write(f"{os.getpid()}\n")
         for svc in self.services.values():
             svc.start()
@@ -459,6 +460,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    os.umask(0o077)  # what it and its paging services make in the run directory is root's
     # three fds a partition (memory, error log, device lock) and one a worker
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

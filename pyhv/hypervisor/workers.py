@@ -151,7 +151,9 @@ class WorkerRoom:
         self.on_engine(0)  # (its identifying fault may be in the queue still)
         w = next((w for w in self.workers_by_id.values()
                   if pid > 0 and w.pid == pid and w.conn is None and w.alive), None)  # fmt: skip
-        if w is None and pid > 0:  # named in its own pid namespace only
+        # named in its own pid namespace only (an admin's: anyone may make a
+        # namespace of their own, and name a tid there)
+        if w is None and pid > 0 and self.is_admin(conn):
             inner = (proc_status(pid, "NSpid") or [0])[-1]
             w = next((w for w in self.unidentified if w.tid == inner and w.alive
                       and maps_range(pid, w.base, w.partition.cfg.memory)), None)  # fmt: skip
@@ -159,6 +161,9 @@ class WorkerRoom:
                 self._identified(w, pid)
         if w is None or not w.pid:
             return {"ok": False, "error": f"process {pid} is no forked worker"}, ()
+        if not self.may_use(conn, w.partition):
+            return {"ok": False, "refused": True, "error": "permission denied: partition "
+                    f"{w.partition.name!r} is not yours"}, ()  # fmt: skip
         w.conn = conn
         conn.worker = w
         self.awaiting_rejoin.discard(w)  # (a child a crashed hypervisor had not named)
