@@ -329,15 +329,9 @@ def attach(partition: str | None = None, run_dir: str | None = None) -> mmap.mma
 def _supervised(run_dir: str) -> bool:
     """A supervisor runs there (it will start a new hypervisor)."""
     from pyhv.supervisor import SUPERVISOR_PID_FILE
+    from pyhv.system import live_pid
 
-    try:
-        with open(os.path.join(run_dir, SUPERVISOR_PID_FILE)) as f:
-            os.kill(int(f.read().strip()), 0)
-    except PermissionError:  # (root's, and alive: a worker that is not root)
-        return True
-    except (OSError, ValueError):
-        return False
-    return True
+    return live_pid(os.path.join(run_dir, SUPERVISOR_PID_FILE)) is not None
 
 
 def _recovery_timeout(run_dir: str) -> float:

@@ -29,7 +29,7 @@ class Fail(Exception):
         self.code = code
 
 
-def _live_pid(path: str) -> int | None:
+def live_pid(path: str) -> int | None:
     """The pid in a pid file, if that process lives."""
     try:
         with open(path) as f:
@@ -45,6 +45,13 @@ def _live_pid(path: str) -> int | None:
     return pid
 
 
+def _private(path: str, mode: str):
+    """open(path, mode) ("w" or "ab"), a new file made 0600 (the run
+    directory's files are root's; this process has no umask of its own)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    return open(os.open(path, flags, 0o600), mode)
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -55,7 +62,7 @@ def _cmdline(pid: int) -> bytes:
 
 def running_pid(run_dir: str) -> int | None:
     """The pid of a live hypervisor in run_dir, or None."""
-    pid = _live_pid(os.path.join(run_dir, PID_FILE))
+    pid = live_pid(os.path.join(run_dir, PID_FILE))
     return pid if pid and os.path.exists(os.path.join(run_dir, CONTROL_SOCKET)) else None
 
 
@@ -77,7 +84,9 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
     pid = running_pid(run_dir)
     if pid is not None:
         raise Fail(f"a hypervisor is already running in {run_dir} (pid {pid})", EXIT_USAGE)
-    pid = _live_pid(os.path.join(run_dir, "supervisor.pid"))
+    from pyhv.supervisor import SUPERVISOR_PID_FILE
+
+    pid = live_pid(os.path.join(run_dir, SUPERVISOR_PID_FILE))
     if pid is not None and b"pyhv" in _cmdline(pid):  # (between a crash and the next hypervisor)
         raise Fail(f"a supervisor is running in {run_dir} (pid {pid}): its hypervisor is being "
                    "restarted", EXIT_USAGE)  # fmt: skip
@@ -93,8 +102,7 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
             raise Fail(f"run directory {run_dir} is not this user's alone (owner uid "
                        f"{st.st_uid}, mode {st.st_mode & 0o7777:04o}): use a directory of "
                        "its own", EXIT_USAGE)  # fmt: skip
-        with open(os.open(os.path.join(run_dir, "config.json"),
-                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        with _private(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=1)
     except OSError as e:
         raise Fail(f"cannot use run directory {run_dir}: {e.strerror}", EXIT_USAGE) from None
@@ -110,8 +118,7 @@ def start_system(config_path: str | None, run_dir: str, detach: bool, config=Non
         return hypervisor.main(["--run-dir", run_dir])
     r, w = os.pipe()
     entry = "pyhv.supervisor" if config.restart else "pyhv.daemon"
-    with open(os.open(os.path.join(run_dir, LOG_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                      0o600), "ab") as logf:
+    with _private(os.path.join(run_dir, LOG_FILE), "ab") as logf:
         proc = subprocess.Popen(
             module_command(entry, "--run-dir", run_dir, "--ready-fd", str(w)),
             pass_fds=[w], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,

@@ -73,8 +73,7 @@ class MachineChecks:
 
     def _save_error(self, record: dict) -> None:
         try:
-            with open(os.open(os.path.join(self.run_dir, ERROR_LOG),
-                              os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as f:
+            with open(os.path.join(self.run_dir, ERROR_LOG), "a") as f:  # (0600: the umask)
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             log.error("hypervisor: cannot append to the error log: %s", e.strerror)

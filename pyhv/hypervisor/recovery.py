@@ -111,8 +111,7 @@ class RecoveryRoom:
             self.share_run_dir()  # (a partition with an owner came or went)
         path = os.path.join(self.run_dir, CONFIG_FILE)
         try:
-            with open(os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-                      "w") as f:
+            with open(path + ".new", "w") as f:  # (0600: the daemon's umask)
                 json.dump(self._config_now(), f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
